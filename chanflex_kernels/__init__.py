@@ -1,0 +1,24 @@
+"""chanflex_kernels: fast per-sample dynamic convolution and channel-flexible convolution."""
+__version__ = "0.1.0"
+
+import os as _os
+
+import torch as _torch
+
+try:
+    from . import _C  # noqa: F401  (registers the chanflex ops and their kernels)
+except ImportError as _err:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        f"chanflex_kernels: the compiled extension chanflex_kernels._C could not be imported from "
+        f"{_os.path.dirname(__file__)} ({_err}). Build it with `pip install --no-build-isolation -e .` "
+        f"(or `make setup`), or run Python from outside the source checkout after `pip install .`."
+    ) from _err
+
+from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .nn import DynamicConv2d, anneal_temperature, convert
+from .ops import dynamic_conv2d
+
+__all__ = [
+    "BACKENDS", "DynamicConv2d", "anneal_temperature", "convert", "dynamic_conv2d",
+    "get_backend", "set_backend", "use_backend",
+]

@@ -1,0 +1,57 @@
+"""Backend selection for the chanflex ops.
+
+| backend     | runs                                                         |
+|-------------|--------------------------------------------------------------|
+| ``auto``    | the compiled kernel registered for the tensors' device       |
+| ``cpp``     | the compiled C++ kernel (CPU tensors only)                   |
+| ``reference`` | the pure-PyTorch per-sample loop of ``reference.py``       |
+
+Select with :func:`set_backend`, the :func:`use_backend` context manager, or
+the environment variable ``CHANFLEX_BACKEND`` (read at import).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+BACKENDS = ("auto", "cpp", "reference")
+ENV_VAR = "CHANFLEX_BACKEND"
+
+
+def _validated(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _validated(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+
+
+def get_backend() -> str:
+    """The backend the chanflex ops use now (one of ``BACKENDS``)."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Use backend ``name`` (one of ``BACKENDS``) from now on."""
+    global _backend
+    _backend = _validated(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Use backend ``name`` inside a ``with`` block, then restore the previous one.
+
+    Example::
+
+        with chanflex_kernels.use_backend("reference"):
+            y = layer(x)
+    """
+    global _backend
+    previous = _backend
+    _backend = _validated(name, "use_backend")
+    try:
+        yield
+    finally:
+        _backend = previous

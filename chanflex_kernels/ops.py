@@ -1,0 +1,217 @@
+"""The public op ``dynamic_conv2d``: argument checks, fake kernels, autograd.
+
+The schemas and device kernels are compiled (``csrc/``); this file registers
+what torch.library expects from Python: a fake (meta) kernel for each op, used
+by torch.compile and opcheck, and the autograd formula, whose backward calls
+the registered backward op so every device dispatches its own kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import backends
+from .reference import dynamic_conv2d_reference
+
+IntPair = Union[int, Sequence[int]]
+
+__all__ = ["dynamic_conv2d", "check_dynamic_conv2d_args"]
+
+
+def _pair(value: IntPair, name: str) -> Tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (value[0], value[1])
+    raise ValueError(f"dynamic_conv2d: expected {name} to be an int or a pair of ints, got {value!r}")
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups) -> Tuple[int, int, int, int]:
+    """Validate the arguments of dynamic_conv2d (padding already numeric).
+
+    Returns the output shape (B, C_out, H_out, W_out). Raises ValueError whose
+    message names the expected and the actual value.
+    """
+    def fail(msg):
+        raise ValueError(f"dynamic_conv2d: {msg}")
+
+    if x.dim() != 4:
+        fail(f"expected x of shape (B, C_in, H, W), got {x.dim()}-D tensor of shape {_shape(x)}")
+    if weight.dim() != 5:
+        fail(f"expected weight of shape (K, C_out, C_in/groups, kh, kw), got {weight.dim()}-D tensor of shape {_shape(weight)}")
+    if attn.dim() != 2:
+        fail(f"expected attn of shape (B, K), got {attn.dim()}-D tensor of shape {_shape(attn)}")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        fail(f"expected groups to be a positive int, got {groups!r}")
+    for name, pair, minimum in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if min(pair) < minimum:
+            fail(f"expected {name} >= {minimum}, got {tuple(pair)}")
+    batch, in_channels, height, width = x.shape
+    num_kernels, out_channels, group_in, kh, kw = weight.shape
+    if min(num_kernels, out_channels, kh, kw) < 1:
+        fail(f"expected a non-empty weight, got shape {_shape(weight)}")
+    if in_channels % groups:
+        fail(f"expected C_in divisible by groups, got C_in={in_channels}, groups={groups}")
+    if out_channels % groups:
+        fail(f"expected C_out divisible by groups, got C_out={out_channels}, groups={groups}")
+    if group_in * groups != in_channels:
+        fail(f"expected weight.shape[2] == C_in/groups = {in_channels // groups} (x has C_in={in_channels}, "
+             f"groups={groups}), got {group_in}")
+    if _shape(attn) != (batch, num_kernels):
+        fail(f"expected attn of shape (B, K) = {(batch, num_kernels)}, got {_shape(attn)}")
+    if bias is not None and _shape(bias) != (num_kernels, out_channels):
+        fail(f"expected bias of shape (K, C_out) = {(num_kernels, out_channels)}, got {_shape(bias)}")
+    for name, t in (("weight", weight), ("attn", attn), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            fail(f"expected {name} to have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            fail(f"expected {name} on the device of x ({x.device}), got {t.device}")
+    if not x.dtype.is_floating_point:
+        fail(f"expected a floating-point dtype, got {x.dtype}")
+    span = [dilation[i] * (k - 1) + 1 for i, k in enumerate((kh, kw))]
+    padded = [size + 2 * padding[i] for i, size in enumerate((height, width))]
+    if span[0] > padded[0] or span[1] > padded[1]:
+        fail(f"expected the dilated kernel ({span[0]}x{span[1]}) to fit in the padded input "
+             f"({padded[0]}x{padded[1]})")
+    out_h = (padded[0] - span[0]) // stride[0] + 1
+    out_w = (padded[1] - span[1]) // stride[1] + 1
+    return (batch, out_channels, out_h, out_w)
+
+
+def _resolve_padding(x, weight, padding, stride, dilation):
+    """Numeric symmetric padding for the kernels; 'same' with an odd total pads x's far side once."""
+    if not isinstance(padding, str):
+        return x, _pair(padding, "padding")
+    if padding == "valid":
+        return x, (0, 0)
+    if padding != "same":
+        raise ValueError(f"dynamic_conv2d: expected padding to be 'same', 'valid', an int or a pair, got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"dynamic_conv2d: padding='same' needs stride 1 (as F.conv2d), got stride={stride}")
+    totals = [dilation[i] * (weight.shape[3 + i] - 1) for i in range(2)]
+    left = tuple(t // 2 for t in totals)
+    extra_h, extra_w = (totals[i] - 2 * left[i] for i in range(2))
+    if extra_h or extra_w:
+        x = F.pad(x, (0, extra_w, 0, extra_h))
+    return x, left
+
+
+def dynamic_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    attn: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: Union[IntPair, str] = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Per-sample dynamic convolution: each sample's kernel is a mix of K kernels.
+
+    Equivalent to::
+
+        y[b] = F.conv2d(x[b:b+1], sum_k attn[b, k] * weight[k],
+                        sum_k attn[b, k] * bias[k], stride, padding, dilation, groups)
+
+    Args:
+        x: (B, C_in, H, W) float32, float64, bfloat16 or float16.
+        weight: (K, C_out, C_in // groups, kh, kw), same dtype and device as x.
+        attn: (B, K) mixing coefficients, any real values (softmax not assumed).
+        bias: (K, C_out) or None.
+        stride, dilation: int or (h, w). padding: int, (h, w), 'same' or 'valid'.
+        groups: positive int dividing C_in and C_out.
+
+    Returns:
+        (B, C_out, H_out, W_out), dtype of x. Differentiable in x, weight, attn
+        and bias. Half types accumulate in float32.
+
+    Example::
+
+        >>> x = torch.randn(8, 16, 32, 32)
+        >>> w = torch.randn(4, 32, 16, 3, 3)
+        >>> a = torch.softmax(torch.randn(8, 4), dim=1)
+        >>> dynamic_conv2d(x, w, a, padding=1).shape
+        torch.Size([8, 32, 32, 32])
+    """
+    stride = _pair(stride, "stride")
+    dilation = _pair(dilation, "dilation")
+    for name, t in (("x", x), ("weight", weight), ("attn", attn), ("bias", bias)):
+        if not (t is None and name == "bias") and not isinstance(t, torch.Tensor):
+            raise ValueError(f"dynamic_conv2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() == 5:
+        x, padding = _resolve_padding(x, weight, padding, stride, dilation)
+    else:
+        padding = (0, 0)  # the shape check below reports the weight
+    check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
+    if backends.get_backend() == "reference":
+        return dynamic_conv2d_reference(x, weight, attn, bias, stride, padding, dilation, groups)
+    if backends.get_backend() == "cpp" and x.device.type != "cpu":
+        raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
+    return torch.ops.chanflex.dynamic_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
+
+
+# --- fake kernels -----------------------------------------------------------
+
+@torch.library.register_fake("chanflex::dynamic_conv2d")
+def _dynamic_conv2d_fake(x, weight, attn, bias, stride, padding, dilation, groups):
+    shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("chanflex::dynamic_conv2d_backward")
+def _dynamic_conv2d_backward_fake(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
+    shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
+    torch._check(tuple(grad_out.shape) == shape, lambda: f"expected grad_out of shape {shape}, got {tuple(grad_out.shape)}")
+    torch._check(not output_mask[3] or bias is not None, lambda: "grad of bias requested without a bias")
+    like = (x, weight, attn, bias)
+    return tuple(
+        x.new_empty(like[i].shape) if output_mask[i] else x.new_empty(0) for i in range(4)
+    )
+
+
+# --- autograd ---------------------------------------------------------------
+
+def _shape_only(shape, like: torch.Tensor) -> torch.Tensor:
+    """A stride-0 stand-in with the right shape for a tensor backward does not read."""
+    return like.new_zeros(()).expand(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, attn, bias, stride, padding, dilation, groups = inputs
+    need_x, need_w, need_attn, need_bias = ctx.needs_input_grad[:4]
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.shapes = (x.shape, weight.shape, None if bias is None else bias.shape)
+    # Save only what the requested gradients read: x for dW and dattn, weight
+    # for dx and dattn, bias for dattn; attn is tiny and always kept.
+    ctx.save_for_backward(
+        x if (need_w or need_attn) else None,
+        weight if (need_x or need_attn) else None,
+        attn,
+        bias if (need_attn and bias is not None) else None,
+    )
+
+
+def _backward(ctx, grad_out):
+    x, weight, attn, bias = ctx.saved_tensors
+    x_shape, weight_shape, bias_shape = ctx.shapes
+    x = _shape_only(x_shape, attn) if x is None else x
+    weight = _shape_only(weight_shape, attn) if weight is None else weight
+    if bias is None and bias_shape is not None:
+        bias = _shape_only(bias_shape, attn)
+    need = list(ctx.needs_input_grad[:4])
+    need[3] = need[3] and bias_shape is not None
+    grads = torch.ops.chanflex.dynamic_conv2d_backward(grad_out, x, weight, attn, bias, *ctx.conv_args, need)
+    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+
+torch.library.register_autograd("chanflex::dynamic_conv2d", _backward, setup_context=_setup_context)
