@@ -11,13 +11,26 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace chanflex {
 namespace {
 
 // Working-set budget for one chunk of samples (unfolded input, mixed weights,
-// per-sample weight gradients); large enough that the GEMMs stay efficient.
-constexpr int64_t kChunkBytes = int64_t{64} << 20;
+// per-sample weight gradients): 64 MiB keeps the GEMMs efficient. The
+// environment variable CHANFLEX_CPU_CHUNK_BYTES overrides it (tests use a tiny
+// budget to cross chunk boundaries).
+int64_t chunk_budget_bytes() {
+  const char* env = std::getenv("CHANFLEX_CPU_CHUNK_BYTES");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && value > 0,
+                "CHANFLEX_CPU_CHUNK_BYTES: expected a positive integer, got '", env, "'");
+    return value;
+  }
+  return int64_t{64} << 20;
+}
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -34,7 +47,7 @@ int64_t chunk_size(const ConvGeometry& g, int64_t elem_bytes) {
        g.out_channels * weight_row_size(g) +               // mixed weight
        g.out_channels * pixels) *                          // output
       elem_bytes;
-  return std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(per_sample, 1));
+  return std::max<int64_t>(1, chunk_budget_bytes() / std::max<int64_t>(per_sample, 1));
 }
 
 // x[b0:b1] unfolded to (chunk * groups, C_in/groups * kh * kw, H_out * W_out).
