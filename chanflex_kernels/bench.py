@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .ops import dynamic_conv2d
 from .reference import dynamic_conv2d_concat_k, dynamic_conv2d_grouped, dynamic_conv2d_reference
@@ -138,7 +139,10 @@ def time_ms(step: Callable[[], None], warmup: int = 1, repeats: int = 5) -> floa
 
 def ratio_table(shapes: List[ConvShape], modes=MODES, peers=("batch_as_groups",),
                 repeats: int = 5, progress: Optional[Callable[[str], None]] = None) -> str:
-    """Time static, chanflex and peers on every shape and mode; a markdown table."""
+    """Time static, chanflex and peers on every shape and mode; a markdown table.
+
+    ``progress(what)`` is called after each timing, e.g. to advance a progress bar.
+    """
     header = ["shape", "mode", "static ms", "chanflex ms", "chanflex/static"]
     for p in peers:
         header += [f"{p} ms", f"{p}/chanflex"]
@@ -147,9 +151,9 @@ def ratio_table(shapes: List[ConvShape], modes=MODES, peers=("batch_as_groups",)
         for mode in modes:
             ms = {}
             for provider in ("static", "chanflex", *peers):
+                ms[provider] = time_ms(make_step(provider, shape, mode), repeats=repeats)
                 if progress:
                     progress(f"{shape.id} {mode} {provider}")
-                ms[provider] = time_ms(make_step(provider, shape, mode), repeats=repeats)
             row = [shape.id, mode, f"{ms['static']:.1f}", f"{ms['chanflex']:.1f}",
                    f"{ms['chanflex'] / ms['static']:.2f}"]
             for p in peers:
@@ -168,15 +172,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = 3 if args.quick else 7
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(shapes) * len(MODES) * (2 + len(args.peers)), desc="timing", leave=False)
-        progress = lambda what: (bar.set_postfix_str(what), bar.update())  # noqa: E731
-    except ImportError:
-        bar, progress = None, None
-    table = ratio_table(shapes, peers=args.peers, repeats=repeats, progress=progress)
-    if bar is not None:
-        bar.close()
+    with tqdm(total=len(shapes) * len(MODES) * (2 + len(args.peers)), desc="timing", leave=False) as bar:
+        def progress(what):
+            bar.set_postfix_str(what)
+            bar.update()
+        table = ratio_table(shapes, peers=args.peers, repeats=repeats, progress=progress)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
           f"median of {repeats} runs; ratios: lower chanflex/static is better, higher peer/chanflex is better")
     print(table)

@@ -81,8 +81,8 @@ def check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, 
     span = [dilation[i] * (k - 1) + 1 for i, k in enumerate((kh, kw))]
     padded = [size + 2 * padding[i] for i, size in enumerate((height, width))]
     if span[0] > padded[0] or span[1] > padded[1]:
-        fail(f"expected the dilated kernel ({span[0]}x{span[1]}) to fit in the padded input "
-             f"({padded[0]}x{padded[1]})")
+        fail(f"expected the dilated kernel ({span[0]}x{span[1]}) to fit in the padded input, "
+             f"got a padded input of {padded[0]}x{padded[1]}")
     out_h = (padded[0] - span[0]) // stride[0] + 1
     out_w = (padded[1] - span[1]) // stride[1] + 1
     return (batch, out_channels, out_h, out_w)

@@ -117,8 +117,8 @@ ConvGeometry check_dynamic_conv2d_args(
   const int64_t padded_w = g.width + 2 * g.padding[1];
   TORCH_CHECK(span_h <= padded_h && span_w <= padded_w,
               "dynamic_conv2d: expected the dilated kernel (", span_h, "x",
-              span_w, ") to fit in the padded input (", padded_h, "x",
-              padded_w, ")");
+              span_w, ") to fit in the padded input, got a padded input of ",
+              padded_h, "x", padded_w);
   g.out_h = (padded_h - span_h) / g.stride[0] + 1;
   g.out_w = (padded_w - span_w) / g.stride[1] + 1;
   return g;
