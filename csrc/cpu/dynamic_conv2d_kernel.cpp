@@ -1,25 +1,151 @@
-// CPU kernels of chanflex::dynamic_conv2d and its backward.
+// Fused CPU kernels of chanflex::dynamic_conv2d and its backward.
 //
-// Batch-chunked implicit formulation: for a chunk of samples the input is
-// unfolded (im2col), the chunk's per-sample weights are mixed from the K
-// kernels with one GEMM, and one batched GEMM per (sample, group) applies them.
-// Extra memory is bounded by the chunk budget, never O(B * |W|). Half and
-// bfloat16 inputs are computed in float32 and rounded once at the end.
+//   y[b] = W_b @ unfold(x[b]),  W_b = sum_k attn[b,k] W_k        (per group)
+//
+// Per-sample weights are never materialised for the batch. Samples are taken
+// in chunks whose unfolded inputs fit a working-set budget; inside a chunk the
+// weight is cut into tiles (row tiles forward, column tiles backward), and each
+// thread owns tiles: it reads the K kernels' tile once, mixes it for every
+// sample of the chunk while it is in cache, and runs one BLAS GEMM per sample
+// on the tile. Backward fuses per tile
+//   dcols_b = W_b^T @ dy_b,  G_b = dy_b @ cols_b^T,
+//   dW_k += attn[b,k] G_b,   dattn[b,k] += <G_b, W_k>,
+// so extra memory is O(K |W| + chunk + one tile per thread), never O(B |W|).
+// Half and bfloat16 run in float32 and are rounded once at the end.
 #include "../dynamic_conv2d.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+// Fortran BLAS exported by libtorch_cpu (MKL); called on raw tile pointers
+// because thousands of small GEMMs per layer make per-call tensor overhead show.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const float* alpha, const float* a, const int* lda,
+            const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n,
+            const int* k, const double* alpha, const double* a, const int* lda,
+            const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
 
 namespace chanflex {
 namespace {
 
-// Working-set budget for one chunk of samples (unfolded input, mixed weights,
-// per-sample weight gradients): 64 MiB keeps the GEMMs efficient. The
-// environment variable CHANFLEX_CPU_CHUNK_BYTES overrides it (tests use a tiny
-// budget to cross chunk boundaries).
+// ---------------------------------------------------------------------------
+// BLAS on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C.
+
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+               const float* alpha, const float* a, const int* lda, const float* b,
+               const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+               const double* alpha, const double* a, const int* lda, const double* b,
+               const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                    int64_t ldc) {
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one = 1;
+  blas_gemm(trans_b ? "T" : "N", trans_a ? "T" : "N", &mi, &ni, &ki, &one, b, &la, a,
+            &lb, &beta, c, &lc);
+}
+
+// ---------------------------------------------------------------------------
+// Vector loops, compiled for AVX2+FMA and for the baseline ISA.
+
+#define CHANFLEX_CLONES __attribute__((target_clones("avx2,fma", "default")))
+
+CHANFLEX_CLONES void scale_row(float* out, const float* src, float a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
+}
+CHANFLEX_CLONES void axpy_row(float* out, const float* src, float a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
+}
+CHANFLEX_CLONES void add_row(float* out, const float* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] += src[j];
+}
+CHANFLEX_CLONES double dot_row(const float* a, const float* b, int64_t n) {
+  float acc[16] = {0};  // independent partial sums let the loop vectorise
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int u = 0; u < 16; ++u) acc[u] += a[j + u] * b[j + u];
+  double total = 0;
+  for (int u = 0; u < 16; ++u) total += acc[u];
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+CHANFLEX_CLONES void scale_row(double* out, const double* src, double a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
+}
+CHANFLEX_CLONES void axpy_row(double* out, const double* src, double a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
+}
+CHANFLEX_CLONES void add_row(double* out, const double* src, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] += src[j];
+}
+CHANFLEX_CLONES double dot_row(const double* a, const double* b, int64_t n) {
+  double acc[8] = {0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[j + u] * b[j + u];
+  double total = 0;
+  for (int u = 0; u < 8; ++u) total += acc[u];
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+
+// ---------------------------------------------------------------------------
+// Shapes of one call, in the terms the loops use.
+
+struct Plan {
+  ConvGeometry g;
+  int64_t rows;         // C_out / groups: rows of one group's weight matrix
+  int64_t cols;         // C_in / groups * kh * kw: its columns
+  int64_t pixels;       // H_out * W_out
+  int64_t group_size;   // rows * cols
+  int64_t kernel_size;  // groups * rows * cols = |W| of one kernel
+  int64_t plane;        // C_in * H * W: one input sample
+  int64_t unfolded;     // C_in * kh * kw * pixels: one unfolded sample
+  bool identity_unfold; // 1x1, stride 1, no padding: unfold(x) is x itself
+};
+
+Plan make_plan(const ConvGeometry& g) {
+  Plan p;
+  p.g = g;
+  p.rows = g.out_channels / g.groups;
+  p.cols = g.group_in_channels * g.kernel_h * g.kernel_w;
+  p.pixels = g.out_h * g.out_w;
+  p.group_size = p.rows * p.cols;
+  p.kernel_size = g.groups * p.group_size;
+  p.plane = g.in_channels * g.height * g.width;
+  p.unfolded = g.groups * p.cols * p.pixels;
+  p.identity_unfold = g.kernel_h == 1 && g.kernel_w == 1 && g.stride[0] == 1 &&
+                      g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0;
+  TORCH_CHECK(std::max({p.rows, p.cols, p.pixels}) < INT_MAX,
+              "dynamic_conv2d: matrix dimensions must be < 2^31, got rows=", p.rows,
+              ", cols=", p.cols, ", pixels=", p.pixels);
+  return p;
+}
+
+// Environment override of the chunk budget (tests use a tiny one to cross
+// chunk boundaries); 16 MiB keeps a chunk's unfolded input in the last-level cache.
 int64_t chunk_budget_bytes() {
   const char* env = std::getenv("CHANFLEX_CPU_CHUNK_BYTES");
   if (env != nullptr && *env != '\0') {
@@ -29,44 +155,203 @@ int64_t chunk_budget_bytes() {
                 "CHANFLEX_CPU_CHUNK_BYTES: expected a positive integer, got '", env, "'");
     return value;
   }
-  return int64_t{64} << 20;
+  return int64_t{16} << 20;
+}
+
+// Samples per chunk: as many unfolded samples as fit the budget, but at
+// least one per thread so single-tile layers still run in parallel.
+int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem) {
+  const int64_t per_sample = std::max<int64_t>(1, p.unfolded * static_cast<int64_t>(elem));
+  const int64_t fit = std::max<int64_t>(chunk_budget_bytes() / per_sample, 1);
+  return std::min<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), std::max<int64_t>(batch, 1));
+}
+
+// Tiles of one weight dimension of length `extent`: about 64 wide, where
+// single-threaded BLAS runs at its best on these shapes (a K-kernel tile of a
+// 512x4608 layer is then ~5 MiB, resident in the last-level cache while every
+// sample of the chunk uses it), and as many tiles per group that the tile
+// count over all groups splits evenly across threads.
+struct Tiling {
+  int64_t extent, size, count;  // tile i covers [i * size, min(extent, (i + 1) * size))
+};
+
+Tiling make_tiling(int64_t extent, int64_t groups) {
+  constexpr int64_t kTarget = 64;
+  const int64_t threads = at::get_num_threads();
+  int64_t count = (extent + kTarget - 1) / kTarget;
+  while ((groups * count) % threads != 0 && extent / (count + 1) >= 16) ++count;
+  const int64_t size = (extent + count - 1) / count;
+  return {extent, size, (extent + size - 1) / size};
+}
+
+// Runs body(begin, end) over contiguous, evenly split ranges of [0, tasks),
+// one per thread; serially when there are fewer tasks than threads, so that
+// each GEMM can use every thread.
+template <typename F>
+void for_each_range(int64_t tasks, const F& body) {
+  if (tasks >= at::get_num_threads()) {
+    at::parallel_for(0, tasks, 1, body);
+  } else {
+    body(0, tasks);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// im2col / col2im of one sample: x (C, H, W) <-> cols (C * kh * kw, pixels).
+
+// Output columns [lo, hi) whose input column is inside the image.
+inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t out,
+                        int64_t* lo, int64_t* hi) {
+  // input index = o * stride + offset must lie in [0, size)
+  *lo = offset >= 0 ? 0 : std::min(out, (-offset + stride - 1) / stride);
+  *hi = size - offset <= 0 ? 0 : std::min(out, (size - offset + stride - 1) / stride);
+  *hi = std::max(*hi, *lo);
+}
+
+template <typename T>
+void unfold_channel(const T* x, T* cols, const Plan& p, int64_t c) {
+  const ConvGeometry& g = p.g;
+  const T* plane = x + c * g.height * g.width;
+  for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+    for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
+      T* dst = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * p.pixels;
+      const int64_t col_off = kj * g.dilation[1] - g.padding[1];
+      int64_t lo, hi;
+      valid_range(col_off, g.stride[1], g.width, g.out_w, &lo, &hi);
+      for (int64_t oh = 0; oh < g.out_h; ++oh, dst += g.out_w) {
+        const int64_t ih = oh * g.stride[0] + ki * g.dilation[0] - g.padding[0];
+        if (ih < 0 || ih >= g.height) {
+          std::memset(dst, 0, sizeof(T) * g.out_w);
+          continue;
+        }
+        const T* src = plane + ih * g.width + col_off;
+        std::memset(dst, 0, sizeof(T) * lo);
+        if (g.stride[1] == 1) {
+          std::memcpy(dst + lo, src + lo, sizeof(T) * (hi - lo));
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * g.stride[1]];
+        }
+        std::memset(dst + hi, 0, sizeof(T) * (g.out_w - hi));
+      }
+    }
+  }
+}
+
+template <typename T>
+void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
+  const ConvGeometry& g = p.g;
+  T* plane = x + c * g.height * g.width;
+  std::memset(plane, 0, sizeof(T) * g.height * g.width);
+  for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+    for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
+      const T* src = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * p.pixels;
+      const int64_t col_off = kj * g.dilation[1] - g.padding[1];
+      int64_t lo, hi;
+      valid_range(col_off, g.stride[1], g.width, g.out_w, &lo, &hi);
+      for (int64_t oh = 0; oh < g.out_h; ++oh, src += g.out_w) {
+        const int64_t ih = oh * g.stride[0] + ki * g.dilation[0] - g.padding[0];
+        if (ih < 0 || ih >= g.height) continue;
+        T* dst = plane + ih * g.width + col_off;
+        if (g.stride[1] == 1) {
+          add_row(dst + lo, src + lo, hi - lo);
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * g.stride[1]] += src[ow];
+        }
+      }
+    }
+  }
+}
+
+// Unfolds samples [0, n) of x (n, C, H, W) into cols (n, C*kh*kw, pixels).
+template <typename T>
+void unfold_samples(const T* x, T* cols, const Plan& p, int64_t n) {
+  const int64_t channels = p.g.in_channels;
+  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / channels;
+      unfold_channel(x + b * p.plane, cols + b * p.unfolded, p, i % channels);
+    }
+  });
+}
+
+template <typename T>
+void fold_samples(const T* cols, T* x, const Plan& p, int64_t n) {
+  const int64_t channels = p.g.in_channels;
+  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / channels;
+      fold_channel(cols + b * p.unfolded, x + b * p.plane, p, i % channels);
+    }
+  });
+}
+
+// out (nrows x ncols, leading dim ld_out) = sum_k a[k] * W_k block, where the
+// block starts at w and kernel k lies k * kernel_stride further (row stride ld).
+template <typename T>
+void mix_block(const T* w, int64_t kernel_stride, int64_t ld, const T* a, int64_t num_kernels,
+               int64_t nrows, int64_t ncols, T* out, int64_t ld_out) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    T* o = out + r * ld_out;
+    scale_row(o, w + r * ld, a[0], ncols);
+    for (int64_t k = 1; k < num_kernels; ++k) {
+      axpy_row(o, w + k * kernel_stride + r * ld, a[k], ncols);
+    }
+  }
 }
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-int64_t weight_row_size(const ConvGeometry& g) {  // C_in/groups * kh * kw
-  return g.group_in_channels * g.kernel_h * g.kernel_w;
-}
+// ---------------------------------------------------------------------------
+// Forward.
 
-int64_t chunk_size(const ConvGeometry& g, int64_t elem_bytes) {
-  const int64_t pixels = g.out_h * g.out_w;
-  const int64_t per_sample =
-      (g.in_channels * g.kernel_h * g.kernel_w * pixels +  // unfolded input
-       g.out_channels * weight_row_size(g) +               // mixed weight
-       g.out_channels * pixels) *                          // output
-      elem_bytes;
-  return std::max<int64_t>(1, chunk_budget_bytes() / std::max<int64_t>(per_sample, 1));
-}
-
-// x[b0:b1] unfolded to (chunk * groups, C_in/groups * kh * kw, H_out * W_out).
-at::Tensor unfold_chunk(const at::Tensor& x, const ConvGeometry& g, int64_t b0,
-                        int64_t b1, at::ScalarType dtype) {
-  at::Tensor cols = at::im2col(x.slice(0, b0, b1).to(dtype).contiguous(),
-                               {g.kernel_h, g.kernel_w},
-                               {g.dilation[0], g.dilation[1]},
-                               {g.padding[0], g.padding[1]},
-                               {g.stride[0], g.stride[1]});
-  return cols.view({(b1 - b0) * g.groups, weight_row_size(g), g.out_h * g.out_w});
-}
-
-// sum_k attn[b, k] * weight[k] for b in [b0, b1), as
-// (chunk * groups, C_out/groups, C_in/groups * kh * kw).
-at::Tensor mix_chunk(const at::Tensor& attn, const at::Tensor& weight_flat,
-                     const ConvGeometry& g, int64_t b0, int64_t b1) {
-  return at::mm(attn.slice(0, b0, b1), weight_flat)
-      .view({(b1 - b0) * g.groups, g.out_channels / g.groups, weight_row_size(g)});
+template <typename T>
+void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
+                  const T* bias_mixed, T* y) {
+  const ConvGeometry& g = p.g;
+  const int64_t K = g.num_kernels;
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
+  const Tiling tiles = make_tiling(p.rows, g.groups);
+  at::Tensor cols_buffer;
+  if (!p.identity_unfold) {
+    cols_buffer = at::empty({chunk * p.unfolded}, x.options());
+  }
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const T* x_chunk = x.const_data_ptr<T>() + b0 * p.plane;
+    const T* cols = x_chunk;
+    if (!p.identity_unfold) {
+      unfold_samples(x_chunk, cols_buffer.data_ptr<T>(), p, n);
+      cols = cols_buffer.const_data_ptr<T>();
+    }
+    // Task = (group, row tile, sample), sample fastest: a thread's consecutive
+    // tasks reuse the K-kernel tile from cache.
+    for_each_range(g.groups * tiles.count * n, [&](int64_t begin, int64_t end) {
+      std::vector<T> w_mixed(tiles.size * p.cols);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = task % n;
+        const int64_t tile = (task / n) % tiles.count;
+        const int64_t group = task / (n * tiles.count);
+        const int64_t r0 = tile * tiles.size;
+        const int64_t nr = std::min(tiles.size, p.rows - r0);
+        const int64_t b = b0 + i;
+        mix_block(w + group * p.group_size + r0 * p.cols, p.kernel_size, p.cols, attn + b * K, K,
+                  nr, p.cols, w_mixed.data(), p.cols);
+        T* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+        const T* cols_g = cols + i * p.unfolded + group * p.cols * p.pixels;
+        gemm_row_major<T>(false, false, nr, p.pixels, p.cols, w_mixed.data(), p.cols, cols_g,
+                          p.pixels, T(0), y_tile, p.pixels);
+        if (bias_mixed != nullptr) {
+          const T* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
+          for (int64_t r = 0; r < nr; ++r) {
+            T* row = y_tile + r * p.pixels;
+            for (int64_t j = 0; j < p.pixels; ++j) row[j] += bm[r];
+          }
+        }
+      }
+    });
+  }
 }
 
 at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
@@ -79,30 +364,137 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
                                       int64_t groups) {
   const ConvGeometry g = check_dynamic_conv2d_args(x, weight, attn, bias, stride,
                                                    padding, dilation, groups);
-  at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
-  if (y.numel() == 0) {
-    return y;
+  if (g.batch == 0) {
+    return at::empty({0, g.out_channels, g.out_h, g.out_w}, x.options());
   }
   const at::ScalarType dtype = compute_dtype(x.scalar_type());
-  const at::Tensor weight_flat = weight.to(dtype).contiguous().view({g.num_kernels, -1});
   const at::Tensor attn_c = attn.to(dtype).contiguous();
   at::Tensor bias_mixed;  // (B, C_out)
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
-  const int64_t chunk = chunk_size(g, c10::elementSize(dtype));
-  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
-    const int64_t b1 = std::min(g.batch, b0 + chunk);
-    const at::Tensor cols = unfold_chunk(x, g, b0, b1, dtype);
-    const at::Tensor w_mixed = mix_chunk(attn_c, weight_flat, g, b0, b1);
-    at::Tensor out = at::bmm(w_mixed, cols).view(
-        {b1 - b0, g.out_channels, g.out_h, g.out_w});
-    if (bias_mixed.defined()) {
-      out.add_(bias_mixed.slice(0, b0, b1).view({b1 - b0, g.out_channels, 1, 1}));
-    }
-    y.slice(0, b0, b1).copy_(out);
+  if (g.batch == 1) {
+    // One sample: mix its kernel once and run the library's static conv.
+    const at::Tensor w_mixed = at::mm(attn_c, weight.to(dtype).reshape({g.num_kernels, -1}))
+                                   .view(weight.sizes().slice(1));
+    return at::conv2d(x.to(dtype), w_mixed,
+                      bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed.view(-1))
+                                           : c10::nullopt,
+                      stride, padding, dilation, groups)
+        .to(x.scalar_type());
   }
-  return y;
+  const Plan p = make_plan(g);
+  const at::Tensor x_c = x.to(dtype).contiguous();
+  const at::Tensor w_c = weight.to(dtype).contiguous();
+  at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_forward_cpu", [&] {
+    forward_impl<scalar_t>(p, x_c, w_c.const_data_ptr<scalar_t>(), attn_c.const_data_ptr<scalar_t>(),
+                           bias_mixed.defined() ? bias_mixed.const_data_ptr<scalar_t>() : nullptr,
+                           y.data_ptr<scalar_t>());
+  });
+  return y.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// Backward.
+
+template <typename T>
+void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const T* w,
+                   const T* attn, T* grad_x, T* grad_w, T* grad_attn) {
+  const ConvGeometry& g = p.g;
+  const int64_t K = g.num_kernels;
+  const bool need_x = grad_x != nullptr;
+  const bool need_g = grad_w != nullptr || grad_attn != nullptr;  // per-sample G_b needed
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
+  const Tiling tiles = make_tiling(p.cols, g.groups);
+  const int64_t tile_tasks = g.groups * tiles.count;
+  // Column tiles are independent, so a thread that owns a tile accumulates its
+  // dW_k columns without races. Layers with fewer tiles than threads (tiny
+  // weights) split samples instead, each thread summing into a private dW.
+  const bool split_samples = tile_tasks < at::get_num_threads();
+  const at::TensorOptions opts = grad_out.options();
+  at::Tensor cols_buffer, dcols_buffer;
+  if (need_g && !p.identity_unfold) cols_buffer = at::empty({chunk * p.unfolded}, opts);
+  if (need_x && !p.identity_unfold) dcols_buffer = at::empty({chunk * p.unfolded}, opts);
+  // dattn partial sums per (tile, sample, kernel), reduced after the chunk.
+  std::vector<double> attn_partial(grad_attn != nullptr ? tile_tasks * chunk * K : 0);
+  std::mutex grad_w_mutex;
+
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const T* cols = nullptr;
+    if (need_g) {
+      const T* x_chunk = x.const_data_ptr<T>() + b0 * p.plane;
+      cols = x_chunk;
+      if (!p.identity_unfold) {
+        unfold_samples(x_chunk, cols_buffer.data_ptr<T>(), p, n);
+        cols = cols_buffer.const_data_ptr<T>();
+      }
+    }
+    // With a 1x1 unit-stride conv the unfolded gradient is grad_x itself.
+    T* dcols = need_x ? (p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<T>())
+                      : nullptr;
+    const T* go = grad_out.const_data_ptr<T>() + b0 * g.out_channels * p.pixels;
+    std::fill(attn_partial.begin(), attn_partial.end(), 0.0);
+
+    for_each_range(split_samples ? tile_tasks * n : tile_tasks, [&](int64_t begin, int64_t end) {
+      std::vector<T> w_mixed(need_x ? p.rows * tiles.size : 0);
+      std::vector<T> g_tile(need_g ? p.rows * tiles.size : 0);
+      std::vector<T> private_grad_w(split_samples && grad_w != nullptr ? K * p.kernel_size : 0);
+      T* dw = split_samples ? private_grad_w.data() : grad_w;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t tile_task = split_samples ? unit / n : unit;
+        const int64_t group = tile_task / tiles.count;
+        const int64_t c0 = (tile_task % tiles.count) * tiles.size;
+        const int64_t nc = std::min(tiles.size, p.cols - c0);
+        const int64_t w_off = group * p.group_size + c0;  // tile origin inside a kernel
+        const int64_t i_begin = split_samples ? unit % n : 0;
+        const int64_t i_end = split_samples ? i_begin + 1 : n;
+        for (int64_t i = i_begin; i < i_end; ++i) {
+          const T* a = attn + (b0 + i) * K;
+          const T* go_g = go + (i * g.out_channels + group * p.rows) * p.pixels;
+          const int64_t unfolded_off = i * p.unfolded + (group * p.cols + c0) * p.pixels;
+          if (need_x) {
+            mix_block(w + w_off, p.kernel_size, p.cols, a, K, p.rows, nc, w_mixed.data(), nc);
+            gemm_row_major<T>(true, false, nc, p.pixels, p.rows, w_mixed.data(), nc, go_g,
+                              p.pixels, T(0), dcols + unfolded_off, p.pixels);
+          }
+          if (!need_g) continue;
+          gemm_row_major<T>(false, true, p.rows, nc, p.pixels, go_g, p.pixels,
+                            cols + unfolded_off, p.pixels, T(0), g_tile.data(), nc);
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t k_off = k * p.kernel_size + w_off;
+            if (dw != nullptr) {
+              for (int64_t r = 0; r < p.rows; ++r)
+                axpy_row(dw + k_off + r * p.cols, g_tile.data() + r * nc, a[k], nc);
+            }
+            if (grad_attn != nullptr) {
+              double sum = 0;
+              for (int64_t r = 0; r < p.rows; ++r)
+                sum += dot_row(g_tile.data() + r * nc, w + k_off + r * p.cols, nc);
+              attn_partial[(tile_task * chunk + i) * K + k] += sum;
+            }
+          }
+        }
+      }
+      if (!private_grad_w.empty()) {
+        std::lock_guard<std::mutex> lock(grad_w_mutex);
+        add_row(grad_w, private_grad_w.data(), K * p.kernel_size);
+      }
+    });
+
+    if (need_x && !p.identity_unfold) {
+      fold_samples(dcols, grad_x + b0 * p.plane, p, n);
+    }
+    if (grad_attn != nullptr) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < K; ++k) {
+          double s = 0;
+          for (int64_t t = 0; t < tile_tasks; ++t) s += attn_partial[(t * chunk + i) * K + k];
+          grad_attn[(b0 + i) * K + k] = static_cast<T>(s);
+        }
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -128,69 +520,45 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
               "dynamic_conv2d_backward: grad of bias requested without a bias");
   const bool need_x = output_mask[0], need_w = output_mask[1],
              need_attn = output_mask[2], need_bias = output_mask[3];
-
   const at::ScalarType dtype = compute_dtype(x.scalar_type());
   const at::TensorOptions opts = x.options().dtype(dtype);
-  const at::Tensor weight_flat = weight.to(dtype).contiguous().view({g.num_kernels, -1});
   const at::Tensor attn_c = attn.to(dtype).contiguous();
+  const at::Tensor empty = at::empty({0}, x.options());
 
-  at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor grad_w = at::zeros(need_w ? weight_flat.sizes() : at::IntArrayRef{0}, opts);
-  at::Tensor grad_attn = at::zeros(need_attn ? attn.sizes() : at::IntArrayRef{0}, opts);
-  at::Tensor grad_bias;
+  at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : empty;
+  at::Tensor grad_w = need_w ? at::zeros(weight.sizes(), opts) : empty;
+  at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : empty;
+  at::Tensor grad_bias = empty;
 
-  // Sum of grad_out over pixels, per sample and channel: (B, C_out).
+  // Per-sample, per-channel sums of grad_out: (B, C_out), for the bias terms.
   at::Tensor grad_sum;
   if (need_bias || (need_attn && bias.has_value())) {
     grad_sum = grad_out.to(dtype).sum({2, 3});
   }
-
   if (g.batch > 0 && (need_x || need_w || need_attn)) {
-    const int64_t pixels = g.out_h * g.out_w;
-    const int64_t chunk = chunk_size(g, c10::elementSize(dtype));
-    for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
-      const int64_t b1 = std::min(g.batch, b0 + chunk);
-      const int64_t n = b1 - b0;
-      const at::Tensor go = grad_out.slice(0, b0, b1).to(dtype).contiguous().view(
-          {n * g.groups, g.out_channels / g.groups, pixels});
-      if (need_x) {
-        const at::Tensor w_mixed = mix_chunk(attn_c, weight_flat, g, b0, b1);
-        const at::Tensor grad_cols =
-            at::bmm(w_mixed.transpose(1, 2), go)
-                .view({n, g.in_channels * g.kernel_h * g.kernel_w, pixels});
-        grad_x.slice(0, b0, b1).copy_(at::col2im(
-            grad_cols, {g.height, g.width}, {g.kernel_h, g.kernel_w},
-            {g.dilation[0], g.dilation[1]}, {g.padding[0], g.padding[1]},
-            {g.stride[0], g.stride[1]}));
-      }
-      if (need_w || need_attn) {
-        // Per-sample weight gradients of this chunk, (n, |W|): the only
-        // per-sample weight-sized tensor, reduced over K right away.
-        const at::Tensor cols = unfold_chunk(x, g, b0, b1, dtype);
-        const at::Tensor grad_w_sample = at::bmm(go, cols.transpose(1, 2)).view({n, -1});
-        if (need_w) {
-          grad_w.addmm_(attn_c.slice(0, b0, b1).t(), grad_w_sample);
-        }
-        if (need_attn) {
-          grad_attn.slice(0, b0, b1).copy_(at::mm(grad_w_sample, weight_flat.t()));
-        }
-      }
-    }
+    const Plan p = make_plan(g);
+    const at::Tensor go = grad_out.to(dtype).contiguous();
+    const at::Tensor w_c = (need_x || need_attn) ? weight.to(dtype).contiguous() : at::Tensor();
+    const at::Tensor x_c = (need_w || need_attn) ? x.to(dtype).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {
+      backward_impl<scalar_t>(p, go, x_c, w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr,
+                              attn_c.const_data_ptr<scalar_t>(),
+                              need_x ? grad_x.data_ptr<scalar_t>() : nullptr,
+                              need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                              need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
+    });
+  } else if (need_attn) {
+    grad_attn.zero_();
   }
   if (need_attn && bias.has_value()) {
     grad_attn.add_(at::mm(grad_sum, bias->to(dtype).t()));
   }
   if (need_bias) {
-    grad_bias = at::mm(attn_c.t(), grad_sum).to(x.scalar_type());
-  } else {
-    grad_bias = at::empty({0}, x.options());
+    grad_bias = at::mm(attn_c.t(), grad_sum);
   }
-  if (need_w) {
-    grad_w = grad_w.view(weight.sizes()).to(x.scalar_type());
-  } else {
-    grad_w = grad_w.to(x.scalar_type());
-  }
-  return {grad_x, grad_w, grad_attn.to(x.scalar_type()), grad_bias};
+  const auto out_type = x.scalar_type();
+  return {grad_x.to(out_type), grad_w.to(out_type), grad_attn.to(out_type),
+          grad_bias.to(out_type)};
 }
 
 }  // namespace
