@@ -68,20 +68,22 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 }
 
 // ---------------------------------------------------------------------------
-// Vector loops, compiled for AVX2+FMA and for the baseline ISA.
+// Vector loops, compiled for AVX2+FMA (haswell and later, zen) and for the
+// baseline ISA, picked at load time; rows never
+// overlap (__restrict__), which the vectoriser needs to know.
 
-#define CHANFLEX_CLONES __attribute__((target_clones("avx2,fma", "default")))
+#define CHANFLEX_CLONES __attribute__((target_clones("arch=haswell", "default")))
 
-CHANFLEX_CLONES void scale_row(float* out, const float* src, float a, int64_t n) {
+CHANFLEX_CLONES void scale_row(float* __restrict__ out, const float* __restrict__ src, float a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
 }
-CHANFLEX_CLONES void axpy_row(float* out, const float* src, float a, int64_t n) {
+CHANFLEX_CLONES void axpy_row(float* __restrict__ out, const float* __restrict__ src, float a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
 }
-CHANFLEX_CLONES void add_row(float* out, const float* src, int64_t n) {
+CHANFLEX_CLONES void add_row(float* __restrict__ out, const float* __restrict__ src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += src[j];
 }
-CHANFLEX_CLONES double dot_row(const float* a, const float* b, int64_t n) {
+CHANFLEX_CLONES double dot_row(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
   float acc[16] = {0};  // independent partial sums let the loop vectorise
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -91,16 +93,49 @@ CHANFLEX_CLONES double dot_row(const float* a, const float* b, int64_t n) {
   for (; j < n; ++j) total += a[j] * b[j];
   return total;
 }
-CHANFLEX_CLONES void scale_row(double* out, const double* src, double a, int64_t n) {
+// out += a * g and returns <g, w>, in one pass over the three rows.
+CHANFLEX_CLONES double axpy_dot_row(float* __restrict__ out, const float* __restrict__ w, const float* __restrict__ g, float a, int64_t n) {
+  float acc[16] = {0};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int u = 0; u < 16; ++u) {
+      out[j + u] += a * g[j + u];
+      acc[u] += g[j + u] * w[j + u];
+    }
+  double total = 0;
+  for (int u = 0; u < 16; ++u) total += acc[u];
+  for (; j < n; ++j) {
+    out[j] += a * g[j];
+    total += g[j] * w[j];
+  }
+  return total;
+}
+CHANFLEX_CLONES double axpy_dot_row(double* __restrict__ out, const double* __restrict__ w, const double* __restrict__ g, double a, int64_t n) {
+  double acc[8] = {0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int u = 0; u < 8; ++u) {
+      out[j + u] += a * g[j + u];
+      acc[u] += g[j + u] * w[j + u];
+    }
+  double total = 0;
+  for (int u = 0; u < 8; ++u) total += acc[u];
+  for (; j < n; ++j) {
+    out[j] += a * g[j];
+    total += g[j] * w[j];
+  }
+  return total;
+}
+CHANFLEX_CLONES void scale_row(double* __restrict__ out, const double* __restrict__ src, double a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
 }
-CHANFLEX_CLONES void axpy_row(double* out, const double* src, double a, int64_t n) {
+CHANFLEX_CLONES void axpy_row(double* __restrict__ out, const double* __restrict__ src, double a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
 }
-CHANFLEX_CLONES void add_row(double* out, const double* src, int64_t n) {
+CHANFLEX_CLONES void add_row(double* __restrict__ out, const double* __restrict__ src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += src[j];
 }
-CHANFLEX_CLONES double dot_row(const double* a, const double* b, int64_t n) {
+CHANFLEX_CLONES double dot_row(const double* __restrict__ a, const double* __restrict__ b, int64_t n) {
   double acc[8] = {0};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
@@ -208,54 +243,60 @@ inline void valid_range(int64_t offset, int64_t stride, int64_t size, int64_t ou
   *hi = std::max(*hi, *lo);
 }
 
+// Plain loops rather than memcpy/memset: late layers have rows of a few
+// elements, where a library call per row costs more than the copy.
 template <typename T>
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
 void unfold_channel(const T* x, T* cols, const Plan& p, int64_t c) {
   const ConvGeometry& g = p.g;
+  const int64_t sw = g.stride[1];
   const T* plane = x + c * g.height * g.width;
   for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
     for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
       T* dst = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * p.pixels;
       const int64_t col_off = kj * g.dilation[1] - g.padding[1];
       int64_t lo, hi;
-      valid_range(col_off, g.stride[1], g.width, g.out_w, &lo, &hi);
+      valid_range(col_off, sw, g.width, g.out_w, &lo, &hi);
       for (int64_t oh = 0; oh < g.out_h; ++oh, dst += g.out_w) {
         const int64_t ih = oh * g.stride[0] + ki * g.dilation[0] - g.padding[0];
         if (ih < 0 || ih >= g.height) {
-          std::memset(dst, 0, sizeof(T) * g.out_w);
+          for (int64_t ow = 0; ow < g.out_w; ++ow) dst[ow] = T(0);
           continue;
         }
         const T* src = plane + ih * g.width + col_off;
-        std::memset(dst, 0, sizeof(T) * lo);
-        if (g.stride[1] == 1) {
-          std::memcpy(dst + lo, src + lo, sizeof(T) * (hi - lo));
+        for (int64_t ow = 0; ow < lo; ++ow) dst[ow] = T(0);
+        if (sw == 1) {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow];
         } else {
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * g.stride[1]];
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * sw];
         }
-        std::memset(dst + hi, 0, sizeof(T) * (g.out_w - hi));
+        for (int64_t ow = hi; ow < g.out_w; ++ow) dst[ow] = T(0);
       }
     }
   }
 }
 
 template <typename T>
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
 void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
   const ConvGeometry& g = p.g;
+  const int64_t sw = g.stride[1];
   T* plane = x + c * g.height * g.width;
-  std::memset(plane, 0, sizeof(T) * g.height * g.width);
+  for (int64_t j = 0; j < g.height * g.width; ++j) plane[j] = T(0);
   for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
     for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
       const T* src = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * p.pixels;
       const int64_t col_off = kj * g.dilation[1] - g.padding[1];
       int64_t lo, hi;
-      valid_range(col_off, g.stride[1], g.width, g.out_w, &lo, &hi);
+      valid_range(col_off, sw, g.width, g.out_w, &lo, &hi);
       for (int64_t oh = 0; oh < g.out_h; ++oh, src += g.out_w) {
         const int64_t ih = oh * g.stride[0] + ki * g.dilation[0] - g.padding[0];
         if (ih < 0 || ih >= g.height) continue;
         T* dst = plane + ih * g.width + col_off;
-        if (g.stride[1] == 1) {
-          add_row(dst + lo, src + lo, hi - lo);
+        if (sw == 1) {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += src[ow];
         } else {
-          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * g.stride[1]] += src[ow];
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * sw] += src[ow];
         }
       }
     }
@@ -285,19 +326,35 @@ void fold_samples(const T* cols, T* x, const Plan& p, int64_t n) {
   });
 }
 
-// out (nrows x ncols, leading dim ld_out) = sum_k a[k] * W_k block, where the
-// block starts at w and kernel k lies k * kernel_stride further (row stride ld).
+// Mixes one weight block for `samples` samples at once:
+//   out + s * out_stride  (nrows x ncols, leading dim ld_out) = sum_k a[s, k] W_k block,
+// where the block starts at w and kernel k lies k * kernel_stride further (row
+// stride ld). Columns go in spans whose K kernel slices stay in L1 while every
+// sample uses them, so the kernels are read once per call, not once per sample.
 template <typename T>
 void mix_block(const T* w, int64_t kernel_stride, int64_t ld, const T* a, int64_t num_kernels,
-               int64_t nrows, int64_t ncols, T* out, int64_t ld_out) {
+               int64_t samples, int64_t nrows, int64_t ncols, T* out, int64_t ld_out,
+               int64_t out_stride) {
+  constexpr int64_t kSpan = 512;
   for (int64_t r = 0; r < nrows; ++r) {
-    T* o = out + r * ld_out;
-    scale_row(o, w + r * ld, a[0], ncols);
-    for (int64_t k = 1; k < num_kernels; ++k) {
-      axpy_row(o, w + k * kernel_stride + r * ld, a[k], ncols);
+    for (int64_t j0 = 0; j0 < ncols; j0 += kSpan) {
+      const int64_t len = std::min(kSpan, ncols - j0);
+      const T* src = w + r * ld + j0;
+      for (int64_t s = 0; s < samples; ++s) {
+        const T* as = a + s * num_kernels;
+        T* o = out + s * out_stride + r * ld_out + j0;
+        scale_row(o, src, as[0], len);
+        for (int64_t k = 1; k < num_kernels; ++k) {
+          axpy_row(o, src + k * kernel_stride, as[k], len);
+        }
+      }
     }
   }
 }
+
+// Samples mixed per pass over a weight tile: enough to cut the kernel reads by
+// this factor, few enough that the mixed tiles stay in cache for their GEMMs.
+constexpr int64_t kSampleBlock = 4;
 
 at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -325,28 +382,38 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
       unfold_samples(x_chunk, cols_buffer.data_ptr<T>(), p, n);
       cols = cols_buffer.const_data_ptr<T>();
     }
-    // Task = (group, row tile, sample), sample fastest: a thread's consecutive
-    // tasks reuse the K-kernel tile from cache.
-    for_each_range(g.groups * tiles.count * n, [&](int64_t begin, int64_t end) {
-      std::vector<T> w_mixed(tiles.size * p.cols);
+    // Task = (group, row tile, block of samples), samples fastest: a thread's
+    // consecutive tasks reuse the K-kernel tile from cache. Blocks shrink when
+    // a layer has too few tiles to give every thread work.
+    const int64_t threads = at::get_num_threads();
+    const int64_t tile_tasks = g.groups * tiles.count;
+    const int64_t block = std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock);
+    const int64_t blocks = (n + block - 1) / block;
+    for_each_range(tile_tasks * blocks, [&](int64_t begin, int64_t end) {
+      std::vector<T> w_mixed(block * tiles.size * p.cols);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t i = task % n;
-        const int64_t tile = (task / n) % tiles.count;
-        const int64_t group = task / (n * tiles.count);
+        const int64_t i0 = (task % blocks) * block;
+        const int64_t ns = std::min(block, n - i0);
+        const int64_t tile = (task / blocks) % tiles.count;
+        const int64_t group = task / (blocks * tiles.count);
         const int64_t r0 = tile * tiles.size;
         const int64_t nr = std::min(tiles.size, p.rows - r0);
-        const int64_t b = b0 + i;
-        mix_block(w + group * p.group_size + r0 * p.cols, p.kernel_size, p.cols, attn + b * K, K,
-                  nr, p.cols, w_mixed.data(), p.cols);
-        T* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
-        const T* cols_g = cols + i * p.unfolded + group * p.cols * p.pixels;
-        gemm_row_major<T>(false, false, nr, p.pixels, p.cols, w_mixed.data(), p.cols, cols_g,
-                          p.pixels, T(0), y_tile, p.pixels);
-        if (bias_mixed != nullptr) {
-          const T* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
-          for (int64_t r = 0; r < nr; ++r) {
-            T* row = y_tile + r * p.pixels;
-            for (int64_t j = 0; j < p.pixels; ++j) row[j] += bm[r];
+        const int64_t tile_elems = nr * p.cols;
+        mix_block(w + group * p.group_size + r0 * p.cols, p.kernel_size, p.cols,
+                  attn + (b0 + i0) * K, K, ns, nr, p.cols, w_mixed.data(), p.cols, tile_elems);
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t i = i0 + s;
+          const int64_t b = b0 + i;
+          T* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+          const T* cols_g = cols + i * p.unfolded + group * p.cols * p.pixels;
+          gemm_row_major<T>(false, false, nr, p.pixels, p.cols, w_mixed.data() + s * tile_elems,
+                            p.cols, cols_g, p.pixels, T(0), y_tile, p.pixels);
+          if (bias_mixed != nullptr) {
+            const T* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
+            for (int64_t r = 0; r < nr; ++r) {
+              T* row = y_tile + r * p.pixels;
+              for (int64_t j = 0; j < p.pixels; ++j) row[j] += bm[r];
+            }
           }
         }
       }
@@ -410,7 +477,7 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
   // dW_k columns without races. Layers with fewer tiles than threads (tiny
-  // weights) split samples instead, each thread summing into a private dW.
+  // weights) split samples instead, and their tile updates take a lock.
   const bool split_samples = tile_tasks < at::get_num_threads();
   const at::TensorOptions opts = grad_out.options();
   at::Tensor cols_buffer, dcols_buffer;
@@ -437,49 +504,79 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
     const T* go = grad_out.const_data_ptr<T>() + b0 * g.out_channels * p.pixels;
     std::fill(attn_partial.begin(), attn_partial.end(), 0.0);
 
+    const int64_t block = split_samples ? 1 : kSampleBlock;
     for_each_range(split_samples ? tile_tasks * n : tile_tasks, [&](int64_t begin, int64_t end) {
-      std::vector<T> w_mixed(need_x ? p.rows * tiles.size : 0);
-      std::vector<T> g_tile(need_g ? p.rows * tiles.size : 0);
-      std::vector<T> private_grad_w(split_samples && grad_w != nullptr ? K * p.kernel_size : 0);
-      T* dw = split_samples ? private_grad_w.data() : grad_w;
+      // A column tile of a row-major kernel is rows x nc elements with stride
+      // cols; the thread copies its K kernel tiles into one contiguous block
+      // and accumulates dW there, so the per-sample passes stream contiguous
+      // memory instead of touching a page per row.
+      const int64_t max_tile = p.rows * tiles.size;
+      const bool reads_w = need_x || grad_attn != nullptr;  // else w is not passed
+      std::vector<T> w_pack(reads_w ? K * max_tile : 0);
+      std::vector<T> dw_pack(grad_w != nullptr ? K * max_tile : 0);
+      std::vector<T> w_mixed(need_x ? block * max_tile : 0);
+      std::vector<T> g_tile(need_g ? block * max_tile : 0);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t tile_task = split_samples ? unit / n : unit;
         const int64_t group = tile_task / tiles.count;
         const int64_t c0 = (tile_task % tiles.count) * tiles.size;
         const int64_t nc = std::min(tiles.size, p.cols - c0);
         const int64_t w_off = group * p.group_size + c0;  // tile origin inside a kernel
+        const int64_t tile_elems = p.rows * nc;
         const int64_t i_begin = split_samples ? unit % n : 0;
         const int64_t i_end = split_samples ? i_begin + 1 : n;
-        for (int64_t i = i_begin; i < i_end; ++i) {
-          const T* a = attn + (b0 + i) * K;
-          const T* go_g = go + (i * g.out_channels + group * p.rows) * p.pixels;
-          const int64_t unfolded_off = i * p.unfolded + (group * p.cols + c0) * p.pixels;
+        for (int64_t k = 0; k < K && reads_w; ++k)
+          for (int64_t r = 0; r < p.rows; ++r)
+            std::copy_n(w + k * p.kernel_size + w_off + r * p.cols, nc,
+                        w_pack.data() + k * tile_elems + r * nc);
+        std::fill(dw_pack.begin(), dw_pack.end(), T(0));
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += block) {
+          const int64_t ns = std::min(block, i_end - i0);
           if (need_x) {
-            mix_block(w + w_off, p.kernel_size, p.cols, a, K, p.rows, nc, w_mixed.data(), nc);
-            gemm_row_major<T>(true, false, nc, p.pixels, p.rows, w_mixed.data(), nc, go_g,
-                              p.pixels, T(0), dcols + unfolded_off, p.pixels);
+            mix_block(w_pack.data(), tile_elems, nc, attn + (b0 + i0) * K, K, ns, p.rows, nc,
+                      w_mixed.data(), nc, tile_elems);
+          }
+          for (int64_t s = 0; s < ns; ++s) {
+            const int64_t i = i0 + s;
+            const T* go_g = go + (i * g.out_channels + group * p.rows) * p.pixels;
+            const int64_t unfolded_off = i * p.unfolded + (group * p.cols + c0) * p.pixels;
+            if (need_x) {
+              gemm_row_major<T>(true, false, nc, p.pixels, p.rows, w_mixed.data() + s * tile_elems,
+                                nc, go_g, p.pixels, T(0), dcols + unfolded_off, p.pixels);
+            }
+            if (need_g) {
+              gemm_row_major<T>(false, true, p.rows, nc, p.pixels, go_g, p.pixels,
+                                cols + unfolded_off, p.pixels, T(0), g_tile.data() + s * tile_elems, nc);
+            }
           }
           if (!need_g) continue;
-          gemm_row_major<T>(false, true, p.rows, nc, p.pixels, go_g, p.pixels,
-                            cols + unfolded_off, p.pixels, T(0), g_tile.data(), nc);
+          // dW_k += attn[b,k] G_b and dattn[b,k] += <G_b, W_k> for the block,
+          // each kernel's packed tile reused by every sample while in cache.
           for (int64_t k = 0; k < K; ++k) {
-            const int64_t k_off = k * p.kernel_size + w_off;
-            if (dw != nullptr) {
-              for (int64_t r = 0; r < p.rows; ++r)
-                axpy_row(dw + k_off + r * p.cols, g_tile.data() + r * nc, a[k], nc);
-            }
-            if (grad_attn != nullptr) {
-              double sum = 0;
-              for (int64_t r = 0; r < p.rows; ++r)
-                sum += dot_row(g_tile.data() + r * nc, w + k_off + r * p.cols, nc);
-              attn_partial[(tile_task * chunk + i) * K + k] += sum;
+            const T* wk = reads_w ? w_pack.data() + k * tile_elems : nullptr;
+            T* dwk = grad_w != nullptr ? dw_pack.data() + k * tile_elems : nullptr;
+            for (int64_t s = 0; s < ns; ++s) {
+              const T a = attn[(b0 + i0 + s) * K + k];
+              const T* gs = g_tile.data() + s * tile_elems;
+              if (grad_attn == nullptr) {
+                axpy_row(dwk, gs, a, tile_elems);
+                continue;
+              }
+              attn_partial[(tile_task * chunk + i0 + s) * K + k] +=
+                  dwk != nullptr ? axpy_dot_row(dwk, wk, gs, a, tile_elems) : dot_row(gs, wk, tile_elems);
             }
           }
         }
-      }
-      if (!private_grad_w.empty()) {
-        std::lock_guard<std::mutex> lock(grad_w_mutex);
-        add_row(grad_w, private_grad_w.data(), K * p.kernel_size);
+        if (grad_w != nullptr) {
+          // Unpack the tile's dW. Tiles are disjoint across threads, except
+          // when samples are split: then several threads add to one tile.
+          std::unique_lock<std::mutex> lock(grad_w_mutex, std::defer_lock);
+          if (split_samples) lock.lock();
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t r = 0; r < p.rows; ++r)
+              add_row(grad_w + k * p.kernel_size + w_off + r * p.cols,
+                      dw_pack.data() + k * tile_elems + r * nc, nc);
+        }
       }
     });
 
