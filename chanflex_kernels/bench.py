@@ -3,16 +3,27 @@
 Shared by ``python -m chanflex_kernels.bench`` and the pytest-benchmark suite in
 ``benchmarks/``: the shapes, the providers and the timed step live here once.
 
-    python -m chanflex_kernels.bench            # every shape, fwd and fwd+bwd
-    python -m chanflex_kernels.bench --quick    # a subset (what `make demo` runs)
+    python -m chanflex_kernels.bench            # every shape: time and peak memory
+    python -m chanflex_kernels.bench --quick    # ResNet18's four 3x3 stage convs (make demo)
+
+Timing interleaves the providers run by run (static, chanflex, peers, static,
+...) and takes medians, so slow phases of a shared machine hit all of them.
+Peak memory is the rise of the process's peak resident set during one step,
+measured in a fresh subprocess per (provider, shape, mode) with glibc's mmap
+threshold fixed so freed buffers go back to the system (Linux only).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +40,7 @@ MODES = ("fwd", "fwd+bwd")
 class ConvShape:
     """One conv layer at a batch size: x (batch, in_channels, size, size)."""
 
+    name: str
     batch: int
     in_channels: int
     out_channels: int
@@ -36,35 +48,70 @@ class ConvShape:
     kernel: int = 3
     stride: int = 1
     padding: int = 1
-    groups: int = 1
 
     @property
     def id(self) -> str:
-        return (f"B{self.batch}-C{self.in_channels}-O{self.out_channels}-{self.size}x{self.size}"
-                f"-k{self.kernel}-s{self.stride}" + (f"-g{self.groups}" if self.groups > 1 else ""))
+        return (f"{self.name}-B{self.batch}-C{self.in_channels}-O{self.out_channels}-{self.size}x{self.size}"
+                f"-k{self.kernel}-s{self.stride}")
 
     @property
     def conv_args(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding, groups=self.groups)
+        return dict(stride=self.stride, padding=self.padding)
+
+    def at_batch(self, batch: int) -> "ConvShape":
+        return ConvShape(self.name, batch, self.in_channels, self.out_channels, self.size, self.kernel,
+                         self.stride, self.padding)
 
 
-# The 3x3 body convs of ResNet18 at 224 input, batch 32 fp32.
-QUICK_SHAPES = [
-    ConvShape(32, 64, 64, 56),
-    ConvShape(32, 128, 128, 28),
-    ConvShape(32, 256, 256, 14),
-    ConvShape(32, 512, 512, 7),
+def _resnet18(name, c_in, c_out, size, kernel=3, stride=1):
+    return ConvShape(f"resnet18.{name}", 32, c_in, c_out, size, kernel, stride, kernel // 2)
+
+
+def _vgg19(name, c_in, c_out, size):
+    return ConvShape(f"vgg19.{name}", 32, c_in, c_out, size)
+
+
+# Every distinct conv of ResNet18 at 224 input and of VGG19(-BN) at 84 input, batch 32.
+RESNET18_SHAPES = [
+    _resnet18("conv1", 3, 64, 224, kernel=7, stride=2),
+    _resnet18("layer1", 64, 64, 56),
+    _resnet18("layer2.down3x3", 64, 128, 56, stride=2),
+    _resnet18("layer2", 128, 128, 28),
+    _resnet18("layer2.down1x1", 64, 128, 56, kernel=1, stride=2),
+    _resnet18("layer3.down3x3", 128, 256, 28, stride=2),
+    _resnet18("layer3", 256, 256, 14),
+    _resnet18("layer3.down1x1", 128, 256, 28, kernel=1, stride=2),
+    _resnet18("layer4.down3x3", 256, 512, 14, stride=2),
+    _resnet18("layer4", 512, 512, 7),
+    _resnet18("layer4.down1x1", 256, 512, 14, kernel=1, stride=2),
 ]
-SHAPES = QUICK_SHAPES
+VGG19_SHAPES = [
+    _vgg19("conv1_1", 3, 64, 84),
+    _vgg19("conv1_2", 64, 64, 84),
+    _vgg19("conv2_1", 64, 128, 42),
+    _vgg19("conv2_2", 128, 128, 42),
+    _vgg19("conv3_1", 128, 256, 21),
+    _vgg19("conv3_x", 256, 256, 21),
+    _vgg19("conv4_1", 256, 512, 10),
+    _vgg19("conv4_x", 512, 512, 10),
+    _vgg19("conv5_x", 512, 512, 5),
+]
+SHAPES = RESNET18_SHAPES + VGG19_SHAPES
+QUICK_SHAPES = [s for s in RESNET18_SHAPES if s.name in ("resnet18.layer1", "resnet18.layer2",
+                                                         "resnet18.layer3", "resnet18.layer4")]
+SHAPES_BY_ID = {s.id: s for s in SHAPES + [s.at_batch(1) for s in SHAPES]}
 
 
 @dataclass
 class Inputs:
     x: torch.Tensor
-    weight: torch.Tensor         # (K, C_out, C_in/groups, k, k)
+    weight: torch.Tensor         # (K, C_out, C_in, k, k)
     attn: torch.Tensor           # (B, K)
-    static_weight: torch.Tensor  # (C_out, C_in/groups, k, k) for the static conv
+    static_weight: torch.Tensor  # (C_out, C_in, k, k) for the static conv
     grad_out: torch.Tensor
+
+    def leaves(self):
+        return (self.x, self.weight, self.attn, self.static_weight)
 
 
 def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.float32,
@@ -72,16 +119,17 @@ def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.fl
     """Random inputs for one shape; leaves require grad when ``requires_grad``."""
     gen = torch.Generator().manual_seed(seed)
     k = shape.kernel
-    w_shape = (shape.out_channels, shape.in_channels // shape.groups, k, k)
+    w_shape = (shape.out_channels, shape.in_channels, k, k)
     x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen, dtype=dtype)
     weight = torch.randn(num_kernels, *w_shape, generator=gen, dtype=dtype) * 0.05
     attn = torch.softmax(torch.randn(shape.batch, num_kernels, generator=gen, dtype=dtype), dim=1)
     static_weight = weight[0].clone()
     out_size = (shape.size + 2 * shape.padding - k) // shape.stride + 1
     grad_out = torch.randn(shape.batch, shape.out_channels, out_size, out_size, generator=gen, dtype=dtype)
-    for t in (x, weight, attn, static_weight):
+    inputs = Inputs(x, weight, attn, static_weight, grad_out)
+    for t in inputs.leaves():
         t.requires_grad_(requires_grad)
-    return Inputs(x, weight, attn, static_weight, grad_out)
+    return inputs
 
 
 def _static(inp: Inputs, conv: dict) -> torch.Tensor:
@@ -103,83 +151,172 @@ PROVIDERS: Dict[str, Callable[[Inputs, dict], torch.Tensor]] = {
 PEERS = ("batch_as_groups", "concat_k", "per_sample_loop")
 
 
-def make_step(provider: str, shape: ConvShape, mode: str, num_kernels: int = NUM_KERNELS) -> Callable[[], None]:
-    """A no-argument callable running one forward (or forward+backward) of provider on shape."""
-    if mode not in MODES:
-        raise ValueError(f"expected mode in {MODES}, got {mode!r}")
-    if provider not in PROVIDERS:
-        raise ValueError(f"expected provider in {tuple(PROVIDERS)}, got {provider!r}")
-    fn = PROVIDERS[provider]
-    inp = make_inputs(shape, num_kernels, requires_grad=(mode == "fwd+bwd"))
-    conv = shape.conv_args
+class Step:
+    """One forward (or forward+backward) of a provider on a shape, as a callable."""
 
-    def fwd():
-        with torch.no_grad():
-            fn(inp, conv)
+    def __init__(self, provider: str, shape: ConvShape, mode: str, num_kernels: int = NUM_KERNELS):
+        if mode not in MODES:
+            raise ValueError(f"expected mode in {MODES}, got {mode!r}")
+        if provider not in PROVIDERS:
+            raise ValueError(f"expected provider in {tuple(PROVIDERS)}, got {provider!r}")
+        self.fn = PROVIDERS[provider]
+        self.mode = mode
+        self.conv = shape.conv_args
+        self.inputs = make_inputs(shape, num_kernels, requires_grad=(mode == "fwd+bwd"))
 
-    def fwd_bwd():
-        for t in (inp.x, inp.weight, inp.attn, inp.static_weight):
+    def clear_grads(self) -> None:
+        for t in self.inputs.leaves():
             t.grad = None
-        fn(inp, conv).backward(inp.grad_out)
 
-    return fwd if mode == "fwd" else fwd_bwd
+    def __call__(self) -> None:
+        if self.mode == "fwd":
+            with torch.no_grad():
+                self.fn(self.inputs, self.conv)
+            return
+        self.clear_grads()
+        self.fn(self.inputs, self.conv).backward(self.inputs.grad_out)
 
 
-def time_ms(step: Callable[[], None], warmup: int = 1, repeats: int = 5) -> float:
-    """Median wall time of ``step`` in milliseconds (CPU work is synchronous)."""
-    for _ in range(warmup):
-        step()
-    times = []
+def time_interleaved(steps: Dict[str, Callable[[], None]], warmup: int = 1, repeats: int = 5) -> Dict[str, float]:
+    """Median milliseconds of each step, running them in turn ``repeats`` times."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def ratio_table(shapes: List[ConvShape], modes=MODES, peers=("batch_as_groups",),
-                repeats: int = 5, progress: Optional[Callable[[str], None]] = None) -> str:
-    """Time static, chanflex and peers on every shape and mode; a markdown table.
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-    ``progress(what)`` is called after each timing, e.g. to advance a progress bar.
-    """
-    header = ["shape", "mode", "static ms", "chanflex ms", "chanflex/static"]
-    for p in peers:
-        header += [f"{p} ms", f"{p}/chanflex"]
+
+def _measure_peak_here(provider: str, shape: ConvShape, mode: str) -> int:
+    """Peak resident bytes one step adds on top of its inputs (run in a fresh process)."""
+    step = Step(provider, shape, mode)
+    step()  # warm-up: libraries allocate their persistent buffers
+    step.clear_grads()
+    gc.collect()
+    baseline = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    step()
+    return (_proc_status_kib("VmHWM") - baseline) * 1024
+
+
+def peak_memory_bytes(provider: str, shape: ConvShape, mode: str) -> Optional[int]:
+    """Peak memory of one step in a subprocess; None where /proc is unavailable."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, "-m", "chanflex_kernels.bench", "--peak-memory-of",
+                           provider, shape.id, mode], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"peak memory of {provider} on {shape.id} ({mode}) failed:\n{done.stderr}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Row:
+    shape: str
+    mode: str
+    static_ms: float
+    chanflex_ms: float
+    best_peer: str
+    best_peer_ms: float
+    static_peak_mb: Optional[float] = None
+    chanflex_peak_mb: Optional[float] = None
+
+    @property
+    def ours_over_static(self) -> float:
+        return self.chanflex_ms / self.static_ms
+
+    @property
+    def peer_over_ours(self) -> float:
+        return self.best_peer_ms / self.chanflex_ms
+
+    @property
+    def memory_ratio(self) -> Optional[float]:
+        if self.static_peak_mb is None or self.chanflex_peak_mb is None:
+            return None
+        return self.chanflex_peak_mb / max(self.static_peak_mb, 1e-9)
+
+
+def measure(shapes: Sequence[ConvShape], modes: Sequence[str] = MODES, peers: Sequence[str] = PEERS,
+            repeats: int = 5, memory: bool = True, progress: Optional[Callable[[str], None]] = None) -> List[Row]:
+    """Time static, chanflex and peers (and peak memory of static and chanflex) per shape and mode."""
     rows = []
     for shape in shapes:
         for mode in modes:
-            ms = {}
-            for provider in ("static", "chanflex", *peers):
-                ms[provider] = time_ms(make_step(provider, shape, mode), repeats=repeats)
-                if progress:
-                    progress(f"{shape.id} {mode} {provider}")
-            row = [shape.id, mode, f"{ms['static']:.1f}", f"{ms['chanflex']:.1f}",
-                   f"{ms['chanflex'] / ms['static']:.2f}"]
-            for p in peers:
-                row += [f"{ms[p]:.1f}", f"{ms[p] / ms['chanflex']:.2f}"]
+            steps = {p: Step(p, shape, mode) for p in ("static", "chanflex", *peers)}
+            ms = time_interleaved(steps, repeats=repeats)
+            del steps
+            best = min(peers, key=ms.get) if peers else "static"
+            row = Row(shape.id, mode, ms["static"], ms["chanflex"], best, ms[best])
+            if memory:
+                mb = {p: peak_memory_bytes(p, shape, mode) for p in ("static", "chanflex")}
+                if None not in mb.values():
+                    row.static_peak_mb, row.chanflex_peak_mb = (mb[p] / 2**20 for p in ("static", "chanflex"))
             rows.append(row)
+            if progress:
+                progress(f"{shape.id} {mode}")
+    return rows
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    header = ["shape", "mode", "static ms", "chanflex ms", "chanflex/static", "best peer", "peer ms",
+              "peer/chanflex", "peak MB static", "peak MB chanflex", "peak chanflex/static"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    for r in rows:
+        mem = (["-", "-", "-"] if r.memory_ratio is None else
+               [f"{r.static_peak_mb:.1f}", f"{r.chanflex_peak_mb:.1f}", f"{r.memory_ratio:.2f}"])
+        lines.append("| " + " | ".join([r.shape, r.mode, f"{r.static_ms:.1f}", f"{r.chanflex_ms:.1f}",
+                                        f"{r.ours_over_static:.2f}", r.best_peer, f"{r.best_peer_ms:.1f}",
+                                        f"{r.peer_over_ours:.2f}", *mem]) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a subset of shapes, fewer repeats")
-    parser.add_argument("--peers", nargs="+", default=["batch_as_groups"], choices=PEERS,
-                        help="peer implementations to time (default: batch_as_groups)")
+    parser.add_argument("--quick", action="store_true",
+                        help="ResNet18's four 3x3 stage convs, the batch_as_groups peer, 3 repeats")
+    parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per provider (median)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--peak-memory-of", nargs=3, metavar=("PROVIDER", "SHAPE_ID", "MODE"),
+                        help=argparse.SUPPRESS)  # internal: one measurement, in its own process
     args = parser.parse_args(argv)
+    if args.peak_memory_of:
+        provider, shape_id, mode = args.peak_memory_of
+        print(_measure_peak_here(provider, SHAPES_BY_ID[shape_id], mode))
+        return
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    repeats = 3 if args.quick else 7
-    with tqdm(total=len(shapes) * len(MODES) * (2 + len(args.peers)), desc="timing", leave=False) as bar:
+    peers = ("batch_as_groups",) if args.quick else PEERS
+    repeats = args.repeats or (3 if args.quick else 5)
+    jobs = [(shapes, MODES)] + ([([s.at_batch(1) for s in shapes], ("fwd",))] if args.batch1 else [])
+    rows = []
+    with tqdm(total=sum(len(s) * len(m) for s, m in jobs), desc="benchmark", leave=False) as bar:
         def progress(what):
             bar.set_postfix_str(what)
             bar.update()
-        table = ratio_table(shapes, peers=args.peers, repeats=repeats, progress=progress)
+        for job_shapes, modes in jobs:
+            rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
-          f"median of {repeats} runs; ratios: lower chanflex/static is better, higher peer/chanflex is better")
-    print(table)
+          f"median of {repeats} interleaved runs; chanflex/static: lower is better, "
+          f"peer/chanflex: higher is better")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
 
 
 if __name__ == "__main__":

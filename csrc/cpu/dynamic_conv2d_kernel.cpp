@@ -180,7 +180,8 @@ Plan make_plan(const ConvGeometry& g) {
 }
 
 // Environment override of the chunk budget (tests use a tiny one to cross
-// chunk boundaries); 16 MiB keeps a chunk's unfolded input in the last-level cache.
+// chunk boundaries); 8 MiB keeps a chunk's unfolded input in the last-level
+// cache and the working memory near a static convolution's.
 int64_t chunk_budget_bytes() {
   const char* env = std::getenv("CHANFLEX_CPU_CHUNK_BYTES");
   if (env != nullptr && *env != '\0') {
@@ -190,7 +191,7 @@ int64_t chunk_budget_bytes() {
                 "CHANFLEX_CPU_CHUNK_BYTES: expected a positive integer, got '", env, "'");
     return value;
   }
-  return int64_t{16} << 20;
+  return int64_t{8} << 20;
 }
 
 // Samples per chunk: as many unfolded samples as fit the budget, but at
@@ -204,17 +205,18 @@ int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem) {
 // Tiles of one weight dimension of length `extent`: about 64 wide, where
 // single-threaded BLAS runs at its best on these shapes (a K-kernel tile of a
 // 512x4608 layer is then ~5 MiB, resident in the last-level cache while every
-// sample of the chunk uses it), and as many tiles per group that the tile
-// count over all groups splits evenly across threads.
+// sample of the chunk uses it). With `balance`, as many tiles per group that
+// the tile count over all groups splits evenly across threads (the backward
+// gives each thread whole tiles).
 struct Tiling {
   int64_t extent, size, count;  // tile i covers [i * size, min(extent, (i + 1) * size))
 };
 
-Tiling make_tiling(int64_t extent, int64_t groups) {
+Tiling make_tiling(int64_t extent, int64_t groups, bool balance) {
   constexpr int64_t kTarget = 64;
   const int64_t threads = at::get_num_threads();
   int64_t count = (extent + kTarget - 1) / kTarget;
-  while ((groups * count) % threads != 0 && extent / (count + 1) >= 16) ++count;
+  while (balance && (groups * count) % threads != 0 && extent / (count + 1) >= 16) ++count;
   const int64_t size = (extent + count - 1) / count;
   return {extent, size, (extent + size - 1) / size};
 }
@@ -369,7 +371,7 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
-  const Tiling tiles = make_tiling(p.rows, g.groups);
+  const Tiling tiles = make_tiling(p.rows, g.groups, /*balance=*/false);
   at::Tensor cols_buffer;
   if (!p.identity_unfold) {
     cols_buffer = at::empty({chunk * p.unfolded}, x.options());
@@ -473,7 +475,7 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   const bool need_x = grad_x != nullptr;
   const bool need_g = grad_w != nullptr || grad_attn != nullptr;  // per-sample G_b needed
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
-  const Tiling tiles = make_tiling(p.cols, g.groups);
+  const Tiling tiles = make_tiling(p.cols, g.groups, /*balance=*/true);
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
   // dW_k columns without races. Layers with fewer tiles than threads (tiny
