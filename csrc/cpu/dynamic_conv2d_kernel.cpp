@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
@@ -363,6 +365,232 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 }
 
 // ---------------------------------------------------------------------------
+// Packed forward: float32 on CPUs with AVX2 and FMA.
+//
+// Handing a freshly mixed weight tile to BLAS costs a write and a re-read of
+// the tile plus BLAS's own repacking of both operands, for each sample. Here
+// the unfold writes the GEMM's B operand directly in packed panels (once per
+// sample, shared by all tiles), the mixing writes packed A panels, and a
+// 16x6 register-blocked FMA micro-kernel consumes them:
+//   A panel: 16 weight rows x kc columns, column by column (16 floats each);
+//   B panel: kc unfolded rows x 6 pixels, row by row (6 floats each).
+
+constexpr int64_t kMR = 16;   // weight rows per A panel (two AVX registers)
+constexpr int64_t kNR = 6;    // pixels per B panel
+constexpr int64_t kKC = 256;  // reduction depth per block: A and B panels stay in L1/L2
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+struct PackedLayout {
+  int64_t pixel_panels;  // ceil(pixels / kNR)
+  int64_t group_b;       // floats of one group's packed B: pixel_panels * cols * kNR
+  int64_t sample_b;      // floats of one sample's packed B: groups * group_b
+};
+
+PackedLayout make_packed_layout(const Plan& p) {
+  PackedLayout l;
+  l.pixel_panels = (p.pixels + kNR - 1) / kNR;
+  l.group_b = l.pixel_panels * p.cols * kNR;
+  l.sample_b = p.g.groups * l.group_b;
+  return l;
+}
+
+// Unfolds channel c of one sample into packed B panels: rows are unfolded
+// contiguously into `rows` (kh*kw x pixels, the fast path above), then cut
+// into panels of kNR pixels; pixels past the last full panel are zero.
+void unfold_channel_packed(const float* x, float* packed, const Plan& p, const PackedLayout& l,
+                           int64_t c, float* rows) {
+  const ConvGeometry& g = p.g;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  // unfold_channel writes channel c's rows at offset c * taps * pixels.
+  unfold_channel(x, rows - c * taps * p.pixels, p, c);
+  const int64_t group = c / g.group_in_channels;
+  const int64_t first_row = (c % g.group_in_channels) * taps;
+  float* group_base = packed + group * l.group_b;
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* src = rows + t * p.pixels;
+    float* dst = group_base + (first_row + t) * kNR;
+    int64_t pixel = 0;
+    for (int64_t lp = 0; lp < l.pixel_panels; ++lp, dst += p.cols * kNR) {
+      const int64_t valid = std::min(kNR, p.pixels - pixel);
+      for (int64_t j = 0; j < valid; ++j) dst[j] = src[pixel + j];
+      for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
+      pixel += valid;
+    }
+  }
+}
+
+// Transposes 8 registers holding an 8x8 block: r[i][j] -> r[j][i].
+__attribute__((target("avx2,fma")))
+inline void transpose8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// C (mr x nr corner of a row-major block, ldc) = or += A panel (kc x 16) times
+// B panel (kc x 6). Accumulators hold C's columns, stored back transposed.
+__attribute__((target("avx2,fma")))
+void micro_kernel_16x6(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                       int64_t mr, int64_t nr, bool accumulate) {
+  __m256 lo[kNR], hi[kNR];
+#pragma GCC unroll 6
+  for (int j = 0; j < kNR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR) {
+    const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
+#pragma GCC unroll 6
+    for (int j = 0; j < kNR; ++j) {
+      const __m256 bj = _mm256_broadcast_ss(b + j);
+      lo[j] = _mm256_fmadd_ps(a0, bj, lo[j]);
+      hi[j] = _mm256_fmadd_ps(a1, bj, hi[j]);
+    }
+  }
+  alignas(32) float tile[kNR][kMR];
+#pragma GCC unroll 6
+  for (int j = 0; j < kNR; ++j) {
+    _mm256_store_ps(tile[j], lo[j]);
+    _mm256_store_ps(tile[j] + 8, hi[j]);
+  }
+  for (int64_t i = 0; i < mr; ++i) {
+    float* row = c + i * ldc;
+    for (int64_t j = 0; j < nr; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
+  }
+}
+
+// Packed A panels of `samples` samples for weight rows [r0, r0 + nr) of a
+// group and reduction columns [q0, q0 + kc): out[s][panel][q][16]. Each 8x8
+// block is mixed in registers (8 rows x 8 columns, K kernels) and transposed
+// in registers into the panel; rows past nr are zero.
+__attribute__((target("avx2,fma")))
+void mix_pack_a(const float* w_group, int64_t kernel_stride, int64_t cols, const float* attn,
+                int64_t num_kernels, int64_t samples, int64_t r0, int64_t nr, int64_t q0,
+                int64_t kc, float* out) {
+  const int64_t panels = (nr + kMR - 1) / kMR;
+  const int64_t panel_floats = kc * kMR;
+  const int64_t kc8 = kc - kc % 8;
+  for (int64_t s = 0; s < samples; ++s) {
+    const float* a = attn + s * num_kernels;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      float* panel_out = out + (s * panels + panel) * panel_floats;
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t row0 = panel * kMR + half * 8;  // first of 8 rows, relative to r0
+        const float* src0 = w_group + (r0 + row0) * cols + q0;
+        for (int64_t q = 0; q < kc8; q += 8) {
+          __m256 m[8];
+          for (int64_t i = 0; i < 8; ++i) {
+            if (row0 + i >= nr) {
+              m[i] = _mm256_setzero_ps();
+              continue;
+            }
+            const float* src = src0 + i * cols + q;
+            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(a[0]), _mm256_loadu_ps(src));
+            for (int64_t k = 1; k < num_kernels; ++k)
+              acc = _mm256_fmadd_ps(_mm256_set1_ps(a[k]), _mm256_loadu_ps(src + k * kernel_stride), acc);
+            m[i] = acc;
+          }
+          transpose8x8(m);
+          for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel_out + (q + j) * kMR + half * 8, m[j]);
+        }
+        for (int64_t q = kc8; q < kc; ++q) {
+          for (int64_t i = 0; i < 8; ++i) {
+            float v = 0.f;
+            if (row0 + i < nr) {
+              const float* src = src0 + i * cols + q;
+              for (int64_t k = 0; k < num_kernels; ++k) v += a[k] * src[k * kernel_stride];
+            }
+            panel_out[q * kMR + half * 8 + i] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const float* attn,
+                    const float* bias_mixed, float* y) {
+  const ConvGeometry& g = p.g;
+  const int64_t K = g.num_kernels;
+  const PackedLayout layout = make_packed_layout(p);
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float));
+  const Tiling tiles = make_tiling(p.rows, g.groups, /*balance=*/false);
+  at::Tensor packed_b = at::empty({chunk * layout.sample_b}, x.options());
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
+    float* b_chunk = packed_b.data_ptr<float>();
+    at::parallel_for(0, n * g.in_channels, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows(g.kernel_h * g.kernel_w * p.pixels);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / g.in_channels;
+        unfold_channel_packed(x_chunk + i * p.plane, b_chunk + i * layout.sample_b, p, layout,
+                              t % g.in_channels, rows.data());
+      }
+    });
+    const int64_t threads = at::get_num_threads();
+    const int64_t tile_tasks = g.groups * tiles.count;
+    const int64_t block = std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock);
+    const int64_t blocks = (n + block - 1) / block;
+    const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
+    for_each_range(tile_tasks * blocks, [&](int64_t begin, int64_t end) {
+      std::vector<float> a_packed(block * max_panels * kKC * kMR);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i0 = (task % blocks) * block;
+        const int64_t ns = std::min(block, n - i0);
+        const int64_t tile = (task / blocks) % tiles.count;
+        const int64_t group = task / (blocks * tiles.count);
+        const int64_t r0 = tile * tiles.size;
+        const int64_t nr = std::min(tiles.size, p.rows - r0);
+        const int64_t panels = (nr + kMR - 1) / kMR;
+        for (int64_t q0 = 0; q0 < p.cols; q0 += kKC) {
+          const int64_t kc = std::min(kKC, p.cols - q0);
+          mix_pack_a(w + group * p.group_size, p.kernel_size, p.cols, attn + (b0 + i0) * K, K, ns,
+                     r0, nr, q0, kc, a_packed.data());
+          for (int64_t s = 0; s < ns; ++s) {
+            const int64_t b = b0 + i0 + s;
+            const float* b_group = b_chunk + (i0 + s) * layout.sample_b + group * layout.group_b;
+            float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+            for (int64_t lp = 0; lp < layout.pixel_panels; ++lp) {
+              const float* b_panel = b_group + (lp * p.cols + q0) * kNR;
+              const int64_t nc = std::min(kNR, p.pixels - lp * kNR);
+              for (int64_t panel = 0; panel < panels; ++panel) {
+                micro_kernel_16x6(kc, a_packed.data() + (s * panels + panel) * kc * kMR, b_panel,
+                                  y_tile + panel * kMR * p.pixels + lp * kNR, p.pixels,
+                                  std::min(kMR, nr - panel * kMR), nc, /*accumulate=*/q0 > 0);
+              }
+            }
+          }
+        }
+        if (bias_mixed != nullptr) {
+          for (int64_t s = 0; s < ns; ++s) {
+            const int64_t b = b0 + i0 + s;
+            const float* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
+            float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+            for (int64_t r = 0; r < nr; ++r)
+              for (int64_t j = 0; j < p.pixels; ++j) y_tile[r * p.pixels + j] += bm[r];
+          }
+        }
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Forward.
 
 template <typename T>
@@ -456,6 +684,12 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor w_c = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
+  if (dtype == at::kFloat && cpu_has_avx2_fma()) {
+    forward_packed(p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
+                   bias_mixed.defined() ? bias_mixed.const_data_ptr<float>() : nullptr,
+                   y.data_ptr<float>());
+    return y.to(x.scalar_type());
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_forward_cpu", [&] {
     forward_impl<scalar_t>(p, x_c, w_c.const_data_ptr<scalar_t>(), attn_c.const_data_ptr<scalar_t>(),
                            bias_mixed.defined() ? bias_mixed.const_data_ptr<scalar_t>() : nullptr,
