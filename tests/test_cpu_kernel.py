@@ -1,5 +1,9 @@
 """The fused CPU kernel's own paths: weight tiles, sample blocks, chunking, thread
-counts, the 1x1 and batch-1 special cases, and its memory bound."""
+counts, the 1x1 and batch-1 special cases, and its memory bound.
+
+float32 forwards with at most 256 output pixels take the packed micro-kernel
+path on AVX2 machines, larger ones and float64 the BLAS path; the cases below
+cover both."""
 import pytest
 import torch
 
@@ -19,6 +23,7 @@ TILED_CASES = [
     Case(5, 70, 66, 6, 6, kernel=(1, 1), bias=False),               # 1x1 stride 1: unfold is the identity
     Case(5, 70, 66, 7, 7, kernel=(1, 1), stride=(2, 2)),            # 1x1 strided: a real unfold
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
+    Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
 ]
 
 

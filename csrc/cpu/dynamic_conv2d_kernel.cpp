@@ -181,10 +181,9 @@ Plan make_plan(const ConvGeometry& g) {
   return p;
 }
 
-// Environment override of the chunk budget (tests use a tiny one to cross
-// chunk boundaries); 8 MiB keeps a chunk's unfolded input in the last-level
-// cache and the working memory near a static convolution's.
-int64_t chunk_budget_bytes() {
+// Budget for one chunk of unfolded samples: CHANFLEX_CPU_CHUNK_BYTES when set
+// (tests use a tiny one to cross chunk boundaries), else `fallback`.
+int64_t chunk_budget_bytes(int64_t fallback) {
   const char* env = std::getenv("CHANFLEX_CPU_CHUNK_BYTES");
   if (env != nullptr && *env != '\0') {
     char* end = nullptr;
@@ -193,14 +192,18 @@ int64_t chunk_budget_bytes() {
                 "CHANFLEX_CPU_CHUNK_BYTES: expected a positive integer, got '", env, "'");
     return value;
   }
-  return int64_t{8} << 20;
+  return fallback;
 }
+
+// 8 MiB keeps a forward chunk's unfolded input in the last-level cache and the
+// working memory near a static convolution's.
+constexpr int64_t kForwardChunkBytes = int64_t{8} << 20;
 
 // Samples per chunk: as many unfolded samples as fit the budget, but at
 // least one per thread so single-tile layers still run in parallel.
-int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem) {
+int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem, int64_t budget) {
   const int64_t per_sample = std::max<int64_t>(1, p.unfolded * static_cast<int64_t>(elem));
-  const int64_t fit = std::max<int64_t>(chunk_budget_bytes() / per_sample, 1);
+  const int64_t fit = std::max<int64_t>(chunk_budget_bytes(budget) / per_sample, 1);
   return std::min<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), std::max<int64_t>(batch, 1));
 }
 
@@ -377,7 +380,7 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 
 constexpr int64_t kMR = 16;   // weight rows per A panel (two AVX registers)
 constexpr int64_t kNR = 6;    // pixels per B panel
-constexpr int64_t kKC = 256;  // reduction depth per block: A and B panels stay in L1/L2
+constexpr int64_t kKC = 256;  // most reduction depth per block: A panels stay in L2, B panels in L1
 
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -398,27 +401,31 @@ PackedLayout make_packed_layout(const Plan& p) {
   return l;
 }
 
-// Unfolds channel c of one sample into packed B panels: rows are unfolded
-// contiguously into `rows` (kh*kw x pixels, the fast path above), then cut
-// into panels of kNR pixels; pixels past the last full panel are zero.
-void unfold_channel_packed(const float* x, float* packed, const Plan& p, const PackedLayout& l,
-                           int64_t c, float* rows) {
+// Unfolds channels [c0, c1) of one sample into packed B panels: their rows
+// are unfolded contiguously into `rows` (the fast path above), then each
+// pixel panel receives the block's rows as one contiguous run (channels of a
+// block that share a conv group are adjacent rows). Pixels past the last full
+// panel are zero.
+void unfold_channels_packed(const float* x, float* packed, const Plan& p, const PackedLayout& l,
+                            int64_t c0, int64_t c1, float* rows) {
   const ConvGeometry& g = p.g;
   const int64_t taps = g.kernel_h * g.kernel_w;
-  // unfold_channel writes channel c's rows at offset c * taps * pixels.
-  unfold_channel(x, rows - c * taps * p.pixels, p, c);
-  const int64_t group = c / g.group_in_channels;
-  const int64_t first_row = (c % g.group_in_channels) * taps;
-  float* group_base = packed + group * l.group_b;
-  for (int64_t t = 0; t < taps; ++t) {
-    const float* src = rows + t * p.pixels;
-    float* dst = group_base + (first_row + t) * kNR;
-    int64_t pixel = 0;
-    for (int64_t lp = 0; lp < l.pixel_panels; ++lp, dst += p.cols * kNR) {
-      const int64_t valid = std::min(kNR, p.pixels - pixel);
-      for (int64_t j = 0; j < valid; ++j) dst[j] = src[pixel + j];
-      for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
-      pixel += valid;
+  for (int64_t c = c0; c < c1; ++c) {
+    // unfold_channel writes channel c's rows at offset c * taps * pixels.
+    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
+  }
+  for (int64_t lp = 0; lp < l.pixel_panels; ++lp) {
+    const int64_t pixel = lp * kNR;
+    const int64_t valid = std::min(kNR, p.pixels - pixel);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t group = c / g.group_in_channels;
+      const int64_t first_row = (c % g.group_in_channels) * taps;
+      float* dst = packed + group * l.group_b + (lp * p.cols + first_row) * kNR;
+      const float* src = rows + (c - c0) * taps * p.pixels + pixel;
+      for (int64_t t = 0; t < taps; ++t, dst += kNR, src += p.pixels) {
+        for (int64_t j = 0; j < valid; ++j) dst[j] = src[j];
+        for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
+      }
     }
   }
 }
@@ -473,50 +480,51 @@ void micro_kernel_16x6(int64_t kc, const float* a, const float* b, float* c, int
   }
 }
 
-// Packed A panels of `samples` samples for weight rows [r0, r0 + nr) of a
-// group and reduction columns [q0, q0 + kc): out[s][panel][q][16]. Each 8x8
-// block is mixed in registers (8 rows x 8 columns, K kernels) and transposed
-// in registers into the panel; rows past nr are zero.
+// Copies the K kernels' rows [r0, r0 + nr) of a group into panel layout
+// out[k][panel][q][16] (rows past nr zero), 8x8 blocks transposed in registers.
 __attribute__((target("avx2,fma")))
-void mix_pack_a(const float* w_group, int64_t kernel_stride, int64_t cols, const float* attn,
-                int64_t num_kernels, int64_t samples, int64_t r0, int64_t nr, int64_t q0,
-                int64_t kc, float* out) {
+void pack_weight_tile(const float* w_group, int64_t kernel_stride, int64_t cols,
+                      int64_t num_kernels, int64_t r0, int64_t nr, float* out) {
   const int64_t panels = (nr + kMR - 1) / kMR;
-  const int64_t panel_floats = kc * kMR;
-  const int64_t kc8 = kc - kc % 8;
-  for (int64_t s = 0; s < samples; ++s) {
-    const float* a = attn + s * num_kernels;
+  const int64_t cols8 = cols - cols % 8;
+  for (int64_t k = 0; k < num_kernels; ++k) {
     for (int64_t panel = 0; panel < panels; ++panel) {
-      float* panel_out = out + (s * panels + panel) * panel_floats;
+      float* panel_out = out + (k * panels + panel) * cols * kMR;
       for (int64_t half = 0; half < 2; ++half) {
-        const int64_t row0 = panel * kMR + half * 8;  // first of 8 rows, relative to r0
-        const float* src0 = w_group + (r0 + row0) * cols + q0;
-        for (int64_t q = 0; q < kc8; q += 8) {
+        const int64_t row0 = panel * kMR + half * 8;
+        const float* src0 = w_group + k * kernel_stride + (r0 + row0) * cols;
+        for (int64_t q = 0; q < cols8; q += 8) {
           __m256 m[8];
-          for (int64_t i = 0; i < 8; ++i) {
-            if (row0 + i >= nr) {
-              m[i] = _mm256_setzero_ps();
-              continue;
-            }
-            const float* src = src0 + i * cols + q;
-            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(a[0]), _mm256_loadu_ps(src));
-            for (int64_t k = 1; k < num_kernels; ++k)
-              acc = _mm256_fmadd_ps(_mm256_set1_ps(a[k]), _mm256_loadu_ps(src + k * kernel_stride), acc);
-            m[i] = acc;
-          }
+          for (int64_t i = 0; i < 8; ++i)
+            m[i] = row0 + i < nr ? _mm256_loadu_ps(src0 + i * cols + q) : _mm256_setzero_ps();
           transpose8x8(m);
           for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel_out + (q + j) * kMR + half * 8, m[j]);
         }
-        for (int64_t q = kc8; q < kc; ++q) {
-          for (int64_t i = 0; i < 8; ++i) {
-            float v = 0.f;
-            if (row0 + i < nr) {
-              const float* src = src0 + i * cols + q;
-              for (int64_t k = 0; k < num_kernels; ++k) v += a[k] * src[k * kernel_stride];
-            }
-            panel_out[q * kMR + half * 8 + i] = v;
-          }
-        }
+        for (int64_t q = cols8; q < cols; ++q)
+          for (int64_t i = 0; i < 8; ++i)
+            panel_out[q * kMR + half * 8 + i] = row0 + i < nr ? src0[i * cols + q] : 0.f;
+      }
+    }
+  }
+}
+
+// Mixed A panels for `samples` samples from a packed weight tile (see
+// pack_weight_tile), reduction columns [q0, q0 + kc): out[s][panel][q][16].
+__attribute__((target("avx2,fma")))
+void mix_packed_tile(const float* packed, int64_t panels, int64_t cols, const float* attn,
+                     int64_t num_kernels, int64_t samples, int64_t q0, int64_t kc, float* out) {
+  const int64_t kernel_floats = panels * cols * kMR;
+  for (int64_t s = 0; s < samples; ++s) {
+    const float* a = attn + s * num_kernels;
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const float* src = packed + (panel * cols + q0) * kMR;
+      float* dst = out + (s * panels + panel) * kc * kMR;
+      const __m256 a0 = _mm256_set1_ps(a[0]);
+      for (int64_t e = 0; e < kc * kMR; e += 8) {
+        __m256 acc = _mm256_mul_ps(a0, _mm256_loadu_ps(src + e));
+        for (int64_t k = 1; k < num_kernels; ++k)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(a[k]), _mm256_loadu_ps(src + k * kernel_floats + e), acc);
+        _mm256_storeu_ps(dst + e, acc);
       }
     }
   }
@@ -527,62 +535,83 @@ void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const fl
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
   const PackedLayout layout = make_packed_layout(p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float));
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
   const Tiling tiles = make_tiling(p.rows, g.groups, /*balance=*/false);
+  const int64_t tile_tasks = g.groups * tiles.count;
+  const int64_t threads = at::get_num_threads();
+  // Threads own whole row tiles (packing their K kernel tiles once per chunk)
+  // when there are enough tiles; otherwise they split the samples.
+  const bool split_samples = tile_tasks < threads;
+  const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
+  // Reduction blocks of equal depth (multiple of 8): no short remainder block,
+  // whose output read-modify-write would cost more than its arithmetic.
+  const int64_t depth_blocks = (p.cols + kKC - 1) / kKC;
+  const int64_t depth = ((p.cols + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
   at::Tensor packed_b = at::empty({chunk * layout.sample_b}, x.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     float* b_chunk = packed_b.data_ptr<float>();
-    at::parallel_for(0, n * g.in_channels, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(g.kernel_h * g.kernel_w * p.pixels);
+    constexpr int64_t kChannelBlock = 8;
+    const int64_t channel_blocks = (g.in_channels + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, n * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows(kChannelBlock * g.kernel_h * g.kernel_w * p.pixels);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / g.in_channels;
-        unfold_channel_packed(x_chunk + i * p.plane, b_chunk + i * layout.sample_b, p, layout,
-                              t % g.in_channels, rows.data());
+        const int64_t i = t / channel_blocks;
+        const int64_t c0 = (t % channel_blocks) * kChannelBlock;
+        unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * layout.sample_b, p, layout, c0,
+                               std::min(g.in_channels, c0 + kChannelBlock), rows.data());
       }
     });
-    const int64_t threads = at::get_num_threads();
-    const int64_t tile_tasks = g.groups * tiles.count;
-    const int64_t block = std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock);
+    const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock)
+                                        : kSampleBlock;
     const int64_t blocks = (n + block - 1) / block;
-    const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
-    for_each_range(tile_tasks * blocks, [&](int64_t begin, int64_t end) {
-      std::vector<float> a_packed(block * max_panels * kKC * kMR);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t i0 = (task % blocks) * block;
-        const int64_t ns = std::min(block, n - i0);
-        const int64_t tile = (task / blocks) % tiles.count;
-        const int64_t group = task / (blocks * tiles.count);
-        const int64_t r0 = tile * tiles.size;
+    for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
+      std::vector<float> w_packed(K * max_panels * p.cols * kMR);
+      std::vector<float> a_packed(block * max_panels * depth * kMR);
+      int64_t packed_task = -1;
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t tile_task = split_samples ? unit / blocks : unit;
+        const int64_t group = tile_task / tiles.count;
+        const int64_t r0 = (tile_task % tiles.count) * tiles.size;
         const int64_t nr = std::min(tiles.size, p.rows - r0);
         const int64_t panels = (nr + kMR - 1) / kMR;
-        for (int64_t q0 = 0; q0 < p.cols; q0 += kKC) {
-          const int64_t kc = std::min(kKC, p.cols - q0);
-          mix_pack_a(w + group * p.group_size, p.kernel_size, p.cols, attn + (b0 + i0) * K, K, ns,
-                     r0, nr, q0, kc, a_packed.data());
-          for (int64_t s = 0; s < ns; ++s) {
-            const int64_t b = b0 + i0 + s;
-            const float* b_group = b_chunk + (i0 + s) * layout.sample_b + group * layout.group_b;
-            float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
-            for (int64_t lp = 0; lp < layout.pixel_panels; ++lp) {
-              const float* b_panel = b_group + (lp * p.cols + q0) * kNR;
-              const int64_t nc = std::min(kNR, p.pixels - lp * kNR);
-              for (int64_t panel = 0; panel < panels; ++panel) {
-                micro_kernel_16x6(kc, a_packed.data() + (s * panels + panel) * kc * kMR, b_panel,
-                                  y_tile + panel * kMR * p.pixels + lp * kNR, p.pixels,
-                                  std::min(kMR, nr - panel * kMR), nc, /*accumulate=*/q0 > 0);
+        if (tile_task != packed_task) {
+          pack_weight_tile(w + group * p.group_size, p.kernel_size, p.cols, K, r0, nr, w_packed.data());
+          packed_task = tile_task;
+        }
+        const int64_t block_begin = split_samples ? unit % blocks : 0;
+        const int64_t block_end = split_samples ? block_begin + 1 : blocks;
+        for (int64_t blk = block_begin; blk < block_end; ++blk) {
+          const int64_t i0 = blk * block;
+          const int64_t ns = std::min(block, n - i0);
+          for (int64_t q0 = 0; q0 < p.cols; q0 += depth) {
+            const int64_t kc = std::min(depth, p.cols - q0);
+            mix_packed_tile(w_packed.data(), panels, p.cols, attn + (b0 + i0) * K, K, ns, q0, kc,
+                            a_packed.data());
+            for (int64_t s = 0; s < ns; ++s) {
+              const int64_t b = b0 + i0 + s;
+              const float* b_group = b_chunk + (i0 + s) * layout.sample_b + group * layout.group_b;
+              float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+              for (int64_t lp = 0; lp < layout.pixel_panels; ++lp) {
+                const float* b_panel = b_group + (lp * p.cols + q0) * kNR;
+                const int64_t nc = std::min(kNR, p.pixels - lp * kNR);
+                for (int64_t panel = 0; panel < panels; ++panel) {
+                  micro_kernel_16x6(kc, a_packed.data() + (s * panels + panel) * kc * kMR, b_panel,
+                                    y_tile + panel * kMR * p.pixels + lp * kNR, p.pixels,
+                                    std::min(kMR, nr - panel * kMR), nc, /*accumulate=*/q0 > 0);
+                }
               }
             }
           }
-        }
-        if (bias_mixed != nullptr) {
-          for (int64_t s = 0; s < ns; ++s) {
-            const int64_t b = b0 + i0 + s;
-            const float* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
-            float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
-            for (int64_t r = 0; r < nr; ++r)
-              for (int64_t j = 0; j < p.pixels; ++j) y_tile[r * p.pixels + j] += bm[r];
+          if (bias_mixed != nullptr) {
+            for (int64_t s = 0; s < ns; ++s) {
+              const int64_t b = b0 + i0 + s;
+              const float* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
+              float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
+              for (int64_t r = 0; r < nr; ++r)
+                for (int64_t j = 0; j < p.pixels; ++j) y_tile[r * p.pixels + j] += bm[r];
+            }
           }
         }
       }
@@ -598,7 +627,7 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
                   const T* bias_mixed, T* y) {
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T), kForwardChunkBytes);
   const Tiling tiles = make_tiling(p.rows, g.groups, /*balance=*/false);
   at::Tensor cols_buffer;
   if (!p.identity_unfold) {
@@ -684,7 +713,10 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor w_c = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
-  if (dtype == at::kFloat && cpu_has_avx2_fma()) {
+  // The packed path wins where the per-sample GEMMs are small (few output
+  // pixels), BLAS where they are large enough to amortise a separate mixing.
+  constexpr int64_t kPackedMaxPixels = 256;
+  if (dtype == at::kFloat && cpu_has_avx2_fma() && p.pixels <= kPackedMaxPixels) {
     forward_packed(p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
                    bias_mixed.defined() ? bias_mixed.const_data_ptr<float>() : nullptr,
                    y.data_ptr<float>());
@@ -708,7 +740,10 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   const int64_t K = g.num_kernels;
   const bool need_x = grad_x != nullptr;
   const bool need_g = grad_w != nullptr || grad_attn != nullptr;  // per-sample G_b needed
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T));
+  // Each chunk packs and unpacks every weight tile once, so large weights get
+  // larger chunks: up to the size of the K-fold weight gradient returned anyway.
+  const int64_t chunk = chunk_samples(
+      p, g.batch, sizeof(T), std::max(kForwardChunkBytes, K * p.kernel_size * static_cast<int64_t>(sizeof(T))));
   const Tiling tiles = make_tiling(p.cols, g.groups, /*balance=*/true);
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
