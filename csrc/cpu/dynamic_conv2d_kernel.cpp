@@ -72,7 +72,8 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // ---------------------------------------------------------------------------
 // Vector loops, compiled for AVX2+FMA (haswell and later, zen) and for the
 // baseline ISA, picked at load time; rows never
-// overlap (__restrict__), which the vectoriser needs to know.
+// overlap (__restrict__), which the vectoriser needs to know. One overload per
+// dtype because target_clones does not apply to templates.
 
 #define CHANFLEX_CLONES __attribute__((target_clones("arch=haswell", "default")))
 
