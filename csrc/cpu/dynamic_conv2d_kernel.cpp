@@ -73,83 +73,85 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 
 // ---------------------------------------------------------------------------
 // Vector loops, compiled for AVX2+FMA (haswell and later, zen) and for the
-// baseline ISA, picked at load time; rows never
-// overlap (__restrict__), which the vectoriser needs to know. One overload per
-// dtype because target_clones does not apply to templates.
+// baseline ISA, picked at load time. Rows never overlap (__restrict__), which
+// the vectoriser needs to know. The bodies are templates inlined into thin
+// per-dtype functions, because target_clones applies only to non-templates.
 
+#define CHANFLEX_INLINE __attribute__((always_inline)) inline
 #define CHANFLEX_CLONES __attribute__((target_clones("arch=haswell", "default")))
 
-CHANFLEX_CLONES void scale_row(float* __restrict__ out, const float* __restrict__ src, float a, int64_t n) {
+template <typename T>
+CHANFLEX_INLINE void scale_row_body(T* __restrict__ out, const T* __restrict__ src, T a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
 }
-CHANFLEX_CLONES void axpy_row(float* __restrict__ out, const float* __restrict__ src, float a, int64_t n) {
+template <typename T>
+CHANFLEX_INLINE void axpy_row_body(T* __restrict__ out, const T* __restrict__ src, T a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
 }
-CHANFLEX_CLONES void add_row(float* __restrict__ out, const float* __restrict__ src, int64_t n) {
+template <typename T>
+CHANFLEX_INLINE void add_row_body(T* __restrict__ out, const T* __restrict__ src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += src[j];
 }
-CHANFLEX_CLONES double dot_row(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
-  float acc[16] = {0};  // independent partial sums let the loop vectorise
+
+// Independent partial sums (two vectors' worth) let the reductions vectorise.
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
+
+template <typename T>
+CHANFLEX_INLINE double dot_row_body(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T acc[kLanes<T>] = {0};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int u = 0; u < 16; ++u) acc[u] += a[j + u] * b[j + u];
+  for (; j + kLanes<T> <= n; j += kLanes<T>)
+    for (int u = 0; u < kLanes<T>; ++u) acc[u] += a[j + u] * b[j + u];
   double total = 0;
-  for (int u = 0; u < 16; ++u) total += acc[u];
+  for (int u = 0; u < kLanes<T>; ++u) total += acc[u];
   for (; j < n; ++j) total += a[j] * b[j];
   return total;
 }
+
 // out += a * g and returns <g, w>, in one pass over the three rows.
-CHANFLEX_CLONES double axpy_dot_row(float* __restrict__ out, const float* __restrict__ w, const float* __restrict__ g, float a, int64_t n) {
-  float acc[16] = {0};
+template <typename T>
+CHANFLEX_INLINE double axpy_dot_row_body(T* __restrict__ out, const T* __restrict__ w,
+                                         const T* __restrict__ g, T a, int64_t n) {
+  T acc[kLanes<T>] = {0};
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int u = 0; u < 16; ++u) {
+  for (; j + kLanes<T> <= n; j += kLanes<T>)
+    for (int u = 0; u < kLanes<T>; ++u) {
       out[j + u] += a * g[j + u];
       acc[u] += g[j + u] * w[j + u];
     }
   double total = 0;
-  for (int u = 0; u < 16; ++u) total += acc[u];
+  for (int u = 0; u < kLanes<T>; ++u) total += acc[u];
   for (; j < n; ++j) {
     out[j] += a * g[j];
     total += g[j] * w[j];
   }
   return total;
 }
-CHANFLEX_CLONES double axpy_dot_row(double* __restrict__ out, const double* __restrict__ w, const double* __restrict__ g, double a, int64_t n) {
-  double acc[8] = {0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int u = 0; u < 8; ++u) {
-      out[j + u] += a * g[j + u];
-      acc[u] += g[j + u] * w[j + u];
-    }
-  double total = 0;
-  for (int u = 0; u < 8; ++u) total += acc[u];
-  for (; j < n; ++j) {
-    out[j] += a * g[j];
-    total += g[j] * w[j];
+
+#define CHANFLEX_ROW_KERNELS(T)                                                            \
+  CHANFLEX_CLONES void scale_row(T* __restrict__ out, const T* __restrict__ src, T a,      \
+                                 int64_t n) {                                             \
+    scale_row_body(out, src, a, n);                                                       \
+  }                                                                                       \
+  CHANFLEX_CLONES void axpy_row(T* __restrict__ out, const T* __restrict__ src, T a,       \
+                                int64_t n) {                                              \
+    axpy_row_body(out, src, a, n);                                                        \
+  }                                                                                       \
+  CHANFLEX_CLONES void add_row(T* __restrict__ out, const T* __restrict__ src, int64_t n) { \
+    add_row_body(out, src, n);                                                            \
+  }                                                                                       \
+  CHANFLEX_CLONES double dot_row(const T* __restrict__ a, const T* __restrict__ b,         \
+                                 int64_t n) {                                             \
+    return dot_row_body(a, b, n);                                                         \
+  }                                                                                       \
+  CHANFLEX_CLONES double axpy_dot_row(T* __restrict__ out, const T* __restrict__ w,        \
+                                      const T* __restrict__ g, T a, int64_t n) {          \
+    return axpy_dot_row_body(out, w, g, a, n);                                            \
   }
-  return total;
-}
-CHANFLEX_CLONES void scale_row(double* __restrict__ out, const double* __restrict__ src, double a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = a * src[j];
-}
-CHANFLEX_CLONES void axpy_row(double* __restrict__ out, const double* __restrict__ src, double a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] += a * src[j];
-}
-CHANFLEX_CLONES void add_row(double* __restrict__ out, const double* __restrict__ src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] += src[j];
-}
-CHANFLEX_CLONES double dot_row(const double* __restrict__ a, const double* __restrict__ b, int64_t n) {
-  double acc[8] = {0};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int u = 0; u < 8; ++u) acc[u] += a[j + u] * b[j + u];
-  double total = 0;
-  for (int u = 0; u < 8; ++u) total += acc[u];
-  for (; j < n; ++j) total += a[j] * b[j];
-  return total;
-}
+
+CHANFLEX_ROW_KERNELS(float)
+CHANFLEX_ROW_KERNELS(double)
 
 // ---------------------------------------------------------------------------
 // Shapes of one call, in the terms the loops use.
@@ -313,26 +315,28 @@ void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
   }
 }
 
-// Unfolds samples [0, n) of x (n, C, H, W) into cols (n, C*kh*kw, pixels).
-template <typename T>
-void unfold_samples(const T* x, T* cols, const Plan& p, int64_t n) {
+// Runs body(b, c) for every sample b < n and input channel c, in parallel:
+// each pair owns its own rows of the unfolded buffer and its own input plane.
+template <typename F>
+void for_each_sample_channel(const Plan& p, int64_t n, const F& body) {
   const int64_t channels = p.g.in_channels;
   at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / channels;
-      unfold_channel(x + b * p.plane, cols + b * p.unfolded, p, i % channels);
-    }
+    for (int64_t i = begin; i < end; ++i) body(i / channels, i % channels);
+  });
+}
+
+// x (n, C, H, W) -> cols (n, C*kh*kw, pixels), and the adjoint (summing overlaps).
+template <typename T>
+void unfold_samples(const T* x, T* cols, const Plan& p, int64_t n) {
+  for_each_sample_channel(p, n, [&](int64_t b, int64_t c) {
+    unfold_channel(x + b * p.plane, cols + b * p.unfolded, p, c);
   });
 }
 
 template <typename T>
 void fold_samples(const T* cols, T* x, const Plan& p, int64_t n) {
-  const int64_t channels = p.g.in_channels;
-  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / channels;
-      fold_channel(cols + b * p.unfolded, x + b * p.plane, p, i % channels);
-    }
+  for_each_sample_channel(p, n, [&](int64_t b, int64_t c) {
+    fold_channel(cols + b * p.unfolded, x + b * p.plane, p, c);
   });
 }
 
