@@ -15,10 +15,13 @@ except ImportError as _err:  # pragma: no cover - depends on how the package was
     ) from _err
 
 from .backends import BACKENDS, get_backend, set_backend, use_backend
-from .nn import DynamicConv2d, anneal_temperature, convert
+from .channels import RandomChannelSubsets, fill_channels, random_channel_mask, resolve_channels
+from .evaluation import ChannelComboReport, evaluate_channel_combinations
+from .nn import ChannelFlexConv2d, DynamicConv2d, FlexChannelConv2d, anneal_temperature, convert
 from .ops import dynamic_conv2d
 
 __all__ = [
-    "BACKENDS", "DynamicConv2d", "anneal_temperature", "convert", "dynamic_conv2d",
-    "get_backend", "set_backend", "use_backend",
+    "BACKENDS", "ChannelComboReport", "ChannelFlexConv2d", "DynamicConv2d", "FlexChannelConv2d",
+    "RandomChannelSubsets", "anneal_temperature", "convert", "dynamic_conv2d", "evaluate_channel_combinations",
+    "fill_channels", "get_backend", "random_channel_mask", "resolve_channels", "set_backend", "use_backend",
 ]

@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
 from .reference import dynamic_conv2d_reference
@@ -215,3 +216,41 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd("chanflex::dynamic_conv2d", _backward, setup_context=_setup_context)
+
+
+# --- FLOP counting (torch.utils.flop_counter.FlopCounterMode) ----------------
+
+def _conv_macs(x_shape, weight_shape, out_shape) -> int:
+    """Multiply-accumulates of the convolution proper: B * C_out * H_out * W_out * (C_in/groups) * kh * kw."""
+    batch = x_shape[0]
+    _, out_channels, group_in, kh, kw = weight_shape
+    return batch * out_channels * out_shape[2] * out_shape[3] * group_in * kh * kw
+
+
+def _mix_macs(x_shape, weight_shape, bias_shape) -> int:
+    """Mixing each sample's kernel (and bias) from the K kernels: B * K * (|W| + C_out)."""
+    num_kernels = weight_shape[0]
+    size = 1
+    for d in weight_shape[1:]:
+        size *= d
+    return x_shape[0] * num_kernels * (size + (bias_shape[1] if bias_shape is not None else 0))
+
+
+@register_flop_formula(torch.ops.chanflex.dynamic_conv2d)
+def _dynamic_conv2d_flops(x_shape, weight_shape, attn_shape, bias_shape, *args, out_shape=None, **kwargs) -> int:
+    """2 FLOPs per multiply-accumulate: the conv plus the kernel mixing."""
+    return 2 * (_conv_macs(x_shape, weight_shape, out_shape) + _mix_macs(x_shape, weight_shape, bias_shape))
+
+
+@register_flop_formula(torch.ops.chanflex.dynamic_conv2d_backward)
+def _dynamic_conv2d_backward_flops(grad_shape, x_shape, weight_shape, attn_shape, bias_shape, stride, padding,
+                                   dilation, groups, output_mask, *args, out_shape=None, **kwargs) -> int:
+    """dx: one transposed conv (and a re-mix); dW and dattn: one conv-sized
+    correlation per sample, then a K-fold scatter (dW) and dot (dattn)."""
+    conv = _conv_macs(x_shape, weight_shape, grad_shape)
+    mix = _mix_macs(x_shape, weight_shape, bias_shape)
+    need_x, need_w, need_attn, _ = output_mask
+    macs = (conv + mix) if need_x else 0
+    if need_w or need_attn:
+        macs += conv + mix * (int(need_w) + int(need_attn))
+    return 2 * macs

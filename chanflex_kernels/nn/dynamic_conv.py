@@ -139,7 +139,10 @@ class DynamicConv2d(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Kernel attention for x (B, C_in, H, W): (B, K), rows summing to 1."""
-        logits = self.attn_expand(F.relu(self.attn_reduce(x.mean(dim=(2, 3)))))
+        return self._attention_from_features(x.mean(dim=(2, 3)))
+
+    def _attention_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        logits = self.attn_expand(F.relu(self.attn_reduce(features)))
         return torch.softmax(logits / self.temperature, dim=1)
 
     def _padding_amounts(self):
@@ -158,14 +161,17 @@ class DynamicConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d: expected input of shape (B, {self.in_channels}, H, W) or "
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
-        attn = self.attention(x)
+        y = self._convolve(x, self.weight, self.attention(x))
+        return y.squeeze(0) if unbatched else y
+
+    def _convolve(self, x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The dynamic conv with this layer's geometry and padding mode."""
         padding = self.padding
         if self.padding_mode != "zeros":
             (top, bottom), (left, right) = self._padding_amounts()
             x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
             padding = 0
-        y = dynamic_conv2d(x, self.weight, attn, self.bias, self.stride, padding, self.dilation, self.groups)
-        return y.squeeze(0) if unbatched else y
+        return dynamic_conv2d(x, weight, attn, self.bias, self.stride, padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
