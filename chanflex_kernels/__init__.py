@@ -18,10 +18,10 @@ from .backends import BACKENDS, get_backend, set_backend, use_backend
 from .channels import RandomChannelSubsets, fill_channels, random_channel_mask, resolve_channels
 from .evaluation import ChannelComboReport, evaluate_channel_combinations
 from .nn import ChannelFlexConv2d, DynamicConv2d, FlexChannelConv2d, anneal_temperature, convert
-from .ops import dynamic_conv2d
+from .ops import dynamic_conv2d, per_sample_conv2d
 
 __all__ = [
     "BACKENDS", "ChannelComboReport", "ChannelFlexConv2d", "DynamicConv2d", "FlexChannelConv2d",
     "RandomChannelSubsets", "anneal_temperature", "convert", "dynamic_conv2d", "evaluate_channel_combinations",
-    "fill_channels", "get_backend", "random_channel_mask", "resolve_channels", "set_backend", "use_backend",
+    "fill_channels", "get_backend", "per_sample_conv2d", "random_channel_mask", "resolve_channels", "set_backend", "use_backend",
 ]

@@ -18,7 +18,7 @@ from .reference import dynamic_conv2d_reference
 
 IntPair = Union[int, Sequence[int]]
 
-__all__ = ["dynamic_conv2d", "check_dynamic_conv2d_args"]
+__all__ = ["dynamic_conv2d", "per_sample_conv2d", "check_dynamic_conv2d_args"]
 
 
 def _pair(value: IntPair, name: str) -> Tuple[int, int]:
@@ -159,6 +159,30 @@ def dynamic_conv2d(
     if backends.get_backend() == "cpp" and x.device.type != "cpu":
         raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
     return torch.ops.chanflex.dynamic_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
+
+
+def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      stride: IntPair = 1, padding: Union[IntPair, str] = 0, dilation: IntPair = 1,
+                      groups: int = 1) -> torch.Tensor:
+    """Convolve each sample with its own kernel: ``y[b] = conv2d(x[b], weight[b], bias[b])``.
+
+    For kernels generated per sample (hypernetwork stems, seed 002's flex
+    layer). It is dynamic_conv2d with K = B and identity attention, so it runs
+    the fused kernels instead of a batch-as-groups copy; the mixing costs
+    B * |W| per sample, small next to the conv for the kernels it is meant for.
+
+    Args:
+        x: (B, C_in, H, W). weight: (B, C_out, C_in/groups, kh, kw). bias: (B, C_out) or None.
+        stride, padding, dilation, groups: as :func:`dynamic_conv2d`.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise ValueError(f"per_sample_conv2d: expected tensors x and weight, got {type(x).__name__} and "
+                         f"{type(weight).__name__}")
+    if x.dim() != 4 or weight.dim() != 5 or weight.shape[0] != x.shape[0]:
+        raise ValueError(f"per_sample_conv2d: expected x (B, C_in, H, W) and weight (B, C_out, C_in/groups, kh, kw) "
+                         f"with the same B, got x {_shape(x)} and weight {_shape(weight)}")
+    identity = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return dynamic_conv2d(x, weight, identity, bias, stride, padding, dilation, groups)
 
 
 # --- fake kernels -----------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from ..channels import ChannelSpec, check_channel_mask, normalize_channel_names, resolve_channels
-from ..ops import dynamic_conv2d
+from ..ops import per_sample_conv2d
 from .dynamic_conv import DynamicConv2d
 
 __all__ = ["ChannelFlexConv2d", "FlexChannelConv2d"]
@@ -64,6 +64,8 @@ class ChannelFlexConv2d(DynamicConv2d):
         >>> layer(rgb[:, [0, 2]], channels="RB").shape      # two channels, sliced weights
         >>> layer(rgb, channel_mask=torch.tensor([[1, 1, 0], [0, 0, 1]], dtype=torch.bool))
     """
+
+    channel_flexible = True  # accepts channels= (the model zoo's channel-combination protocol)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -173,8 +175,7 @@ class FlexChannelConv2d(nn.Module):
         ``forward(x, channel_mask=None)``: x (B, C, H, W) with any C >= 1; with
         a mask (B, C) bool, absent channels contribute nothing.
 
-    The per-sample conv runs through the chanflex op with K = B kernels and
-    identity attention (sample b uses kernel b), so no batch-as-groups copy.
+    The per-sample conv runs through :func:`chanflex_kernels.per_sample_conv2d`.
     """
 
     def __init__(self, out_channels: int = 16, kernel_size=3, *, input_size=None, pool_size: int = 8,
@@ -216,10 +217,7 @@ class FlexChannelConv2d(nn.Module):
         if channel_mask is not None:
             mask = check_channel_mask(channel_mask, x.shape[0], x.shape[1], x.device, where)
             x = torch.where(mask[:, :, None, None], x, x.new_zeros(()))
-        kernels = self.kernels(x)
-        batch = x.shape[0]
-        identity = torch.eye(batch, dtype=x.dtype, device=x.device)
-        return F.relu(dynamic_conv2d(x, kernels, identity, None, padding="same"))
+        return F.relu(per_sample_conv2d(x, self.kernels(x), padding="same"))
 
     def extra_repr(self) -> str:
         form = f"input_size={self.input_size}" if self.input_size is not None else f"pool_size={self.pool_size}"
