@@ -219,7 +219,8 @@ class SlicingConv2d(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
 
 
-@register("slicing_resnet18", 1, "001", "ResNet18 (7x7/2 stem) whose stem slices weights to the channels present",
+@register("slicing_resnet18", 1, "001", "ResNet18 whose stem slices its weights to the channels present (stem layout "
+          "assumed torchvision's 7x7/2 with bias: seed 001 published no code)",
           channel_flexible=True)
 def slicing_resnet18(num_classes):
     return ResNet([2, 2, 2, 2], num_classes, SlicingConv2d(3, 64, 7, 2, 3, bias=True))
