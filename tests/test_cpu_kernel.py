@@ -86,3 +86,17 @@ def test_peak_memory_stays_below_per_sample_weights():
         pytest.skip("peak memory needs Linux /proc")
     per_sample_weights = shape.batch * 256 * 256 * 9 * 4
     assert peak < 0.7 * per_sample_weights, (peak, per_sample_weights)
+
+
+@pytest.mark.parametrize("case", [TILED_CASES[4], TILED_CASES[7], TILED_CASES[0]], ids=lambda c: c.id)
+def test_backward_is_deterministic(case, threads):
+    # Split-sample layers (tiny weights) sum their per-slice dW in a fixed order:
+    # repeated runs give bit-identical gradients whatever the thread timing.
+    from comparison import make_inputs
+    x, weight, attn, bias = (t.float().requires_grad_() for t in make_inputs(case))
+    grad_out = torch.randn(dynamic_conv2d(x, weight, attn, bias, **case.conv_args).shape)
+    runs = [torch.autograd.grad(dynamic_conv2d(x, weight, attn, bias, **case.conv_args), (x, weight, attn, bias),
+                                grad_out) for _ in range(8)]
+    for run in runs[1:]:
+        for name, first, again in zip(("x", "weight", "attn", "bias"), runs[0], run):
+            assert torch.equal(first, again), f"grad of {name} differs between identical runs"

@@ -26,7 +26,6 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 // Fortran BLAS exported by libtorch_cpu (MKL); called on raw tile pointers
@@ -755,15 +754,20 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
   // dW_k columns without races. Layers with fewer tiles than threads (tiny
-  // weights) split samples instead, and their tile updates take a lock.
-  const bool split_samples = tile_tasks < at::get_num_threads();
+  // weights) also split the samples into fixed slices; each (tile, slice)
+  // writes its own partial dW, summed in slice order afterwards, so the
+  // result does not depend on thread scheduling.
+  const int64_t threads = at::get_num_threads();
+  const bool split_samples = tile_tasks < threads;
+  const int64_t max_slices = split_samples ? (threads + tile_tasks - 1) / tile_tasks : 1;
+  const int64_t max_tile = p.rows * tiles.size;
   const at::TensorOptions opts = grad_out.options();
   at::Tensor cols_buffer, dcols_buffer;
   if (need_g && !p.identity_unfold) cols_buffer = at::empty({chunk * p.unfolded}, opts);
   if (need_x && !p.identity_unfold) dcols_buffer = at::empty({chunk * p.unfolded}, opts);
   // dattn partial sums per (tile, sample, kernel), reduced after the chunk.
   std::vector<double> attn_partial(grad_attn != nullptr ? tile_tasks * chunk * K : 0);
-  std::mutex grad_w_mutex;
+  std::vector<T> slice_dw(split_samples && grad_w != nullptr ? tile_tasks * max_slices * K * max_tile : 0);
 
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
@@ -782,27 +786,28 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
     const T* go = grad_out.const_data_ptr<T>() + b0 * g.out_channels * p.pixels;
     std::fill(attn_partial.begin(), attn_partial.end(), 0.0);
 
-    const int64_t block = split_samples ? 1 : kSampleBlock;
-    for_each_range(split_samples ? tile_tasks * n : tile_tasks, [&](int64_t begin, int64_t end) {
+    const int64_t slices = std::min(max_slices, n);
+    for_each_range(tile_tasks * slices, [&](int64_t begin, int64_t end) {
       // A column tile of a row-major kernel is rows x nc elements with stride
       // cols; the thread copies its K kernel tiles into one contiguous block
       // and accumulates dW there, so the per-sample passes stream contiguous
       // memory instead of touching a page per row.
-      const int64_t max_tile = p.rows * tiles.size;
+      const int64_t block = kSampleBlock;
       const bool reads_w = need_x || grad_attn != nullptr;  // else w is not passed
       std::vector<T> w_pack(reads_w ? K * max_tile : 0);
       std::vector<T> dw_pack(grad_w != nullptr ? K * max_tile : 0);
       std::vector<T> w_mixed(need_x ? block * max_tile : 0);
       std::vector<T> g_tile(need_g ? block * max_tile : 0);
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t tile_task = split_samples ? unit / n : unit;
+        const int64_t tile_task = unit / slices;
+        const int64_t slice = unit % slices;
         const int64_t group = tile_task / tiles.count;
         const int64_t c0 = (tile_task % tiles.count) * tiles.size;
         const int64_t nc = std::min(tiles.size, p.cols - c0);
         const int64_t w_off = group * p.group_size + c0;  // tile origin inside a kernel
         const int64_t tile_elems = p.rows * nc;
-        const int64_t i_begin = split_samples ? unit % n : 0;
-        const int64_t i_end = split_samples ? i_begin + 1 : n;
+        const int64_t i_begin = slice * n / slices;
+        const int64_t i_end = (slice + 1) * n / slices;
         for (int64_t k = 0; k < K && reads_w; ++k)
           for (int64_t r = 0; r < p.rows; ++r)
             std::copy_n(w + k * p.kernel_size + w_off + r * p.cols, nc,
@@ -845,11 +850,10 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
             }
           }
         }
-        if (grad_w != nullptr) {
-          // Unpack the tile's dW. Tiles are disjoint across threads, except
-          // when samples are split: then several threads add to one tile.
-          std::unique_lock<std::mutex> lock(grad_w_mutex, std::defer_lock);
-          if (split_samples) lock.lock();
+        if (grad_w != nullptr && split_samples) {
+          std::copy_n(dw_pack.data(), K * tile_elems, slice_dw.data() + unit * K * max_tile);
+        } else if (grad_w != nullptr) {
+          // Unpack the tile's dW; tiles are disjoint across threads.
           for (int64_t k = 0; k < K; ++k)
             for (int64_t r = 0; r < p.rows; ++r)
               add_row(grad_w + k * p.kernel_size + w_off + r * p.cols,
@@ -857,6 +861,23 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
         }
       }
     });
+    if (grad_w != nullptr && split_samples) {
+      // The slices' partial dW, added in slice order (deterministic).
+      for_each_range(tile_tasks * K, [&](int64_t begin, int64_t end) {
+        for (int64_t task_k = begin; task_k < end; ++task_k) {
+          const int64_t tile_task = task_k / K, k = task_k % K;
+          const int64_t group = tile_task / tiles.count;
+          const int64_t c0 = (tile_task % tiles.count) * tiles.size;
+          const int64_t nc = std::min(tiles.size, p.cols - c0);
+          const int64_t tile_elems = p.rows * nc;
+          for (int64_t slice = 0; slice < slices; ++slice) {
+            const T* part = slice_dw.data() + (tile_task * slices + slice) * K * max_tile + k * tile_elems;
+            for (int64_t r = 0; r < p.rows; ++r)
+              add_row(grad_w + k * p.kernel_size + group * p.group_size + c0 + r * p.cols, part + r * nc, nc);
+          }
+        }
+      });
+    }
 
     if (need_x && !p.identity_unfold) {
       fold_samples(dcols, grad_x + b0 * p.plane, p, n);
