@@ -7,6 +7,7 @@ the registered backward op so every device dispatches its own kernel.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -253,11 +254,8 @@ def _conv_macs(x_shape, weight_shape, out_shape) -> int:
 
 def _mix_macs(x_shape, weight_shape, bias_shape) -> int:
     """Mixing each sample's kernel (and bias) from the K kernels: B * K * (|W| + C_out)."""
-    num_kernels = weight_shape[0]
-    size = 1
-    for d in weight_shape[1:]:
-        size *= d
-    return x_shape[0] * num_kernels * (size + (bias_shape[1] if bias_shape is not None else 0))
+    size = math.prod(weight_shape[1:])
+    return x_shape[0] * weight_shape[0] * (size + (bias_shape[1] if bias_shape is not None else 0))
 
 
 @register_flop_formula(torch.ops.chanflex.dynamic_conv2d)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chanflex_kernels import fill_channels
+from chanflex_kernels.channels import FILL_STRATEGIES, fill_channels
 
 
 class SelfAttention(nn.Module):
@@ -129,7 +129,8 @@ class FillChannels(nn.Module):
         self.strategy = strategy
         self.num_channels = num_channels
         self.channel_names = channel_names
-        fill_channels(torch.zeros(1, 1, 1, 1), [0], strategy, num_channels)  # validates the strategy now
+        if strategy not in FILL_STRATEGIES:
+            raise ValueError(f"FillChannels: expected strategy in {FILL_STRATEGIES}, got {strategy!r}")
 
     def forward(self, x: torch.Tensor, channels=None) -> torch.Tensor:
         if channels is not None:
