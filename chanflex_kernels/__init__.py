@@ -19,6 +19,7 @@ from .channels import RandomChannelSubsets, fill_channels, random_channel_mask, 
 from .evaluation import ChannelComboReport, evaluate_channel_combinations
 from .nn import ChannelFlexConv2d, DynamicConv2d, FlexChannelConv2d, anneal_temperature, convert
 from .ops import dynamic_conv2d, per_sample_conv2d
+from . import triton  # noqa: E402  (registers the Triton ops when triton imports)
 
 __all__ = [
     "BACKENDS", "ChannelComboReport", "ChannelFlexConv2d", "DynamicConv2d", "FlexChannelConv2d",

@@ -2,8 +2,10 @@
 
 | backend     | runs                                                         |
 |-------------|--------------------------------------------------------------|
-| ``auto``    | the compiled kernel registered for the tensors' device       |
+| ``auto``    | the kernel registered for the tensors' device: C++ on CPU;   |
+|             | on CUDA the CUDA C++ kernel if built, else Triton            |
 | ``cpp``     | the compiled C++ kernel (CPU tensors only)                   |
+| ``triton``  | the Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)  |
 | ``reference`` | the pure-PyTorch per-sample loop of ``reference.py``       |
 
 Select with :func:`set_backend`, the :func:`use_backend` context manager, or
@@ -15,7 +17,7 @@ import contextlib
 import os
 from typing import Iterator
 
-BACKENDS = ("auto", "cpp", "reference")
+BACKENDS = ("auto", "cpp", "triton", "reference")
 ENV_VAR = "CHANFLEX_BACKEND"
 
 
@@ -55,3 +57,12 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend = previous
+
+
+def require_triton() -> None:
+    """Raise a clear error when the triton backend is selected but Triton cannot be used."""
+    from . import triton as triton_backend
+
+    if not triton_backend.AVAILABLE:
+        raise ValueError(f"dynamic_conv2d: backend 'triton' needs the triton package, which failed to import: "
+                         f"{triton_backend.UNAVAILABLE_REASON}")

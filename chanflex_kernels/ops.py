@@ -155,10 +155,15 @@ def dynamic_conv2d(
     else:
         padding = (0, 0)  # the shape check below reports the weight
     check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
-    if backends.get_backend() == "reference":
+    backend = backends.get_backend()
+    if backend == "reference":
         return dynamic_conv2d_reference(x, weight, attn, bias, stride, padding, dilation, groups)
-    if backends.get_backend() == "cpp" and x.device.type != "cpu":
+    if backend == "cpp" and x.device.type != "cpu":
         raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
+    if backend == "triton":
+        backends.require_triton()
+        return torch.ops.chanflex.dynamic_conv2d_triton(x, weight, attn, bias, list(stride), list(padding),
+                                                        list(dilation), groups)
     return torch.ops.chanflex.dynamic_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
 
 
@@ -189,13 +194,13 @@ def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 # --- fake kernels -----------------------------------------------------------
 
 @torch.library.register_fake("chanflex::dynamic_conv2d")
-def _dynamic_conv2d_fake(x, weight, attn, bias, stride, padding, dilation, groups):
+def dynamic_conv2d_fake(x, weight, attn, bias, stride, padding, dilation, groups):
     shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
     return x.new_empty(shape)
 
 
 @torch.library.register_fake("chanflex::dynamic_conv2d_backward")
-def _dynamic_conv2d_backward_fake(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
+def dynamic_conv2d_backward_fake(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
     shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
     torch._check(tuple(grad_out.shape) == shape, lambda: f"expected grad_out of shape {shape}, got {tuple(grad_out.shape)}")
     torch._check(not output_mask[3] or bias is not None, lambda: "grad of bias requested without a bias")
@@ -212,7 +217,7 @@ def _shape_only(shape, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(()).expand(shape)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     x, weight, attn, bias, stride, padding, dilation, groups = inputs
     need_x, need_w, need_attn, need_bias = ctx.needs_input_grad[:4]
     ctx.conv_args = (stride, padding, dilation, groups)
@@ -227,20 +232,29 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _backward(ctx, grad_out):
-    x, weight, attn, bias = ctx.saved_tensors
-    x_shape, weight_shape, bias_shape = ctx.shapes
-    x = _shape_only(x_shape, attn) if x is None else x
-    weight = _shape_only(weight_shape, attn) if weight is None else weight
-    if bias is None and bias_shape is not None:
-        bias = _shape_only(bias_shape, attn)
-    need = list(ctx.needs_input_grad[:4])
-    need[3] = need[3] and bias_shape is not None
-    grads = torch.ops.chanflex.dynamic_conv2d_backward(grad_out, x, weight, attn, bias, *ctx.conv_args, need)
-    return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+def make_backward(backward_op):
+    """The autograd backward of a dynamic_conv2d op whose gradients ``backward_op`` computes.
+
+    Shared by chanflex::dynamic_conv2d (compiled kernels) and the Triton op;
+    ``backward_op`` has the schema of chanflex::dynamic_conv2d_backward.
+    """
+    def backward(ctx, grad_out):
+        x, weight, attn, bias = ctx.saved_tensors
+        x_shape, weight_shape, bias_shape = ctx.shapes
+        x = _shape_only(x_shape, attn) if x is None else x
+        weight = _shape_only(weight_shape, attn) if weight is None else weight
+        if bias is None and bias_shape is not None:
+            bias = _shape_only(bias_shape, attn)
+        need = list(ctx.needs_input_grad[:4])
+        need[3] = need[3] and bias_shape is not None
+        grads = backward_op(grad_out, x, weight, attn, bias, *ctx.conv_args, need)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
+
+    return backward
 
 
-torch.library.register_autograd("chanflex::dynamic_conv2d", _backward, setup_context=_setup_context)
+torch.library.register_autograd("chanflex::dynamic_conv2d", make_backward(torch.ops.chanflex.dynamic_conv2d_backward),
+                                setup_context=setup_context)
 
 
 # --- FLOP counting (torch.utils.flop_counter.FlopCounterMode) ----------------

@@ -1,0 +1,292 @@
+"""Triton kernels of dynamic_conv2d: implicit GEMMs with per-sample mixed weights.
+
+Shapes (all strides in elements, any layout)::
+
+    x     (B, C_in, H, W)            attn  (B, K)
+    W     (K, C_out, C_in/G, KH, KW) bias  (K, C_out)
+    y, dy (B, C_out, OH, OW)         G = groups, GI = C_in/G, GO = C_out/G
+
+Design: fused mixing. Wherever a kernel needs sample b's weight tile it loads
+the K kernels' tiles and mixes them with attn[b] in fp32 registers, then feeds
+the tile to ``tl.dot``. No (B, |W|) tensor exists. The mixing costs K FMAs per
+weight element per tile, against BLOCK_M per element for the dot: K/BLOCK_M of
+the tensor-core work, done on the CUDA cores, plus K times the weight traffic,
+which is served from L2 (the K kernels of one layer are a few MB at most).
+
+Every program id is cast to int64 before it enters pointer arithmetic, so
+batch offsets never overflow; ``INDEX_64`` also widens the in-sample index
+vectors, for tensors whose single sample spans 2**31 elements or more.
+
+Precision: loads in the input dtype, accumulation in fp32, ``tl.dot`` with
+``DOT_PRECISION`` ("tf32" when torch allows TF32 for cuDNN convs, the same
+rule F.conv2d follows; "ieee" otherwise); half types feed the dot in their own
+dtype after the fp32 mix.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dynconv_fwd_kernel(
+    X_ptr, W_ptr, A_ptr, Bias_ptr, Y_ptr,
+    H, W, OH, OW, K, GROUPS, GI, GO,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_ab, stride_ak,
+    stride_biask, stride_biaso,
+    stride_yb, stride_yc, stride_yh, stride_yw,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """y[b, g*GO+n, oh, ow] = sum_r x_patch[b, (oh, ow), r] * Wmix_b[g*GO+n, r] + bias_b[g*GO+n].
+
+    Implicit GEMM per (sample, group): M = OH*OW output pixels, N = GO output
+    channels, reduction r = (c, kh, kw) over GI*KH*KW, with
+    Wmix_b = sum_k attn[b, k] W[k]. Grid: (cdiv(OH*OW, BLOCK_M), cdiv(GO, BLOCK_N), B*G).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_bg = tl.program_id(2).to(tl.int64)
+    b = pid_bg // GROUPS
+    g = pid_bg % GROUPS
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if not INDEX_64:  # the tile indices fit int32; the int64 program ids only move the base pointers
+        m = m.to(tl.int32)
+        n = n.to(tl.int32)
+    m_mask = m < OH * OW
+    n_mask = n < GO
+    oh = m // OW
+    ow = m % OW
+
+    x_base = X_ptr + b * stride_xb + g * GI * stride_xc
+    w_base = W_ptr + g * GO * stride_wo
+    a_base = A_ptr + b * stride_ab
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    R = GI * KH * KW
+    for r0 in range(0, R, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            r = r.to(tl.int64)
+        r_mask = r < R
+        c = r // (KH * KW)
+        kh = (r // KW) % KH
+        kw = r % KW
+        ih = oh[:, None] * SH - PH + kh[None, :] * DH
+        iw = ow[:, None] * SW - PW + kw[None, :] * DW
+        x_mask = m_mask[:, None] & r_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_tile = tl.load(x_base + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=x_mask, other=0.0)
+
+        w_offsets = n[None, :] * stride_wo + c[:, None] * stride_wc + kh[:, None] * stride_wh + kw[:, None] * stride_ww
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        w_mix = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k in range(K):
+            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
+            w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(x_tile, w_mix.to(x_tile.dtype), input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        bias_mix = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k in range(K):
+            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
+            bias_mix += a_k * tl.load(Bias_ptr + k * stride_biask + (g * GO + n) * stride_biaso,
+                                      mask=n_mask, other=0.0).to(tl.float32)
+        acc += bias_mix[None, :]
+
+    y_ptrs = (Y_ptr + b * stride_yb + (g * GO + n[None, :]) * stride_yc
+              + oh[:, None] * stride_yh + ow[:, None] * stride_yw)
+    tl.store(y_ptrs, acc.to(Y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dynconv_bwd_data_kernel(
+    DY_ptr, W_ptr, A_ptr, DX_ptr,
+    H, W, OH, OW, K, GROUPS, GI, GO,
+    stride_dyb, stride_dyc, stride_dyh, stride_dyw,
+    stride_wk, stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_ab, stride_ak,
+    stride_dxb, stride_dxc, stride_dxh, stride_dxw,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[b, g*GI+c, ih, iw] = sum_r dy_patch[b, (ih, iw), r] * Wmix_b[g*GO+o, c, kh, kw].
+
+    Transposed implicit GEMM per (sample, group): M = H*W input pixels,
+    N = GI input channels, reduction r = (o, kh, kw) over GO*KH*KW. Input
+    pixel (ih, iw) meets output pixel (oh, ow) through tap (kh, kw) when
+    ih + PH - kh*DH = oh*SH (and likewise for w); other taps are masked.
+    Grid: (cdiv(H*W, BLOCK_M), cdiv(GI, BLOCK_N), B*G).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_bg = tl.program_id(2).to(tl.int64)
+    b = pid_bg // GROUPS
+    g = pid_bg % GROUPS
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if not INDEX_64:
+        m = m.to(tl.int32)
+        n = n.to(tl.int32)
+    m_mask = m < H * W
+    n_mask = n < GI
+    ih = m // W
+    iw = m % W
+
+    dy_base = DY_ptr + b * stride_dyb + g * GO * stride_dyc
+    w_base = W_ptr + g * GO * stride_wo
+    a_base = A_ptr + b * stride_ab
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    R = GO * KH * KW
+    for r0 in range(0, R, BLOCK_K):
+        r = r0 + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            r = r.to(tl.int64)
+        r_mask = r < R
+        o = r // (KH * KW)
+        kh = (r // KW) % KH
+        kw = r % KW
+        th = ih[:, None] + PH - kh[None, :] * DH
+        tw = iw[:, None] + PW - kw[None, :] * DW
+        oh = th // SH
+        ow = tw // SW
+        # Negative th/tw are masked, so it does not matter whether // floors or truncates them.
+        valid = ((th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW))
+        dy_mask = m_mask[:, None] & r_mask[None, :] & valid
+        dy_tile = tl.load(dy_base + o[None, :] * stride_dyc + oh * stride_dyh + ow * stride_dyw,
+                          mask=dy_mask, other=0.0)
+
+        w_offsets = o[:, None] * stride_wo + n[None, :] * stride_wc + kh[:, None] * stride_wh + kw[:, None] * stride_ww
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        w_mix = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k in range(K):
+            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
+            w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
+        acc += tl.dot(dy_tile, w_mix.to(dy_tile.dtype), input_precision=DOT_PRECISION)
+
+    dx_ptrs = (DX_ptr + b * stride_dxb + (g * GI + n[None, :]) * stride_dxc
+               + ih[:, None] * stride_dxh + iw[:, None] * stride_dxw)
+    tl.store(dx_ptrs, acc.to(DX_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dynconv_bwd_weight_kernel(
+    X_ptr, DY_ptr, W_ptr, A_ptr, DW_ptr, DATTN_ptr,
+    B, H, W, OH, OW, K, GROUPS, GI, GO, SAMPLES_PER_SLICE, NUM_SLICES,
+    stride_xb, stride_xc, stride_xh, stride_xw,
+    stride_dyb, stride_dyc, stride_dyh, stride_dyw,
+    stride_wk, stride_wo, stride_wc, stride_wh, stride_ww,
+    stride_ab, stride_ak,
+    SH, SW, PH, PW, DH, DW,
+    KH: tl.constexpr, KW: tl.constexpr, NEED_DW: tl.constexpr, NEED_DATTN: tl.constexpr,
+    INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KMIX: tl.constexpr,
+):
+    """Per-sample weight gradients G_b, reduced on the fly into dW and dattn.
+
+    G_b[o, r] = sum_p dy[b, g*GO+o, p] * x_patch[b, p, r]   (p = output pixel, r = (c, kh, kw))
+    dW[k]     = sum_b attn[b, k] G_b        -> DW_ptr    (NUM_SLICES, K, C_out, GI*KH*KW) fp32
+    dattn[b,k] = <G_b, W[k]> (this tile's share) -> DATTN_ptr (tiles, B, K) fp32
+
+    A program owns one (o, r) tile of one group, the kernels
+    k in [kc*BLOCK_KMIX, (kc+1)*BLOCK_KMIX) and one slice of samples; it holds
+    that tile of G_b for one sample at a time, so no (B, |W|) tensor exists.
+    The host sums DW over slices and DATTN over tiles (deterministic, no atomics).
+    Grid: (cdiv(GO, BLOCK_O), cdiv(GI*KH*KW, BLOCK_R), G * NUM_SLICES * cdiv(K, BLOCK_KMIX)).
+    """
+    pid_o = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    pid_z = tl.program_id(2).to(tl.int64)
+    num_kc = tl.cdiv(K, BLOCK_KMIX)
+    kc = pid_z % num_kc
+    s = (pid_z // num_kc) % NUM_SLICES
+    g = pid_z // (num_kc * NUM_SLICES)
+
+    R = GI * KH * KW
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if not INDEX_64:
+        o = o.to(tl.int32)
+        r = r.to(tl.int32)
+    o_mask = o < GO
+    r_mask = r < R
+    c = r // (KH * KW)
+    kh = (r // KW) % KH
+    kw = r % KW
+    k = kc * BLOCK_KMIX + tl.arange(0, BLOCK_KMIX)
+    k_mask = k < K
+    tile_mask = o_mask[:, None] & r_mask[None, :]
+    mask3 = k_mask[:, None, None] & tile_mask[None, :, :]
+
+    if NEED_DATTN:
+        w_ptrs = (W_ptr + k[:, None, None] * stride_wk + (g * GO + o)[None, :, None] * stride_wo
+                  + c[None, None, :] * stride_wc + kh[None, None, :] * stride_wh + kw[None, None, :] * stride_ww)
+        w3 = tl.load(w_ptrs, mask=mask3, other=0.0).to(tl.float32)
+        num_o_tiles = tl.cdiv(GO, BLOCK_O)
+        num_r_tiles = tl.cdiv(R, BLOCK_R)
+        tile_id = (g * num_o_tiles + pid_o) * num_r_tiles + pid_r
+    dw_acc = tl.zeros((BLOCK_KMIX, BLOCK_O, BLOCK_R), dtype=tl.float32)
+
+    P = OH * OW
+    b_start = s * SAMPLES_PER_SLICE
+    b_end = tl.minimum(b_start + SAMPLES_PER_SLICE, B)
+    for b in range(b_start, b_end):
+        x_base = X_ptr + b * stride_xb + g * GI * stride_xc
+        dy_base = DY_ptr + b * stride_dyb + g * GO * stride_dyc
+        grad_tile = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            if INDEX_64:
+                p = p.to(tl.int64)
+            p_mask = p < P
+            oh = p // OW
+            ow = p % OW
+            dy_tile = tl.load(dy_base + o[:, None] * stride_dyc + oh[None, :] * stride_dyh + ow[None, :] * stride_dyw,
+                              mask=o_mask[:, None] & p_mask[None, :], other=0.0)
+            ih = oh[:, None] * SH - PH + kh[None, :] * DH
+            iw = ow[:, None] * SW - PW + kw[None, :] * DW
+            x_mask = p_mask[:, None] & r_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tile = tl.load(x_base + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=x_mask, other=0.0)
+            grad_tile += tl.dot(dy_tile, x_tile, input_precision=DOT_PRECISION)
+        a = tl.load(A_ptr + b * stride_ab + k * stride_ak, mask=k_mask, other=0.0).to(tl.float32)
+        if NEED_DW:
+            dw_acc += a[:, None, None] * grad_tile[None, :, :]
+        if NEED_DATTN:
+            share = tl.sum(tl.sum(w3 * grad_tile[None, :, :], axis=2), axis=1)
+            tl.store(DATTN_ptr + (tile_id * B + b) * K + k, share, mask=k_mask)
+
+    if NEED_DW:
+        C_out = GROUPS * GO
+        dw_ptrs = (DW_ptr + ((s * K + k[:, None, None]) * C_out + (g * GO + o)[None, :, None]) * R
+                   + r[None, None, :])
+        tl.store(dw_ptrs, dw_acc, mask=mask3)
+
+
+@triton.jit
+def _dynconv_bwd_bias_kernel(
+    DY_ptr, OUT_ptr, C_out, OH, OW,
+    stride_dyb, stride_dyc, stride_dyh, stride_dyw,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Per-sample bias gradient: OUT[b, o] = sum_p dy[b, o, p], fp32 (B, C_out).
+
+    The host turns it into grad_bias = attn^T OUT and dattn += OUT bias^T,
+    two (B, K, C_out) products. Grid: (B, cdiv(C_out, BLOCK_C)).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_mask = o < C_out
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    P = OH * OW
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ptrs = (DY_ptr + b * stride_dyb + o[:, None] * stride_dyc + (p // OW)[None, :] * stride_dyh
+                + (p % OW)[None, :] * stride_dyw)
+        acc += tl.sum(tl.load(ptrs, mask=o_mask[:, None] & (p < P)[None, :], other=0.0).to(tl.float32), axis=1)
+    tl.store(OUT_ptr + b * C_out + o, acc, mask=o_mask)

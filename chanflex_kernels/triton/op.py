@@ -1,0 +1,56 @@
+"""The Triton backend as torch.library ops.
+
+- ``chanflex::dynamic_conv2d_triton`` and ``chanflex::dynamic_conv2d_backward_triton``:
+  ``torch.library.triton_op``s (so ``torch.compile`` traces into the kernels),
+  with the same fake kernels and autograd formula as ``chanflex::dynamic_conv2d``.
+  They run CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``.
+- The CUDA implementation of ``chanflex::dynamic_conv2d`` and its backward,
+  registered here unless a compiled CUDA kernel already is (the CUDA C++
+  backend takes precedence when it is built).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch.library import triton_op
+
+from .. import ops
+from . import launch
+
+FORWARD = "chanflex::dynamic_conv2d_triton"
+BACKWARD = "chanflex::dynamic_conv2d_backward_triton"
+
+
+@triton_op(FORWARD, mutates_args=())
+def dynamic_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Optional[torch.Tensor],
+                          stride: List[int], padding: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    """chanflex::dynamic_conv2d through the Triton kernels (see ``chanflex_kernels.triton.kernels``)."""
+    return launch.forward(x, weight, attn, bias, stride, padding, dilation, groups)
+
+
+@triton_op(BACKWARD, mutates_args=())
+def dynamic_conv2d_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                   attn: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                                   padding: List[int], dilation: List[int], groups: int,
+                                   output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+    """(grad_x, grad_weight, grad_attn, grad_bias); unrequested ones are empty tensors."""
+    return launch.backward(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask)
+
+
+dynamic_conv2d_triton.register_fake(ops.dynamic_conv2d_fake)
+dynamic_conv2d_backward_triton.register_fake(ops.dynamic_conv2d_backward_fake)
+torch.library.register_autograd(FORWARD, ops.make_backward(torch.ops.chanflex.dynamic_conv2d_backward_triton),
+                                setup_context=ops.setup_context)
+
+
+def _register_cuda_kernels() -> None:
+    """Triton serves CUDA tensors of the main ops unless the CUDA C++ extension registered its kernels."""
+    for name, fn in (("chanflex::dynamic_conv2d", launch.forward),
+                     ("chanflex::dynamic_conv2d_backward", launch.backward)):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+            torch.library.register_kernel(name, "cuda", fn)
+
+
+_register_cuda_kernels()
