@@ -78,31 +78,38 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: tor
 
 def assert_matches_reference(fn: Callable, case: Case, dtype: torch.dtype = torch.float32,
                              seed: int = 0, grads: bool = True,
-                             inputs: Optional[tuple] = None) -> None:
+                             inputs: Optional[tuple] = None, device: str = "cpu") -> None:
     """fn's output and its gradients for x, weight, attn, bias equal the float64 reference's.
 
-    fn runs on the inputs cast to ``dtype`` (layout kept); the reference runs
-    in float64 on the same values; one random grad_out is shared.
+    fn runs on the inputs cast to ``dtype`` and moved to ``device`` (layout
+    kept); the reference runs in float64 on the CPU on the same values; one
+    random grad_out is shared.
     """
     inputs = inputs if inputs is not None else make_inputs(case, seed)
     names = ("x", "weight", "attn", "bias")
     ref_in = [None if t is None else t.detach().clone().requires_grad_(grads) for t in inputs]
-    ours_in = [None if t is None else t.detach().to(dtype).requires_grad_(grads) for t in inputs]
+    ours_in = [None if t is None else t.detach().to(device=device, dtype=dtype).requires_grad_(grads) for t in inputs]
     if ours_in[0] is not None and case.layout == "channels_last":
         ours_in[0] = ours_in[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(grads)
+    if ours_in[0] is not None and case.layout == "sliced":  # a cast copies densely: slice again
+        wide = ours_in[0].new_zeros(*ours_in[0].shape[:3], 2 * ours_in[0].shape[3])
+        wide[..., ::2] = ours_in[0].detach()
+        ours_in[0] = wide[..., ::2].requires_grad_(grads)
     expected = dynamic_conv2d_reference(*ref_in, **case.conv_args)
     actual = fn(*ours_in, **case.conv_args)
     assert actual.dtype == dtype, f"output dtype: expected {dtype}, got {actual.dtype}"
     assert actual.shape == expected.shape, f"output shape: expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
-    assert_close_scaled(actual, expected, dtype, "output")
+    assert actual.device.type == torch.device(device).type, f"output device: expected {device}, got {actual.device}"
+    assert_close_scaled(actual.cpu(), expected, dtype, "output")
     if not grads:
         return
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     leaves = [(n, r, o) for n, r, o in zip(names, ref_in, ours_in) if r is not None]
     ref_grads = torch.autograd.grad(expected, [r for _, r, _ in leaves], grad_out, allow_unused=True)
-    our_grads = torch.autograd.grad(actual, [o for _, _, o in leaves], grad_out.to(dtype), allow_unused=True)
+    our_grads = torch.autograd.grad(actual, [o for _, _, o in leaves], grad_out.to(device=device, dtype=dtype),
+                                    allow_unused=True)
     for (name, r, o), rg, og in zip(leaves, ref_grads, our_grads):
         rg = torch.zeros_like(r) if rg is None else rg  # batch 0: the reference leaves some unused
         assert og is not None, f"no gradient reached {name}"
         assert og.shape == r.shape, f"grad of {name}: expected shape {tuple(r.shape)}, got {tuple(og.shape)}"
-        assert_close_scaled(og, rg, dtype, f"grad of {name}")
+        assert_close_scaled(og.cpu(), rg, dtype, f"grad of {name}")

@@ -20,10 +20,22 @@ vectors, for tensors whose single sample spans 2**31 elements or more.
 Precision: loads in the input dtype, accumulation in fp32, ``tl.dot`` with
 ``DOT_PRECISION`` ("tf32" when torch allows TF32 for cuDNN convs, the same
 rule F.conv2d follows; "ieee" otherwise); half types feed the dot in their own
-dtype after the fp32 mix.
+dtype after the fp32 mix. ``UPCAST_DOT`` exists for Triton's CPU interpreter
+only, whose ``tl.dot`` multiplies the raw bit patterns of bfloat16 tiles: there
+the (already bf16-rounded) tiles are widened to fp32 just for the product.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with fp32 accumulation."""
+    if UPCAST_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -37,7 +49,7 @@ def _dynconv_fwd_kernel(
     stride_yb, stride_yc, stride_yh, stride_yw,
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """y[b, g*GO+n, oh, ow] = sum_r x_patch[b, (oh, ow), r] * Wmix_b[g*GO+n, r] + bias_b[g*GO+n].
@@ -87,7 +99,7 @@ def _dynconv_fwd_kernel(
         for k in range(K):
             a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
             w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(x_tile, w_mix.to(x_tile.dtype), input_precision=DOT_PRECISION)
+        acc = _tile_dot(x_tile, w_mix.to(x_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:
         bias_mix = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -111,7 +123,7 @@ def _dynconv_bwd_data_kernel(
     stride_ab, stride_ak,
     stride_dxb, stride_dxc, stride_dxh, stride_dxw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx[b, g*GI+c, ih, iw] = sum_r dy_patch[b, (ih, iw), r] * Wmix_b[g*GO+o, c, kh, kw].
@@ -168,7 +180,7 @@ def _dynconv_bwd_data_kernel(
         for k in range(K):
             a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
             w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(dy_tile, w_mix.to(dy_tile.dtype), input_precision=DOT_PRECISION)
+        acc = _tile_dot(dy_tile, w_mix.to(dy_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
 
     dx_ptrs = (DX_ptr + b * stride_dxb + (g * GI + n[None, :]) * stride_dxc
                + ih[:, None] * stride_dxh + iw[:, None] * stride_dxw)
@@ -185,7 +197,7 @@ def _dynconv_bwd_weight_kernel(
     stride_ab, stride_ak,
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, NEED_DW: tl.constexpr, NEED_DATTN: tl.constexpr,
-    INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KMIX: tl.constexpr,
 ):
     """Per-sample weight gradients G_b, reduced on the fly into dW and dattn.
@@ -253,7 +265,7 @@ def _dynconv_bwd_weight_kernel(
             iw = ow[:, None] * SW - PW + kw[None, :] * DW
             x_mask = p_mask[:, None] & r_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_tile = tl.load(x_base + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=x_mask, other=0.0)
-            grad_tile += tl.dot(dy_tile, x_tile, input_precision=DOT_PRECISION)
+            grad_tile = _tile_dot(dy_tile, x_tile, grad_tile, DOT_PRECISION, UPCAST_DOT)
         a = tl.load(A_ptr + b * stride_ab + k * stride_ak, mask=k_mask, other=0.0).to(tl.float32)
         if NEED_DW:
             dw_acc += a[:, None, None] * grad_tile[None, :, :]

@@ -4,7 +4,8 @@ On a GPU the GEMM kernels are autotuned over the configs below (tiles for
 Ampere's 164 KB and Hopper's 228 KB of shared memory; the autotuner keeps the
 fastest per shape and dtype). Under ``TRITON_INTERPRET=1`` (CPU tensors) one
 small fixed tiling runs instead, since autotuning an interpreter only costs
-time; tests pass their own tilings to put tile boundaries where they want.
+time. ``TILING_OVERRIDE`` forces a tiling on any device: tests set it to put
+tile boundaries where they want them.
 
 Every launch goes through ``torch.library.wrap_triton`` so that
 ``torch.compile`` sees the kernels inside the ``chanflex::*_triton`` ops.
@@ -51,7 +52,16 @@ class Tiling:
     num_slices: Optional[int] = None
 
 
-INTERPRETER_TILING = Tiling()
+# Big enough that the interpreter runs few programs, small enough that test shapes cross tile edges.
+INTERPRETER_TILING = Tiling(gemm_m=64, gemm_n=32, gemm_k=32, wgrad_o=32, wgrad_r=32, wgrad_p=64)
+TILING_OVERRIDE: Optional[Tiling] = None
+
+
+def _tiling() -> Optional[Tiling]:
+    """The fixed tiling to launch with, or None to autotune."""
+    if TILING_OVERRIDE is not None:
+        return TILING_OVERRIDE
+    return INTERPRETER_TILING if interpreting() else None
 
 
 def _gemm_config(m, n, k, warps, stages):
@@ -94,6 +104,12 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def _dot_meta(dtype: torch.dtype, device: torch.device) -> dict:
+    """DOT_PRECISION and UPCAST_DOT for the GEMM kernels (see kernels.py)."""
+    return dict(DOT_PRECISION=_dot_precision(dtype, device),
+                UPCAST_DOT=interpreting() and dtype == torch.bfloat16)
+
+
 def _sample_span(t: torch.Tensor) -> int:
     """Largest element offset inside one sample of a (B, ...) tensor."""
     return sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
@@ -129,8 +145,7 @@ def _conv_scalars(stride, padding, dilation):
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Optional[torch.Tensor],
-            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-            tiling: Optional[Tiling] = None) -> torch.Tensor:
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
     """y (B, C_out, OH, OW) in x's dtype; arguments as chanflex::dynamic_conv2d (already validated)."""
     _check(x, weight)
     geo = _geometry(x, weight, stride, padding, dilation, groups)
@@ -142,9 +157,9 @@ def forward(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Opt
             *geo.values(), *x.stride(), *weight.stride(), *attn.stride(),
             *(bias.stride() if bias is not None else (0, 0)), *y.stride(), *_conv_scalars(stride, padding, dilation).values())
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], HAS_BIAS=bias is not None,
-                INDEX_64=_needs_int64(x, y), DOT_PRECISION=_dot_precision(x.dtype, x.device))
+                INDEX_64=_needs_int64(x, y), **_dot_meta(x.dtype, x.device))
     bg = batch * groups
-    tiling = tiling or (INTERPRETER_TILING if interpreting() else None)
+    tiling = _tiling()
     if tiling is None:
         grid = lambda m: (triton.cdiv(geo["OH"] * geo["OW"], m["BLOCK_M"]), triton.cdiv(geo["GO"], m["BLOCK_N"]), bg)
         wrap_triton(_fwd_tuned)[grid](*args, **meta)
@@ -161,7 +176,7 @@ def _grad_x(grad_out, x, weight, attn, stride, padding, dilation, groups, tiling
     args = (grad_out, weight, attn, grad_x, *geo.values(), *grad_out.stride(), *weight.stride(), *attn.stride(),
             *grad_x.stride(), *_conv_scalars(stride, padding, dilation).values())
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], INDEX_64=_needs_int64(grad_out, grad_x),
-                DOT_PRECISION=_dot_precision(x.dtype, x.device))
+                **_dot_meta(x.dtype, x.device))
     bg = x.shape[0] * groups
     if tiling is None:
         grid = lambda m: (triton.cdiv(geo["H"] * geo["W"], m["BLOCK_M"]), triton.cdiv(geo["GI"], m["BLOCK_N"]), bg)
@@ -213,7 +228,7 @@ def _grad_weight_attn(grad_out, x, weight, attn, stride, padding, dilation, grou
             *x.stride(), *grad_out.stride(), *weight.stride(), *attn.stride(),
             *_conv_scalars(stride, padding, dilation).values())
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], NEED_DW=need_w, NEED_DATTN=need_attn,
-                INDEX_64=_needs_int64(x, grad_out), DOT_PRECISION=_dot_precision(x.dtype, x.device),
+                INDEX_64=_needs_int64(x, grad_out), **_dot_meta(x.dtype, x.device),
                 BLOCK_KMIX=block_kmix)
     z = groups * slices * kernel_chunks
     if tiling is None:
@@ -240,8 +255,7 @@ def _per_sample_bias_grad(grad_out: torch.Tensor, tiling) -> torch.Tensor:
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor,
              bias: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-             groups: int, output_mask: Sequence[bool], tiling: Optional[Tiling] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             groups: int, output_mask: Sequence[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_attn, grad_bias); an unrequested gradient is an empty tensor.
 
     Extra memory: the partial dW of each sample slice (slices x K x |W| fp32,
@@ -251,14 +265,13 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, attn
     _check(x, weight)
     need_x, need_w, need_attn, need_bias = output_mask
     need_bias = need_bias and bias is not None
-    tiling = tiling or (INTERPRETER_TILING if interpreting() else None)
-    empty = x.new_empty(0)
+    tiling = _tiling()
     if x.shape[0] == 0 or grad_out.numel() == 0:
         zeros = (torch.zeros_like(x), torch.zeros_like(weight), torch.zeros_like(attn),
-                 torch.zeros_like(bias) if bias is not None else empty)
-        return tuple(z if n else empty for z, n in zip(zeros, (need_x, need_w, need_attn, need_bias)))
+                 torch.zeros_like(bias) if bias is not None else None)
+        return tuple(z if n else x.new_empty(0) for z, n in zip(zeros, (need_x, need_w, need_attn, need_bias)))
     conv = (stride, padding, dilation, groups)
-    grad_x = _grad_x(grad_out, x, weight, attn, *conv, tiling) if need_x else empty
+    grad_x = _grad_x(grad_out, x, weight, attn, *conv, tiling) if need_x else None
     grad_weight, grad_attn = None, None
     if need_w or need_attn:
         grad_weight, grad_attn = _grad_weight_attn(grad_out, x, weight, attn, *conv, need_w, need_attn, tiling)
@@ -269,7 +282,8 @@ def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, attn
             grad_bias = attn.float().t() @ per_sample
         if need_attn:
             grad_attn = grad_attn + per_sample @ bias.float().t()
-    return (grad_x,
-            grad_weight.to(weight.dtype) if need_w else empty,
-            grad_attn.to(attn.dtype) if need_attn else empty,
-            grad_bias.to(bias.dtype) if need_bias else empty)
+    # Unrequested gradients are distinct empty tensors: a custom op's outputs must not alias.
+    return (grad_x if need_x else x.new_empty(0),
+            grad_weight.to(weight.dtype) if need_w else x.new_empty(0),
+            grad_attn.to(attn.dtype) if need_attn else x.new_empty(0),
+            grad_bias.to(bias.dtype) if need_bias else x.new_empty(0))
