@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-gpu clean
 
 setup: $(VENV)/.built
 
@@ -30,6 +30,9 @@ demo: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
+
+bench-gpu: setup
+	$(PY) -m chanflex_kernels.bench_gpu
 
 clean:
 	rm -rf build *.egg-info chanflex_kernels/*.so .pytest_cache .benchmarks

@@ -115,8 +115,8 @@ class Inputs:
 
 
 def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.float32,
-                requires_grad: bool = False, seed: int = 0) -> Inputs:
-    """Random inputs for one shape; leaves require grad when ``requires_grad``."""
+                requires_grad: bool = False, seed: int = 0, device: str = "cpu") -> Inputs:
+    """Random inputs for one shape on ``device``; leaves require grad when ``requires_grad``."""
     gen = torch.Generator().manual_seed(seed)
     k = shape.kernel
     w_shape = (shape.out_channels, shape.in_channels, k, k)
@@ -126,27 +126,27 @@ def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.fl
     static_weight = weight[0].clone()
     out_size = (shape.size + 2 * shape.padding - k) // shape.stride + 1
     grad_out = torch.randn(shape.batch, shape.out_channels, out_size, out_size, generator=gen, dtype=dtype)
-    inputs = Inputs(x, weight, attn, static_weight, grad_out)
+    inputs = Inputs(*(t.to(device) for t in (x, weight, attn, static_weight, grad_out)))
     for t in inputs.leaves():
         t.requires_grad_(requires_grad)
     return inputs
 
 
-def _static(inp: Inputs, conv: dict) -> torch.Tensor:
+def static_provider(inp: Inputs, conv: dict) -> torch.Tensor:
     return F.conv2d(inp.x, inp.static_weight, None, **conv)
 
 
-def _dynamic(fn: Callable) -> Callable[[Inputs, dict], torch.Tensor]:
+def dynamic_provider(fn: Callable) -> Callable[[Inputs, dict], torch.Tensor]:
     return lambda inp, conv: fn(inp.x, inp.weight, inp.attn, None, **conv)
 
 
 # provider name -> f(inputs, conv_args) -> output. "static" is the floor.
 PROVIDERS: Dict[str, Callable[[Inputs, dict], torch.Tensor]] = {
-    "static": _static,
-    "chanflex": _dynamic(dynamic_conv2d),
-    "batch_as_groups": _dynamic(dynamic_conv2d_grouped),
-    "concat_k": _dynamic(dynamic_conv2d_concat_k),
-    "per_sample_loop": _dynamic(dynamic_conv2d_reference),
+    "static": static_provider,
+    "chanflex": dynamic_provider(dynamic_conv2d),
+    "batch_as_groups": dynamic_provider(dynamic_conv2d_grouped),
+    "concat_k": dynamic_provider(dynamic_conv2d_concat_k),
+    "per_sample_loop": dynamic_provider(dynamic_conv2d_reference),
 }
 PEERS = ("batch_as_groups", "concat_k", "per_sample_loop")
 

@@ -217,3 +217,17 @@ def test_rejects_weights_past_int32_indexing():
 
 def test_backend_listed():
     assert "triton" in chanflex_kernels.BACKENDS
+
+
+def test_gpu_benchmark_machinery():
+    """The GPU benchmark's steps and table, exercised on a tiny shape on this test's device."""
+    from chanflex_kernels.bench import ConvShape
+    from chanflex_kernels.bench_gpu import GpuRow, gpu_step, markdown, providers
+
+    tiny = ConvShape("tiny", 2, 4, 4, 6)
+    for provider in providers():
+        for mode in ("fwd", "fwd+bwd"):
+            gpu_step(provider, tiny, torch.float32, mode, device=DEVICE)()
+    table = markdown([GpuRow(tiny.id, "bf16", "fwd", {"static": 1.0, "triton": 1.1, "batch_as_groups": 3.3}),
+                      GpuRow(tiny.id, "bf16", "fwd+bwd", {"static": 1.0, "triton": 1.6, "batch_as_groups": 3.2})])
+    assert "| 1.10 | 3.30 | 3.00 | yes |" in table and "| 1.60 | 3.20 | 2.00 | no (> 1.5) |" in table

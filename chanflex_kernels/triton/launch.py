@@ -155,7 +155,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Opt
         return y
     args = (x, weight, attn, bias if bias is not None else attn, y,
             *geo.values(), *x.stride(), *weight.stride(), *attn.stride(),
-            *(bias.stride() if bias is not None else (0, 0)), *y.stride(), *_conv_scalars(stride, padding, dilation).values())
+            *(bias.stride() if bias is not None else (0, 0)), *y.stride(),
+            *_conv_scalars(stride, padding, dilation).values())
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], HAS_BIAS=bias is not None,
                 INDEX_64=_needs_int64(x, y), **_dot_meta(x.dtype, x.device))
     bg = batch * groups
@@ -222,8 +223,9 @@ def _grad_weight_attn(grad_out, x, weight, attn, stride, padding, dilation, grou
     per_slice = triton.cdiv(batch, slices)
     slices = triton.cdiv(batch, per_slice)
     f32 = dict(dtype=torch.float32, device=x.device)
-    dw_parts = torch.empty((slices, num_kernels, out_channels, reduction), **f32) if need_w else attn
-    dattn_parts = torch.zeros((max_tiles, batch, num_kernels), **f32) if need_attn else attn
+    # An unrequested output gets its own dummy, never another argument: autotuning zeroes DATTN_ptr.
+    dw_parts = torch.empty((slices, num_kernels, out_channels, reduction) if need_w else (1,), **f32)
+    dattn_parts = torch.zeros((max_tiles, batch, num_kernels) if need_attn else (1,), **f32)
     args = (x, grad_out, weight, attn, dw_parts, dattn_parts, batch, *geo.values(), per_slice, slices,
             *x.stride(), *grad_out.stride(), *weight.stride(), *attn.stride(),
             *_conv_scalars(stride, padding, dilation).values())

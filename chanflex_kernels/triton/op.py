@@ -45,12 +45,8 @@ torch.library.register_autograd(FORWARD, ops.make_backward(torch.ops.chanflex.dy
                                 setup_context=ops.setup_context)
 
 
-def _register_cuda_kernels() -> None:
-    """Triton serves CUDA tensors of the main ops unless the CUDA C++ extension registered its kernels."""
-    for name, fn in (("chanflex::dynamic_conv2d", launch.forward),
-                     ("chanflex::dynamic_conv2d_backward", launch.backward)):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
-            torch.library.register_kernel(name, "cuda", fn)
-
-
-_register_cuda_kernels()
+# True when the compiled extension brought CUDA C++ kernels; then they serve CUDA tensors.
+COMPILED_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("chanflex::dynamic_conv2d", "CUDA")
+if not COMPILED_CUDA_KERNELS:
+    torch.library.register_kernel("chanflex::dynamic_conv2d", "cuda", launch.forward)
+    torch.library.register_kernel("chanflex::dynamic_conv2d_backward", "cuda", launch.backward)
