@@ -30,6 +30,13 @@ else:
 needs_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU (the compiled kernels)")
 
 
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Kernel output buffers start as NaN: an element a kernel forgets to write fails the comparison."""
+    if triton_backend.AVAILABLE:
+        monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+
+
 def triton_conv(*args, **kwargs):
     with use_backend("triton"):
         return dynamic_conv2d(*args, **kwargs)

@@ -13,6 +13,12 @@ weight element per tile, against BLOCK_M per element for the dot: K/BLOCK_M of
 the tensor-core work, done on the CUDA cores, plus K times the weight traffic,
 which is served from L2 (the K kernels of one layer are a few MB at most).
 
+Loop order: the kernel taps (kh, kw) outside, channel chunks inside, so the
+spatial index math is done once per tap on BLOCK_M-vectors rather than on
+(BLOCK_M x BLOCK_K) tiles; that keeps the tiles free of register spills.
+With ``STATIC_K`` (K <= 8) the mixing loop is unrolled, which leaves the
+channel loop innermost so Triton can software-pipeline its loads.
+
 Every program id is cast to int64 before it enters pointer arithmetic, so
 batch offsets never overflow; ``INDEX_64`` also widens the in-sample index
 vectors, for tensors whose single sample spans 2**31 elements or more.
@@ -39,6 +45,22 @@ def _tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _mixed_tile(W_tile_ptrs, mask, A_row_ptr, stride_ak, stride_wk, K,
+                STATIC_K: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """sum_k attn[b, k] * W[k][tile] in fp32; ``W_tile_ptrs`` point into kernel 0, ``A_row_ptr`` at attn[b, 0]."""
+    w_mix = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    if STATIC_K > 0:
+        for k in tl.static_range(STATIC_K):
+            a_k = tl.load(A_row_ptr + k * stride_ak).to(tl.float32)
+            w_mix += a_k * tl.load(W_tile_ptrs + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    else:
+        for k in range(K):
+            a_k = tl.load(A_row_ptr + k * stride_ak).to(tl.float32)
+            w_mix += a_k * tl.load(W_tile_ptrs + k * stride_wk, mask=mask, other=0.0).to(tl.float32)
+    return w_mix
+
+
+@triton.jit
 def _dynconv_fwd_kernel(
     X_ptr, W_ptr, A_ptr, Bias_ptr, Y_ptr,
     H, W, OH, OW, K, GROUPS, GI, GO,
@@ -48,15 +70,16 @@ def _dynconv_fwd_kernel(
     stride_biask, stride_biaso,
     stride_yb, stride_yc, stride_yh, stride_yw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, INDEX_64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STATIC_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y[b, g*GO+n, oh, ow] = sum_r x_patch[b, (oh, ow), r] * Wmix_b[g*GO+n, r] + bias_b[g*GO+n].
+    """y[b, g*GO+n, oh, ow] = sum_{kh, kw, c} x[b, g*GI+c, ih, iw] * Wmix_b[g*GO+n, c, kh, kw] + bias_b[g*GO+n].
 
     Implicit GEMM per (sample, group): M = OH*OW output pixels, N = GO output
-    channels, reduction r = (c, kh, kw) over GI*KH*KW, with
-    Wmix_b = sum_k attn[b, k] W[k]. Grid: (cdiv(OH*OW, BLOCK_M), cdiv(GO, BLOCK_N), B*G).
+    channels, reduction over (kh, kw, c), with ih = oh*SH - PH + kh*DH (same
+    for w) and Wmix_b = sum_k attn[b, k] W[k].
+    Grid: (cdiv(OH*OW, BLOCK_M), cdiv(GO, BLOCK_N), B*G).
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -75,39 +98,33 @@ def _dynconv_fwd_kernel(
     ow = m % OW
 
     x_base = X_ptr + b * stride_xb + g * GI * stride_xc
-    w_base = W_ptr + g * GO * stride_wo
-    a_base = A_ptr + b * stride_ab
+    w_n = W_ptr + (g * GO + n[None, :]) * stride_wo
+    a_row = A_ptr + b * stride_ab
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    R = GI * KH * KW
-    for r0 in range(0, R, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K)
-        if INDEX_64:
-            r = r.to(tl.int64)
-        r_mask = r < R
-        c = r // (KH * KW)
-        kh = (r // KW) % KH
-        kw = r % KW
-        ih = oh[:, None] * SH - PH + kh[None, :] * DH
-        iw = ow[:, None] * SW - PW + kw[None, :] * DW
-        x_mask = m_mask[:, None] & r_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_tile = tl.load(x_base + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=x_mask, other=0.0)
-
-        w_offsets = n[None, :] * stride_wo + c[:, None] * stride_wc + kh[:, None] * stride_wh + kw[:, None] * stride_ww
-        w_mask = r_mask[:, None] & n_mask[None, :]
-        w_mix = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k in range(K):
-            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
-            w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
-        acc = _tile_dot(x_tile, w_mix.to(x_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh * SH - PH + kh * DH
+        iw = ow * SW - PW + kw * DW
+        pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_pix = x_base + ih * stride_xh + iw * stride_xw
+        w_tap = w_n + kh * stride_wh + kw * stride_ww
+        for c0 in range(0, GI, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                c = c.to(tl.int64)
+            c_ok = c < GI
+            x_tile = tl.load(x_pix[:, None] + c[None, :] * stride_xc, mask=pix_ok[:, None] & c_ok[None, :],
+                             other=0.0)
+            w_mix = _mixed_tile(w_tap + c[:, None] * stride_wc, c_ok[:, None] & n_mask[None, :], a_row,
+                                stride_ak, stride_wk, K, STATIC_K, BLOCK_K, BLOCK_N)
+            acc = _tile_dot(x_tile, w_mix.to(x_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
 
     if HAS_BIAS:
-        bias_mix = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k in range(K):
-            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
-            bias_mix += a_k * tl.load(Bias_ptr + k * stride_biask + (g * GO + n) * stride_biaso,
-                                      mask=n_mask, other=0.0).to(tl.float32)
-        acc += bias_mix[None, :]
+        bias_mix = _mixed_tile(Bias_ptr + (g * GO + n[None, :]) * stride_biaso, n_mask[None, :], a_row,
+                               stride_ak, stride_biask, K, STATIC_K, 1, BLOCK_N)
+        acc += bias_mix
 
     y_ptrs = (Y_ptr + b * stride_yb + (g * GO + n[None, :]) * stride_yc
               + oh[:, None] * stride_yh + ow[:, None] * stride_yw)
@@ -123,14 +140,15 @@ def _dynconv_bwd_data_kernel(
     stride_ab, stride_ak,
     stride_dxb, stride_dxc, stride_dxh, stride_dxw,
     SH, SW, PH, PW, DH, DW,
-    KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STATIC_K: tl.constexpr, INDEX_64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx[b, g*GI+c, ih, iw] = sum_r dy_patch[b, (ih, iw), r] * Wmix_b[g*GO+o, c, kh, kw].
+    """dx[b, g*GI+c, ih, iw] = sum_{kh, kw, o} dy[b, g*GO+o, oh, ow] * Wmix_b[g*GO+o, c, kh, kw].
 
     Transposed implicit GEMM per (sample, group): M = H*W input pixels,
-    N = GI input channels, reduction r = (o, kh, kw) over GO*KH*KW. Input
-    pixel (ih, iw) meets output pixel (oh, ow) through tap (kh, kw) when
+    N = GI input channels, reduction over (kh, kw, o). Input pixel (ih, iw)
+    meets output pixel (oh, ow) through tap (kh, kw) when
     ih + PH - kh*DH = oh*SH (and likewise for w); other taps are masked.
     Grid: (cdiv(H*W, BLOCK_M), cdiv(GI, BLOCK_N), B*G).
     """
@@ -151,36 +169,31 @@ def _dynconv_bwd_data_kernel(
     iw = m % W
 
     dy_base = DY_ptr + b * stride_dyb + g * GO * stride_dyc
-    w_base = W_ptr + g * GO * stride_wo
-    a_base = A_ptr + b * stride_ab
+    w_c = W_ptr + g * GO * stride_wo + n[None, :] * stride_wc
+    a_row = A_ptr + b * stride_ab
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    R = GO * KH * KW
-    for r0 in range(0, R, BLOCK_K):
-        r = r0 + tl.arange(0, BLOCK_K)
-        if INDEX_64:
-            r = r.to(tl.int64)
-        r_mask = r < R
-        o = r // (KH * KW)
-        kh = (r // KW) % KH
-        kw = r % KW
-        th = ih[:, None] + PH - kh[None, :] * DH
-        tw = iw[:, None] + PW - kw[None, :] * DW
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        th = ih + PH - kh * DH
+        tw = iw + PW - kw * DW
         oh = th // SH
         ow = tw // SW
         # Negative th/tw are masked, so it does not matter whether // floors or truncates them.
-        valid = ((th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW))
-        dy_mask = m_mask[:, None] & r_mask[None, :] & valid
-        dy_tile = tl.load(dy_base + o[None, :] * stride_dyc + oh * stride_dyh + ow * stride_dyw,
-                          mask=dy_mask, other=0.0)
-
-        w_offsets = o[:, None] * stride_wo + n[None, :] * stride_wc + kh[:, None] * stride_wh + kw[:, None] * stride_ww
-        w_mask = r_mask[:, None] & n_mask[None, :]
-        w_mix = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k in range(K):
-            a_k = tl.load(a_base + k * stride_ak).to(tl.float32)
-            w_mix += a_k * tl.load(w_base + k * stride_wk + w_offsets, mask=w_mask, other=0.0).to(tl.float32)
-        acc = _tile_dot(dy_tile, w_mix.to(dy_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+        pix_ok = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW))
+        dy_pix = dy_base + oh * stride_dyh + ow * stride_dyw
+        w_tap = w_c + kh * stride_wh + kw * stride_ww
+        for o0 in range(0, GO, BLOCK_K):
+            o = o0 + tl.arange(0, BLOCK_K)
+            if INDEX_64:
+                o = o.to(tl.int64)
+            o_ok = o < GO
+            dy_tile = tl.load(dy_pix[:, None] + o[None, :] * stride_dyc, mask=pix_ok[:, None] & o_ok[None, :],
+                              other=0.0)
+            w_mix = _mixed_tile(w_tap + o[:, None] * stride_wo, o_ok[:, None] & n_mask[None, :], a_row,
+                                stride_ak, stride_wk, K, STATIC_K, BLOCK_K, BLOCK_N)
+            acc = _tile_dot(dy_tile, w_mix.to(dy_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
 
     dx_ptrs = (DX_ptr + b * stride_dxb + (g * GI + n[None, :]) * stride_dxc
                + ih[:, None] * stride_dxh + iw[:, None] * stride_dxw)
@@ -198,60 +211,66 @@ def _dynconv_bwd_weight_kernel(
     SH, SW, PH, PW, DH, DW,
     KH: tl.constexpr, KW: tl.constexpr, NEED_DW: tl.constexpr, NEED_DATTN: tl.constexpr,
     INDEX_64: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KMIX: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_KMIX: tl.constexpr,
 ):
     """Per-sample weight gradients G_b, reduced on the fly into dW and dattn.
 
-    G_b[o, r] = sum_p dy[b, g*GO+o, p] * x_patch[b, p, r]   (p = output pixel, r = (c, kh, kw))
-    dW[k]     = sum_b attn[b, k] G_b        -> DW_ptr    (NUM_SLICES, K, C_out, GI*KH*KW) fp32
-    dattn[b,k] = <G_b, W[k]> (this tile's share) -> DATTN_ptr (tiles, B, K) fp32
+    G_b[o, c, kh, kw] = sum_p dy[b, g*GO+o, p] * x[b, g*GI+c, ih(p, kh), iw(p, kw)]   (p = output pixel)
+    dW[k]      = sum_b attn[b, k] G_b          -> DW_ptr    (NUM_SLICES, K, C_out, GI*KH*KW) fp32
+    dattn[b, k] = <G_b, W[k]> (this tile's share) -> DATTN_ptr (rows, B, K) fp32
 
-    A program owns one (o, r) tile of one group, the kernels
+    A program owns one tap (kh, kw), an (o, c) tile of one group, the kernels
     k in [kc*BLOCK_KMIX, (kc+1)*BLOCK_KMIX) and one slice of samples; it holds
     that tile of G_b for one sample at a time, so no (B, |W|) tensor exists.
-    The host sums DW over slices and DATTN over tiles (deterministic, no atomics).
-    Grid: (cdiv(GO, BLOCK_O), cdiv(GI*KH*KW, BLOCK_R), G * NUM_SLICES * cdiv(K, BLOCK_KMIX)).
+    The host sums DW over slices and DATTN over rows (deterministic, no atomics).
+    DATTN has one row per 16x16 (o, c) block of each tap, whatever the tile
+    size: a program writes its share into its first block's row and zeros into
+    its other blocks' rows, so every row is written by exactly one program and
+    the workspace needs no zeroing, even between autotuning trials.
+    Grid: (cdiv(GO, BLOCK_O), cdiv(GI, BLOCK_C) * KH*KW, G * NUM_SLICES * cdiv(K, BLOCK_KMIX)).
     """
     pid_o = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1).to(tl.int64)
+    pid_ct = tl.program_id(1).to(tl.int64)
     pid_z = tl.program_id(2).to(tl.int64)
     num_kc = tl.cdiv(K, BLOCK_KMIX)
     kc = pid_z % num_kc
     s = (pid_z // num_kc) % NUM_SLICES
     g = pid_z // (num_kc * NUM_SLICES)
+    tap = pid_ct % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
 
-    R = GI * KH * KW
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = (pid_ct // (KH * KW)) * BLOCK_C + tl.arange(0, BLOCK_C)
     if not INDEX_64:
         o = o.to(tl.int32)
-        r = r.to(tl.int32)
+        c = c.to(tl.int32)
     o_mask = o < GO
-    r_mask = r < R
-    c = r // (KH * KW)
-    kh = (r // KW) % KH
-    kw = r % KW
+    c_mask = c < GI
     k = kc * BLOCK_KMIX + tl.arange(0, BLOCK_KMIX)
     k_mask = k < K
-    tile_mask = o_mask[:, None] & r_mask[None, :]
-    mask3 = k_mask[:, None, None] & tile_mask[None, :, :]
+    mask3 = k_mask[:, None, None] & o_mask[None, :, None] & c_mask[None, None, :]
 
     if NEED_DATTN:
         w_ptrs = (W_ptr + k[:, None, None] * stride_wk + (g * GO + o)[None, :, None] * stride_wo
-                  + c[None, None, :] * stride_wc + kh[None, None, :] * stride_wh + kw[None, None, :] * stride_ww)
-        w3 = tl.load(w_ptrs, mask=mask3, other=0.0).to(tl.float32)
-        num_o_tiles = tl.cdiv(GO, BLOCK_O)
-        num_r_tiles = tl.cdiv(R, BLOCK_R)
-        tile_id = (g * num_o_tiles + pid_o) * num_r_tiles + pid_r
-    dw_acc = tl.zeros((BLOCK_KMIX, BLOCK_O, BLOCK_R), dtype=tl.float32)
+                  + c[None, None, :] * stride_wc + kh * stride_wh + kw * stride_ww)
+        SUB_O: tl.constexpr = BLOCK_O // 16
+        SUB_C: tl.constexpr = BLOCK_C // 16
+        sub = tl.arange(0, SUB_O * SUB_C)
+        o16 = pid_o * SUB_O + sub // SUB_C
+        c16 = (pid_ct // (KH * KW)) * SUB_C + sub % SUB_C
+        rows = ((g * tl.cdiv(GO, 16) + o16) * tl.cdiv(GI, 16) + c16) * (KH * KW) + tap
+        row_mask = (o16 < tl.cdiv(GO, 16)) & (c16 < tl.cdiv(GI, 16))
+        row_mask = row_mask[:, None] & k_mask[None, :]
+    dw_acc = tl.zeros((BLOCK_KMIX, BLOCK_O, BLOCK_C), dtype=tl.float32)
 
     P = OH * OW
     b_start = s * SAMPLES_PER_SLICE
     b_end = tl.minimum(b_start + SAMPLES_PER_SLICE, B)
     for b in range(b_start, b_end):
-        x_base = X_ptr + b * stride_xb + g * GI * stride_xc
-        dy_base = DY_ptr + b * stride_dyb + g * GO * stride_dyc
-        grad_tile = tl.zeros((BLOCK_O, BLOCK_R), dtype=tl.float32)
+        x_base = X_ptr + b * stride_xb + (g * GI + c[None, :]) * stride_xc
+        dy_base = DY_ptr + b * stride_dyb + (g * GO + o[:, None]) * stride_dyc
+        grad_tile = tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32)
         for p0 in range(0, P, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             if INDEX_64:
@@ -259,24 +278,29 @@ def _dynconv_bwd_weight_kernel(
             p_mask = p < P
             oh = p // OW
             ow = p % OW
-            dy_tile = tl.load(dy_base + o[:, None] * stride_dyc + oh[None, :] * stride_dyh + ow[None, :] * stride_dyw,
+            dy_tile = tl.load(dy_base + (oh * stride_dyh + ow * stride_dyw)[None, :],
                               mask=o_mask[:, None] & p_mask[None, :], other=0.0)
-            ih = oh[:, None] * SH - PH + kh[None, :] * DH
-            iw = ow[:, None] * SW - PW + kw[None, :] * DW
-            x_mask = p_mask[:, None] & r_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tile = tl.load(x_base + c[None, :] * stride_xc + ih * stride_xh + iw * stride_xw, mask=x_mask, other=0.0)
+            ih = oh * SH - PH + kh * DH
+            iw = ow * SW - PW + kw * DW
+            pix_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_tile = tl.load(x_base + (ih * stride_xh + iw * stride_xw)[:, None],
+                             mask=pix_ok[:, None] & c_mask[None, :], other=0.0)
             grad_tile = _tile_dot(dy_tile, x_tile, grad_tile, DOT_PRECISION, UPCAST_DOT)
         a = tl.load(A_ptr + b * stride_ab + k * stride_ak, mask=k_mask, other=0.0).to(tl.float32)
         if NEED_DW:
             dw_acc += a[:, None, None] * grad_tile[None, :, :]
         if NEED_DATTN:
+            # Re-read per sample (an L1/L2 hit) rather than held: registers go to the accumulators.
+            w3 = tl.load(w_ptrs, mask=mask3, other=0.0).to(tl.float32)
             share = tl.sum(tl.sum(w3 * grad_tile[None, :, :], axis=2), axis=1)
-            tl.store(DATTN_ptr + (tile_id * B + b) * K + k, share, mask=k_mask)
+            values = tl.where((sub == 0)[:, None], share[None, :], 0.0)
+            tl.store(DATTN_ptr + (rows[:, None] * B + b) * K + k[None, :], values, mask=row_mask)
 
     if NEED_DW:
         C_out = GROUPS * GO
+        R = GI * KH * KW
         dw_ptrs = (DW_ptr + ((s * K + k[:, None, None]) * C_out + (g * GO + o)[None, :, None]) * R
-                   + r[None, None, :])
+                   + c[None, None, :] * (KH * KW) + tap)
         tl.store(dw_ptrs, dw_acc, mask=mask3)
 
 

@@ -1,0 +1,76 @@
+"""Mutation check of the Triton tests: break one index computation at a time, expect a red test run.
+
+    .venv/bin/python tests/triton_mutations.py      # ~10 min on 2 cores; not part of `make test`
+
+Each mutation is a realistic indexing bug (a wrong stride, an off-by-one mask,
+a missing group offset...). The checkout is copied to a temporary directory,
+the mutation applied to the copy's kernels.py, and tests/test_triton.py run
+there with -x. A mutation the tests do not catch is reported and the script
+exits 1.
+"""
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KERNELS = pathlib.Path("chanflex_kernels/triton/kernels.py")
+
+# (what the bug is, text in kernels.py, the buggy replacement); each text occurs exactly once.
+MUTATIONS = [
+    ("fwd: tap row from the wrong divisor", "    for tap in range(KH * KW):\n        kh = tap // KW\n        kw = tap % KW\n        ih = oh",
+     "    for tap in range(KH * KW):\n        kh = tap // KH\n        kw = tap % KW\n        ih = oh"),
+    ("fwd: dilation dropped on w", "iw = ow * SW - PW + kw * DW\n        pix_ok = m_mask",
+     "iw = ow * SW - PW + kw\n        pix_ok = m_mask"),
+    ("fwd: group offset of x uses GO", "x_base = X_ptr + b * stride_xb + g * GI * stride_xc\n    w_n",
+     "x_base = X_ptr + b * stride_xb + g * GO * stride_xc\n    w_n"),
+    ("fwd: bottom padding edge off by one", "pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)\n        x_pix",
+     "pix_ok = m_mask & (ih >= 0) & (ih <= H) & (iw >= 0) & (iw < W)\n        x_pix"),
+    ("fwd: weight channel stride swapped with kernel-w stride",
+     "w_mix = _mixed_tile(w_tap + c[:, None] * stride_wc,", "w_mix = _mixed_tile(w_tap + c[:, None] * stride_ww,"),
+    ("fwd: bias of the wrong kernel", "stride_ak, stride_biask, K, STATIC_K, 1, BLOCK_N)",
+     "stride_ak, 0, K, STATIC_K, 1, BLOCK_N)"),
+    ("mix: attn column stride ignored", "        for k in tl.static_range(STATIC_K):\n            a_k = tl.load(A_row_ptr + k * stride_ak)",
+     "        for k in tl.static_range(STATIC_K):\n            a_k = tl.load(A_row_ptr + k)"),
+    ("bwd-data: stride phase test dropped", "(th % SH == 0) & ", ""),
+    ("bwd-data: output edge off by one", "(oh < OH) & (ow < OW))", "(oh < OH) & (ow <= OW))"),
+    ("bwd-data: weight indexed as if not transposed",
+     "w_mix = _mixed_tile(w_tap + o[:, None] * stride_wo,", "w_mix = _mixed_tile(w_tap + o[:, None] * stride_wc,"),
+    ("bwd-weight: dattn tiles of groups collide",
+     "tile_id = (g * tl.cdiv(GO, BLOCK_O) + pid_o) * tl.num_programs(1) + pid_ct",
+     "tile_id = pid_o * tl.num_programs(1) + pid_ct"),
+    ("bwd-weight: last sample of each slice skipped", "b_end = tl.minimum(b_start + SAMPLES_PER_SLICE, B)",
+     "b_end = tl.minimum(b_start + SAMPLES_PER_SLICE - 1, B)"),
+    ("bwd-weight: dW stored without the group offset", "+ (g * GO + o)[None, :, None]) * R",
+     "+ o[None, :, None]) * R"),
+    ("bwd-weight: tap order of dW transposed", "+ c[None, None, :] * (KH * KW) + tap)",
+     "+ c[None, None, :] * (KH * KW) + kw * KH + kh)"),
+    ("bias: pixel column uses OH", "+ (p % OW)[None, :] * stride_dyw)", "+ (p % OH)[None, :] * stride_dyw)"),
+]
+
+
+def main() -> int:
+    original = (ROOT / KERNELS).read_text()
+    missed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = pathlib.Path(tmp) / "checkout"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info"))
+        for what, text, bug in MUTATIONS:
+            if original.count(text) != 1:
+                raise SystemExit(f"mutation {what!r}: expected its text once in {KERNELS}, found {original.count(text)}")
+            (copy / KERNELS).write_text(original.replace(text, bug))
+            run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_triton.py", "-x", "-q",
+                                  "-p", "no:cacheprovider"], cwd=copy, capture_output=True, text=True)
+            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
+            caught = run.returncode != 0
+            print(f"{'caught' if caught else 'MISSED'}: {what}" + (f"  <- {failed[0][7:100]}" if failed else ""),
+                  flush=True)
+            if not caught:
+                missed.append(what)
+    print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
