@@ -10,6 +10,7 @@ import torch
 import chanflex_kernels
 from chanflex_kernels import DynamicConv2d, dynamic_conv2d, per_sample_conv2d, use_backend
 from chanflex_kernels import triton as triton_backend
+from chanflex_kernels.reference import dynamic_conv2d_reference
 from comparison import Case, assert_close_scaled, assert_matches_reference, make_inputs
 from test_op import EDGE_CASES, random_cases
 
@@ -72,6 +73,27 @@ TILE_EDGE_CASES = [
 def test_tile_boundaries(case, monkeypatch):
     monkeypatch.setattr(launch, "TILING_OVERRIDE", SMALL_TILES)
     assert_matches_reference(triton_conv, case, torch.float32, device=DEVICE)
+
+
+def test_strided_weight_attn_and_bias():
+    """Kernels read weight, attn and bias through their strides: slices and transposes, not copies."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 7, 6, generator=gen)
+    weight = torch.randn(3, 6, 4, 3, 6, generator=gen)[..., ::2]       # (K, C_out, C_in, 3, 3), last stride 2
+    attn = torch.randn(3, 3, generator=gen).t()                        # (B, K), column stride B
+    bias = torch.randn(6, 3, generator=gen).t()                        # (K, C_out), transposed
+    assert not (weight.is_contiguous() or attn.is_contiguous() or bias.is_contiguous())
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, weight, attn, bias)]
+    assert not leaves[2].is_contiguous()
+    y = triton_conv(*leaves, stride=(2, 1), padding=1)
+    ref_leaves = [t.double().requires_grad_() for t in (x, weight, attn, bias)]
+    expected = dynamic_conv2d_reference(*ref_leaves, stride=(2, 1), padding=1)
+    assert_close_scaled(y.detach().cpu(), expected.detach(), torch.float32, "output")
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    ours = torch.autograd.grad(y, leaves, grad.float().to(DEVICE))
+    ref = torch.autograd.grad(expected, ref_leaves, grad)
+    for name, o, r in zip(("x", "weight", "attn", "bias"), ours, ref):
+        assert_close_scaled(o.cpu(), r, torch.float32, f"grad of {name}")
 
 
 def test_int64_index_path(monkeypatch):
