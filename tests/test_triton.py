@@ -75,6 +75,13 @@ def test_tile_boundaries(case, monkeypatch):
     assert_matches_reference(triton_conv, case, torch.float32, device=DEVICE)
 
 
+def test_wgrad_tiles_span_several_dattn_rows(monkeypatch):
+    """32x32 wgrad tiles over 16x16 dattn row blocks, with partial blocks: each row written exactly once."""
+    monkeypatch.setattr(launch, "TILING_OVERRIDE", launch.Tiling(16, 16, 16, 32, 32, 16, num_slices=2))
+    assert_matches_reference(triton_conv, Case(3, 20, 40, 5, 5, padding=(1, 1), num_kernels=3), torch.float32,
+                             device=DEVICE)
+
+
 def test_strided_weight_attn_and_bias():
     """Kernels read weight, attn and bias through their strides: slices and transposes, not copies."""
     gen = torch.Generator().manual_seed(11)
