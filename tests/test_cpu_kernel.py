@@ -2,8 +2,9 @@
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
 float32 forwards with at most 256 output pixels take the packed micro-kernel
-path on AVX2 machines, larger ones and float64 the BLAS path; the cases below
-cover both."""
+path on AVX2 machines, larger ones and float64 the BLAS path; output planes of
+at least 784 pixels (forward) or 1024 (backward) with 16+ input channels per
+group run the library's conv one sample at a time. The cases below cover all."""
 import pytest
 import torch
 
@@ -25,6 +26,21 @@ TILED_CASES = [
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
     Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
 ]
+
+
+# Large output planes: one library conv (and conv backward) per sample with its mixed kernel.
+LIBRARY_CASES = [
+    Case(3, 16, 8, 32, 32, padding=(1, 1)),                                 # 1024 pixels: forward and backward
+    Case(2, 32, 12, 28, 28, padding=(1, 1), groups=2, num_kernels=3),        # 784: forward only, groups
+    Case(3, 16, 6, 57, 56, stride=(2, 2), padding=(1, 1), layout="channels_last"),  # strided, 784 pixels
+    Case(2, 17, 5, 33, 35, kernel=(3, 1), dilation=(2, 1), padding=(2, 0), bias=False, layout="sliced"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", LIBRARY_CASES, ids=lambda c: c.id)
+def test_library_per_sample_path(case, dtype):
+    assert_matches_reference(dynamic_conv2d, case, dtype)
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
