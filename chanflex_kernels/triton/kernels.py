@@ -61,6 +61,30 @@ def _mixed_tile(W_tile_ptrs, mask, A_row_ptr, stride_ak, stride_wk, K,
 
 
 @triton.jit
+def _accumulate_channel_chunks(acc, pix_ptrs, pix_ok, stride_chunk, w_tap, stride_w_chunk, n_mask, num_chunk,
+                               a_row, stride_ak, stride_wk, K, STATIC_K: tl.constexpr, INDEX_64: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tap of an implicit GEMM: acc += A @ Wmix over channel chunks of BLOCK_K.
+
+    A[m, j] = *(pix_ptrs[m] + j * stride_chunk) where pix_ok[m] (the gathered
+    input or output-gradient pixels); Wmix[j, n] = sum_k attn[b, k] *
+    *(w_tap[n] + j * stride_w_chunk + k * stride_wk), for j < num_chunk.
+    """
+    for j0 in range(0, num_chunk, BLOCK_K):
+        j = j0 + tl.arange(0, BLOCK_K)
+        if INDEX_64:
+            j = j.to(tl.int64)
+        j_ok = j < num_chunk
+        a_tile = tl.load(pix_ptrs[:, None] + j[None, :] * stride_chunk, mask=pix_ok[:, None] & j_ok[None, :],
+                         other=0.0)
+        w_mix = _mixed_tile(w_tap + j[:, None] * stride_w_chunk, j_ok[:, None] & n_mask[None, :], a_row,
+                            stride_ak, stride_wk, K, STATIC_K, BLOCK_K, BLOCK_N)
+        acc = _tile_dot(a_tile, w_mix.to(a_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _dynconv_fwd_kernel(
     X_ptr, W_ptr, A_ptr, Bias_ptr, Y_ptr,
     H, W, OH, OW, K, GROUPS, GI, GO,
@@ -110,16 +134,9 @@ def _dynconv_fwd_kernel(
         pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_pix = x_base + ih * stride_xh + iw * stride_xw
         w_tap = w_n + kh * stride_wh + kw * stride_ww
-        for c0 in range(0, GI, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K)
-            if INDEX_64:
-                c = c.to(tl.int64)
-            c_ok = c < GI
-            x_tile = tl.load(x_pix[:, None] + c[None, :] * stride_xc, mask=pix_ok[:, None] & c_ok[None, :],
-                             other=0.0)
-            w_mix = _mixed_tile(w_tap + c[:, None] * stride_wc, c_ok[:, None] & n_mask[None, :], a_row,
-                                stride_ak, stride_wk, K, STATIC_K, BLOCK_K, BLOCK_N)
-            acc = _tile_dot(x_tile, w_mix.to(x_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _accumulate_channel_chunks(acc, x_pix, pix_ok, stride_xc, w_tap, stride_wc, n_mask, GI, a_row,
+                                         stride_ak, stride_wk, K, STATIC_K, INDEX_64, DOT_PRECISION, UPCAST_DOT,
+                                         BLOCK_N, BLOCK_K)
 
     if HAS_BIAS:
         bias_mix = _mixed_tile(Bias_ptr + (g * GO + n[None, :]) * stride_biaso, n_mask[None, :], a_row,
@@ -184,16 +201,9 @@ def _dynconv_bwd_data_kernel(
         pix_ok = (m_mask & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < OH) & (ow < OW))
         dy_pix = dy_base + oh * stride_dyh + ow * stride_dyw
         w_tap = w_c + kh * stride_wh + kw * stride_ww
-        for o0 in range(0, GO, BLOCK_K):
-            o = o0 + tl.arange(0, BLOCK_K)
-            if INDEX_64:
-                o = o.to(tl.int64)
-            o_ok = o < GO
-            dy_tile = tl.load(dy_pix[:, None] + o[None, :] * stride_dyc, mask=pix_ok[:, None] & o_ok[None, :],
-                              other=0.0)
-            w_mix = _mixed_tile(w_tap + o[:, None] * stride_wo, o_ok[:, None] & n_mask[None, :], a_row,
-                                stride_ak, stride_wk, K, STATIC_K, BLOCK_K, BLOCK_N)
-            acc = _tile_dot(dy_tile, w_mix.to(dy_tile.dtype), acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _accumulate_channel_chunks(acc, dy_pix, pix_ok, stride_dyc, w_tap, stride_wo, n_mask, GO, a_row,
+                                         stride_ak, stride_wk, K, STATIC_K, INDEX_64, DOT_PRECISION, UPCAST_DOT,
+                                         BLOCK_N, BLOCK_K)
 
     dx_ptrs = (DX_ptr + b * stride_dxb + (g * GI + n[None, :]) * stride_dxc
                + ih[:, None] * stride_dxh + iw[:, None] * stride_dxw)

@@ -166,6 +166,18 @@ def _conv_scalars(stride, padding, dilation):
     return dict(SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
 
 
+def _launch_gemm(tuned, kernel, args, meta, pixels: int, channels: int, samples_groups: int,
+                 tiling: Optional[Tiling]) -> None:
+    """Launch an implicit-GEMM kernel on grid (pixel tiles, channel tiles, samples x groups):
+    autotuned when ``tiling`` is None, else with its fixed blocks."""
+    if tiling is None:
+        grid = lambda m: (triton.cdiv(pixels, m["BLOCK_M"]), triton.cdiv(channels, m["BLOCK_N"]), samples_groups)
+        wrap_triton(tuned)[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(pixels, tiling.gemm_m), triton.cdiv(channels, tiling.gemm_n), samples_groups)
+        wrap_triton(kernel)[grid](*args, **meta, BLOCK_M=tiling.gemm_m, BLOCK_N=tiling.gemm_n, BLOCK_K=tiling.gemm_k)
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Optional[torch.Tensor],
             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
     """y (B, C_out, OH, OW) in x's dtype; arguments as chanflex::dynamic_conv2d (already validated)."""
@@ -181,15 +193,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor, bias: Opt
             *_conv_scalars(stride, padding, dilation).values())
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], STATIC_K=_static_k(weight), HAS_BIAS=bias is not None,
                 INDEX_64=_needs_int64(x, y), **_dot_meta(x.dtype, x.device))
-    bg = batch * groups
-    tiling = _tiling()
-    if tiling is None:
-        grid = lambda m: (triton.cdiv(geo["OH"] * geo["OW"], m["BLOCK_M"]), triton.cdiv(geo["GO"], m["BLOCK_N"]), bg)
-        wrap_triton(_fwd_tuned)[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(geo["OH"] * geo["OW"], tiling.gemm_m), triton.cdiv(geo["GO"], tiling.gemm_n), bg)
-        wrap_triton(_dynconv_fwd_kernel)[grid](*args, **meta, BLOCK_M=tiling.gemm_m, BLOCK_N=tiling.gemm_n,
-                                              BLOCK_K=tiling.gemm_k)
+    _launch_gemm(_fwd_tuned, _dynconv_fwd_kernel, args, meta, geo["OH"] * geo["OW"], geo["GO"], batch * groups,
+                 _tiling())
     return y
 
 
@@ -201,14 +206,8 @@ def _grad_x(grad_out, x, weight, attn, stride, padding, dilation, groups, tiling
     meta = dict(KH=weight.shape[3], KW=weight.shape[4], STATIC_K=_static_k(weight),
                 INDEX_64=_needs_int64(grad_out, grad_x),
                 **_dot_meta(x.dtype, x.device))
-    bg = x.shape[0] * groups
-    if tiling is None:
-        grid = lambda m: (triton.cdiv(geo["H"] * geo["W"], m["BLOCK_M"]), triton.cdiv(geo["GI"], m["BLOCK_N"]), bg)
-        wrap_triton(_bwd_data_tuned)[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(geo["H"] * geo["W"], tiling.gemm_m), triton.cdiv(geo["GI"], tiling.gemm_n), bg)
-        wrap_triton(_dynconv_bwd_data_kernel)[grid](*args, **meta, BLOCK_M=tiling.gemm_m, BLOCK_N=tiling.gemm_n,
-                                                   BLOCK_K=tiling.gemm_k)
+    _launch_gemm(_bwd_data_tuned, _dynconv_bwd_data_kernel, args, meta, geo["H"] * geo["W"], geo["GI"],
+                 x.shape[0] * groups, tiling)
     return grad_x
 
 
