@@ -1,16 +1,19 @@
 """The fused CPU kernel's own paths: weight tiles, sample blocks, chunking, thread
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
-float32 forwards with at most 256 output pixels take the packed micro-kernel
-path on AVX2 machines, larger ones and float64 the BLAS path; output planes of
-at least 784 pixels (forward) or 1024 (backward) with 16+ input channels per
-group run the library's conv one sample at a time. The cases below cover all."""
+float32 layers with at most 256 output pixels take the packed micro-kernel
+paths on AVX2 machines: the forward, grad_x, and the weight side (dW and
+dattn) when its 64x48 weight blocks number at least 4 per thread; larger
+planes and float64 take the BLAS path; output planes of at least 784 pixels
+(forward) or 1024 (backward) with 16+ input channels per group run the
+library's conv one sample at a time. The cases below cover all."""
 import pytest
 import torch
 
 from chanflex_kernels import dynamic_conv2d
 from chanflex_kernels.bench import ConvShape, peak_memory_bytes
-from comparison import Case, assert_matches_reference
+from chanflex_kernels.reference import dynamic_conv2d_reference
+from comparison import Case, assert_close_scaled, assert_matches_reference
 
 # Row tiles (C_out/groups) and column tiles (C_in/groups * kh * kw) are ~64
 # wide, so these cross tile boundaries at ragged offsets; batches are not
@@ -25,6 +28,7 @@ TILED_CASES = [
     Case(5, 70, 66, 7, 7, kernel=(1, 1), stride=(2, 2)),            # 1x1 strided: a real unfold
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
     Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
+    Case(5, 37, 40, 6, 5, padding=(1, 1), dilation=(1, 2)),         # 333 cols: a ragged last 6-column panel
 ]
 
 
@@ -55,6 +59,28 @@ def threads(request):
 @pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c.id)
 def test_tiles_and_blocks_match_reference(case, threads):
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True), (True, False, True)], ids=str)
+@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], TILED_CASES[-1]], ids=lambda c: c.id)
+def test_backward_output_masks(case, mask, threads):
+    # Each gradient alone and in pairs: the packed grad_x, the packed weight
+    # side with and without dattn, and the BLAS fallbacks (3 threads leave
+    # too few weight blocks) must not depend on what else was requested.
+    from comparison import make_inputs
+    x, weight, attn, bias = make_inputs(case)
+    args = [t.clone().requires_grad_() for t in (x, weight, attn)]
+    reference_output = dynamic_conv2d_reference(*args, bias, **case.conv_args)
+    grad_out = torch.randn(reference_output.shape, dtype=reference_output.dtype)
+    expected = torch.autograd.grad(reference_output, args, grad_out)
+    conv = case.conv_args
+    got = torch.ops.chanflex.dynamic_conv2d_backward(
+        grad_out.float(), x.float(), weight.float(), attn.float(), None if bias is None else bias.float(),
+        list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], [*mask, False])
+    for name, wanted, want, have in zip(("x", "weight", "attn"), mask, expected, got[:3]):
+        if wanted:
+            assert_close_scaled(have, want, torch.float32, f"grad of {name}")
 
 
 @pytest.mark.parametrize("case", TILED_CASES[:3], ids=lambda c: c.id)

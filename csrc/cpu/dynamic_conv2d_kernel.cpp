@@ -12,7 +12,8 @@
 //   dW_k += attn[b,k] G_b,   dattn[b,k] += <G_b, W_k>,
 // so extra memory is O(K |W| + chunk + one tile per thread), never O(B |W|).
 // For float32 on AVX2 CPUs and small outputs, the forward instead mixes into
-// packed GEMM panels for its own micro-kernel (see "Packed forward").
+// packed GEMM panels for its own micro-kernel, and so does the backward-data
+// product (see "Packed mixed GEMMs").
 // Half and bfloat16 run in float32 and are rounded once at the end.
 #include "../dynamic_conv2d.h"
 
@@ -374,17 +375,21 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 }
 
 // ---------------------------------------------------------------------------
-// Packed forward: float32 on CPUs with AVX2 and FMA.
+// Packed mixed GEMMs: float32 on CPUs with AVX2 and FMA.
 //
+// The forward (y_b = W_b @ cols_b) and the backward-data product
+// (dcols_b = W_b^T @ dy_b) are both, per sample and group,
+//   C_b (m x pixels) = (sum_k attn[b,k] A_k) (m x depth) @ B_b (depth x pixels).
 // Handing a freshly mixed weight tile to BLAS costs a write and a re-read of
-// the tile plus BLAS's own repacking of both operands, for each sample. Here
-// the unfold writes the GEMM's B operand directly in packed panels (once per
-// sample, shared by all tiles), the mixing writes packed A panels, and a
-// 16x6 register-blocked FMA micro-kernel consumes them:
-//   A panel: 16 weight rows x kc columns, column by column (16 floats each);
-//   B panel: kc unfolded rows x 6 pixels, row by row (6 floats each).
+// the tile plus BLAS's own repacking of both operands, for each sample; with
+// few output pixels that dominates. Here B_b is written once per sample in
+// packed panels (shared by all tiles), each thread packs the K kernels' rows
+// of its A tile once per chunk, mixes them into packed A panels, and a 16x6
+// register-blocked FMA micro-kernel consumes them:
+//   A panel: 16 rows x kc reduction steps, step by step (16 floats each);
+//   B panel: kc reduction steps x 6 pixels, step by step (6 floats each).
 
-constexpr int64_t kMR = 16;   // weight rows per A panel (two AVX registers)
+constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers)
 constexpr int64_t kNR = 6;    // pixels per B panel
 constexpr int64_t kKC = 256;  // most reduction depth per block: A panels stay in L2, B panels in L1
 
@@ -393,47 +398,41 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-struct PackedLayout {
+// The packed path wins where the per-sample GEMMs are small (few output
+// pixels), BLAS where they are large enough to amortise a separate mixing.
+constexpr int64_t kPackedMaxPixels = 256;
+
+bool use_packed(const Plan& p, at::ScalarType dtype) {
+  return dtype == at::kFloat && cpu_has_avx2_fma() && p.pixels <= kPackedMaxPixels;
+}
+
+struct PackedGemm {
+  int64_t m;             // output rows per group
+  int64_t depth;         // reduction length per group
+  int64_t groups;
+  int64_t pixels;        // output columns
+  int64_t num_kernels;
   int64_t pixel_panels;  // ceil(pixels / kNR)
-  int64_t group_b;       // floats of one group's packed B: pixel_panels * cols * kNR
+  int64_t group_b;       // floats of one group's packed B: pixel_panels * depth * kNR
   int64_t sample_b;      // floats of one sample's packed B: groups * group_b
 };
 
-PackedLayout make_packed_layout(const Plan& p) {
-  PackedLayout l;
-  l.pixel_panels = (p.pixels + kNR - 1) / kNR;
-  l.group_b = l.pixel_panels * p.cols * kNR;
-  l.sample_b = p.g.groups * l.group_b;
-  return l;
+PackedGemm make_packed_gemm(int64_t m, int64_t depth, const Plan& p) {
+  PackedGemm s;
+  s.m = m;
+  s.depth = depth;
+  s.groups = p.g.groups;
+  s.pixels = p.pixels;
+  s.num_kernels = p.g.num_kernels;
+  s.pixel_panels = (p.pixels + kNR - 1) / kNR;
+  s.group_b = s.pixel_panels * depth * kNR;
+  s.sample_b = s.groups * s.group_b;
+  return s;
 }
 
-// Unfolds channels [c0, c1) of one sample into packed B panels: their rows
-// are unfolded contiguously into `rows` (the fast path above), then each
-// pixel panel receives the block's rows as one contiguous run (channels of a
-// block that share a conv group are adjacent rows). Pixels past the last full
-// panel are zero.
-void unfold_channels_packed(const float* x, float* packed, const Plan& p, const PackedLayout& l,
-                            int64_t c0, int64_t c1, float* rows) {
-  const ConvGeometry& g = p.g;
-  const int64_t taps = g.kernel_h * g.kernel_w;
-  for (int64_t c = c0; c < c1; ++c) {
-    // unfold_channel writes channel c's rows at offset c * taps * pixels.
-    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
-  }
-  for (int64_t lp = 0; lp < l.pixel_panels; ++lp) {
-    const int64_t pixel = lp * kNR;
-    const int64_t valid = std::min(kNR, p.pixels - pixel);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t group = c / g.group_in_channels;
-      const int64_t first_row = (c % g.group_in_channels) * taps;
-      float* dst = packed + group * l.group_b + (lp * p.cols + first_row) * kNR;
-      const float* src = rows + (c - c0) * taps * p.pixels + pixel;
-      for (int64_t t = 0; t < taps; ++t, dst += kNR, src += p.pixels) {
-        for (int64_t j = 0; j < valid; ++j) dst[j] = src[j];
-        for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
-      }
-    }
-  }
+// Where reduction step q of pixel panel lp starts in one group's packed B.
+inline int64_t packed_b_offset(const PackedGemm& s, int64_t lp, int64_t q) {
+  return (lp * s.depth + q) * kNR;
 }
 
 // Transposes 8 registers holding an 8x8 block: r[i][j] -> r[j][i].
@@ -457,40 +456,50 @@ inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// C (mr x nr corner of a row-major block, ldc) = or += A panel (kc x 16) times
-// B panel (kc x 6). Accumulators hold C's columns, stored back transposed.
+// C (mr x NR corner of a row-major block, ldc) = or += A panel (kc x 16) times
+// the first NR pixels of a B panel (kc x 6). Accumulators hold C's columns,
+// stored back transposed. NR < 6 serves the last pixel panel without
+// computing its padding (a 7x7 plane is 8 panels of 6 and one of 1).
+template <int NR>
 __attribute__((target("avx2,fma")))
-void micro_kernel_16x6(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
-                       int64_t mr, int64_t nr, bool accumulate) {
-  __m256 lo[kNR], hi[kNR];
+void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mr,
+                  bool accumulate) {
+  __m256 lo[NR], hi[NR];
 #pragma GCC unroll 6
-  for (int j = 0; j < kNR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+  for (int j = 0; j < NR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
   for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR) {
     const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
 #pragma GCC unroll 6
-    for (int j = 0; j < kNR; ++j) {
+    for (int j = 0; j < NR; ++j) {
       const __m256 bj = _mm256_broadcast_ss(b + j);
       lo[j] = _mm256_fmadd_ps(a0, bj, lo[j]);
       hi[j] = _mm256_fmadd_ps(a1, bj, hi[j]);
     }
   }
-  alignas(32) float tile[kNR][kMR];
+  alignas(32) float tile[NR][kMR];
 #pragma GCC unroll 6
-  for (int j = 0; j < kNR; ++j) {
+  for (int j = 0; j < NR; ++j) {
     _mm256_store_ps(tile[j], lo[j]);
     _mm256_store_ps(tile[j] + 8, hi[j]);
   }
   for (int64_t i = 0; i < mr; ++i) {
     float* row = c + i * ldc;
-    for (int64_t j = 0; j < nr; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
+    for (int j = 0; j < NR; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
   }
 }
 
-// Copies the K kernels' rows [r0, r0 + nr) of a group into panel layout
-// out[k][panel][q][16] (rows past nr zero), 8x8 blocks transposed in registers.
+using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, bool);
+// Indexed by the number of valid pixels in the panel.
+constexpr MicroKernel kMicroKernels[kNR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
+                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
+                                                micro_kernel<6>};
+
+// Forward A: the K kernels' rows [r0, r0 + nr) of a group (W_k, rows x cols)
+// in panel layout out[k][panel][q][16] (rows past nr zero), 8x8 blocks
+// transposed in registers.
 __attribute__((target("avx2,fma")))
-void pack_weight_tile(const float* w_group, int64_t kernel_stride, int64_t cols,
-                      int64_t num_kernels, int64_t r0, int64_t nr, float* out) {
+void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols, int64_t num_kernels,
+                      int64_t r0, int64_t nr, float* out) {
   const int64_t panels = (nr + kMR - 1) / kMR;
   const int64_t cols8 = cols - cols % 8;
   for (int64_t k = 0; k < num_kernels; ++k) {
@@ -514,16 +523,35 @@ void pack_weight_tile(const float* w_group, int64_t kernel_stride, int64_t cols,
   }
 }
 
-// Mixed A panels for `samples` samples from a packed weight tile (see
-// pack_weight_tile), reduction columns [q0, q0 + kc): out[s][panel][q][16].
+// Backward-data A = W_k^T: its rows [c0, c0 + nc) are columns of W_k, so
+// out[k][panel][q][i] = W_k[q, c0 + 16 panel + i]: 16 contiguous floats of
+// weight row q (zero past nc).
+void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t rows, int64_t cols,
+                         int64_t num_kernels, int64_t c0, int64_t nc, float* out) {
+  const int64_t panels = (nc + kMR - 1) / kMR;
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t valid = std::min(kMR, nc - panel * kMR);
+      float* dst = out + (k * panels + panel) * rows * kMR;
+      const float* src = w_group + k * kernel_stride + c0 + panel * kMR;
+      for (int64_t q = 0; q < rows; ++q, dst += kMR, src += cols) {
+        for (int64_t i = 0; i < valid; ++i) dst[i] = src[i];
+        for (int64_t i = valid; i < kMR; ++i) dst[i] = 0.f;
+      }
+    }
+  }
+}
+
+// Mixed A panels for `samples` samples from K packed kernel tiles (panels x
+// depth x 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16].
 __attribute__((target("avx2,fma")))
-void mix_packed_tile(const float* packed, int64_t panels, int64_t cols, const float* attn,
+void mix_packed_tile(const float* packed, int64_t panels, int64_t depth, const float* attn,
                      int64_t num_kernels, int64_t samples, int64_t q0, int64_t kc, float* out) {
-  const int64_t kernel_floats = panels * cols * kMR;
+  const int64_t kernel_floats = panels * depth * kMR;
   for (int64_t s = 0; s < samples; ++s) {
     const float* a = attn + s * num_kernels;
     for (int64_t panel = 0; panel < panels; ++panel) {
-      const float* src = packed + (panel * cols + q0) * kMR;
+      const float* src = packed + (panel * depth + q0) * kMR;
       float* dst = out + (s * panels + panel) * kc * kMR;
       const __m256 a0 = _mm256_set1_ps(a[0]);
       for (int64_t e = 0; e < kc * kMR; e += 8) {
@@ -536,14 +564,20 @@ void mix_packed_tile(const float* packed, int64_t panels, int64_t cols, const fl
   }
 }
 
-void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const float* attn,
-                    const float* bias_mixed, float* y) {
-  const ConvGeometry& g = p.g;
-  const int64_t K = g.num_kernels;
-  const PackedLayout layout = make_packed_layout(p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
-  const Tiling tiles = make_tiling(p.rows, g.groups, /*balance=*/false);
-  const int64_t tile_tasks = g.groups * tiles.count;
+// Samples mixed per pass over a packed A block.
+constexpr int64_t kPackedSampleBlock = 2;
+
+// For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
+// pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
+// group's A in panel layout (see pack_weight_rows); b_packed holds each
+// sample's packed B (s.sample_b floats apart); out_block(i, group) is row 0
+// of sample i's row-major (m x pixels) output block for the group.
+template <typename PackA, typename OutBlock>
+void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
+                     const PackA& pack_a, const OutBlock& out_block) {
+  const int64_t K = s.num_kernels;
+  const Tiling tiles = make_tiling(s.m, s.groups, /*balance=*/false);
+  const int64_t tile_tasks = s.groups * tiles.count;
   const int64_t threads = at::get_num_threads();
   // Threads own whole row tiles (packing their K kernel tiles once per chunk)
   // when there are enough tiles; otherwise they split the samples.
@@ -551,9 +585,88 @@ void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const fl
   const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
   // Reduction blocks of equal depth (multiple of 8): no short remainder block,
   // whose output read-modify-write would cost more than its arithmetic.
-  const int64_t depth_blocks = (p.cols + kKC - 1) / kKC;
-  const int64_t depth = ((p.cols + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
-  at::Tensor packed_b = at::empty({chunk * layout.sample_b}, x.options());
+  const int64_t depth_blocks = (s.depth + kKC - 1) / kKC;
+  const int64_t depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
+  const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kPackedSampleBlock)
+                                      : kPackedSampleBlock;
+  const int64_t blocks = (n + block - 1) / block;
+  for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
+    std::vector<float> a_kernels(K * max_panels * s.depth * kMR);
+    std::vector<float> a_mixed(block * max_panels * depth * kMR);
+    int64_t packed_task = -1;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t tile_task = split_samples ? unit / blocks : unit;
+      const int64_t group = tile_task / tiles.count;
+      const int64_t r0 = (tile_task % tiles.count) * tiles.size;
+      const int64_t nr = std::min(tiles.size, s.m - r0);
+      const int64_t panels = (nr + kMR - 1) / kMR;
+      if (tile_task != packed_task) {
+        pack_a(group, r0, nr, a_kernels.data());
+        packed_task = tile_task;
+      }
+      const int64_t block_begin = split_samples ? unit % blocks : 0;
+      const int64_t block_end = split_samples ? block_begin + 1 : blocks;
+      // Depth blocks outside, samples inside: the K kernels' block that every
+      // sample's mixing reads stays in L2.
+      for (int64_t q0 = 0; q0 < s.depth; q0 += depth) {
+        const int64_t kc = std::min(depth, s.depth - q0);
+        for (int64_t blk = block_begin; blk < block_end; ++blk) {
+          const int64_t i0 = blk * block;
+          const int64_t ns = std::min(block, n - i0);
+          mix_packed_tile(a_kernels.data(), panels, s.depth, attn + i0 * K, K, ns, q0, kc, a_mixed.data());
+          for (int64_t si = 0; si < ns; ++si) {
+            const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
+            float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
+            for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
+              const float* b_panel = b_group + packed_b_offset(s, lp, q0);
+              const MicroKernel kernel = kMicroKernels[std::min(kNR, s.pixels - lp * kNR)];
+              for (int64_t panel = 0; panel < panels; ++panel) {
+                kernel(kc, a_mixed.data() + (si * panels + panel) * kc * kMR, b_panel,
+                       c_tile + panel * kMR * s.pixels + lp * kNR, s.pixels,
+                       std::min(kMR, nr - panel * kMR), /*accumulate=*/q0 > 0);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// Unfolds channels [c0, c1) of one sample into packed B panels: their rows
+// are unfolded contiguously into `rows` (the fast path above), then each
+// pixel panel receives the block's rows as one contiguous run (channels of a
+// block that share a conv group are adjacent rows). Pixels past the last full
+// panel are zero.
+void unfold_channels_packed(const float* x, float* packed, const Plan& p, const PackedGemm& s,
+                            int64_t c0, int64_t c1, float* rows) {
+  const ConvGeometry& g = p.g;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  for (int64_t c = c0; c < c1; ++c) {
+    // unfold_channel writes channel c's rows at offset c * taps * pixels.
+    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
+  }
+  for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
+    const int64_t pixel = lp * kNR;
+    const int64_t valid = std::min(kNR, p.pixels - pixel);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t group = c / g.group_in_channels;
+      float* dst = packed + group * s.group_b + packed_b_offset(s, lp, (c % g.group_in_channels) * taps);
+      const float* src = rows + (c - c0) * taps * p.pixels + pixel;
+      for (int64_t t = 0; t < taps; ++t, dst += kNR, src += p.pixels) {
+        for (int64_t j = 0; j < valid; ++j) dst[j] = src[j];
+        for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
+      }
+    }
+  }
+}
+
+// y = dynamic_conv2d(x, w, attn) without bias, through run_packed_gemm.
+void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
+  const ConvGeometry& g = p.g;
+  const PackedGemm s = make_packed_gemm(/*m=*/p.rows, /*depth=*/p.cols, p);
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
+  at::Tensor packed_b = at::empty({chunk * s.sample_b}, x.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
@@ -565,63 +678,65 @@ void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const fl
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / channel_blocks;
         const int64_t c0 = (t % channel_blocks) * kChannelBlock;
-        unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * layout.sample_b, p, layout, c0,
+        unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0,
                                std::min(g.in_channels, c0 + kChannelBlock), rows.data());
       }
     });
-    const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock)
-                                        : kSampleBlock;
-    const int64_t blocks = (n + block - 1) / block;
-    for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
-      std::vector<float> w_packed(K * max_panels * p.cols * kMR);
-      std::vector<float> a_packed(block * max_panels * depth * kMR);
-      int64_t packed_task = -1;
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t tile_task = split_samples ? unit / blocks : unit;
-        const int64_t group = tile_task / tiles.count;
-        const int64_t r0 = (tile_task % tiles.count) * tiles.size;
-        const int64_t nr = std::min(tiles.size, p.rows - r0);
-        const int64_t panels = (nr + kMR - 1) / kMR;
-        if (tile_task != packed_task) {
-          pack_weight_tile(w + group * p.group_size, p.kernel_size, p.cols, K, r0, nr, w_packed.data());
-          packed_task = tile_task;
-        }
-        const int64_t block_begin = split_samples ? unit % blocks : 0;
-        const int64_t block_end = split_samples ? block_begin + 1 : blocks;
-        for (int64_t blk = block_begin; blk < block_end; ++blk) {
-          const int64_t i0 = blk * block;
-          const int64_t ns = std::min(block, n - i0);
-          for (int64_t q0 = 0; q0 < p.cols; q0 += depth) {
-            const int64_t kc = std::min(depth, p.cols - q0);
-            mix_packed_tile(w_packed.data(), panels, p.cols, attn + (b0 + i0) * K, K, ns, q0, kc,
-                            a_packed.data());
-            for (int64_t s = 0; s < ns; ++s) {
-              const int64_t b = b0 + i0 + s;
-              const float* b_group = b_chunk + (i0 + s) * layout.sample_b + group * layout.group_b;
-              float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
-              for (int64_t lp = 0; lp < layout.pixel_panels; ++lp) {
-                const float* b_panel = b_group + (lp * p.cols + q0) * kNR;
-                const int64_t nc = std::min(kNR, p.pixels - lp * kNR);
-                for (int64_t panel = 0; panel < panels; ++panel) {
-                  micro_kernel_16x6(kc, a_packed.data() + (s * panels + panel) * kc * kMR, b_panel,
-                                    y_tile + panel * kMR * p.pixels + lp * kNR, p.pixels,
-                                    std::min(kMR, nr - panel * kMR), nc, /*accumulate=*/q0 > 0);
-                }
-              }
-            }
-          }
-          if (bias_mixed != nullptr) {
-            for (int64_t s = 0; s < ns; ++s) {
-              const int64_t b = b0 + i0 + s;
-              const float* bm = bias_mixed + b * g.out_channels + group * p.rows + r0;
-              float* y_tile = y + (b * g.out_channels + group * p.rows + r0) * p.pixels;
-              for (int64_t r = 0; r < nr; ++r)
-                for (int64_t j = 0; j < p.pixels; ++j) y_tile[r * p.pixels + j] += bm[r];
-            }
-          }
+    run_packed_gemm(
+        s, b_chunk, attn + b0 * g.num_kernels, n,
+        [&](int64_t group, int64_t r0, int64_t nr, float* out) {
+          pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
+        },
+        [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
+  }
+}
+
+// Packs each group's grad_out block (rows x pixels) of samples [0, n) as B panels.
+void pack_grad_out(const float* go, float* packed, const Plan& p, const PackedGemm& s, int64_t n) {
+  at::parallel_for(0, n * s.groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / s.groups, group = t % s.groups;
+      const float* src_group = go + (i * p.g.out_channels + group * p.rows) * p.pixels;
+      float* dst_group = packed + i * s.sample_b + group * s.group_b;
+      for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
+        const int64_t pixel = lp * kNR;
+        const int64_t valid = std::min(kNR, p.pixels - pixel);
+        float* dst = dst_group + packed_b_offset(s, lp, 0);
+        const float* src = src_group + pixel;
+        for (int64_t q = 0; q < p.rows; ++q, dst += kNR, src += p.pixels) {
+          for (int64_t j = 0; j < valid; ++j) dst[j] = src[j];
+          for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
         }
       }
-    });
+    }
+  });
+}
+
+// grad_x of dynamic_conv2d: dcols_b = W_b^T @ dy_b through run_packed_gemm,
+// folded back per chunk (written in place when the unfold is the identity).
+void backward_data_packed(const Plan& p, const at::Tensor& grad_out, const float* w, const float* attn,
+                          float* grad_x) {
+  const ConvGeometry& g = p.g;
+  const PackedGemm s = make_packed_gemm(/*m=*/p.cols, /*depth=*/p.rows, p);
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
+  const at::TensorOptions opts = grad_out.options();
+  at::Tensor packed_b = at::empty({chunk * s.sample_b}, opts);
+  at::Tensor dcols_buffer = p.identity_unfold ? at::Tensor() : at::empty({chunk * p.unfolded}, opts);
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<float>();
+    pack_grad_out(grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels,
+                  packed_b.data_ptr<float>(), p, s, n);
+    run_packed_gemm(
+        s, packed_b.const_data_ptr<float>(), attn + b0 * g.num_kernels, n,
+        [&](int64_t group, int64_t c0, int64_t nc, float* out) {
+          pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc,
+                              out);
+        },
+        [&](int64_t i, int64_t group) { return dcols + i * p.unfolded + group * p.cols * p.pixels; });
+    if (!p.identity_unfold) {
+      fold_samples(dcols, grad_x + b0 * p.plane, p, n);
+    }
   }
 }
 
@@ -797,13 +912,11 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor w_c = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
-  // The packed path wins where the per-sample GEMMs are small (few output
-  // pixels), BLAS where they are large enough to amortise a separate mixing.
-  constexpr int64_t kPackedMaxPixels = 256;
-  if (dtype == at::kFloat && cpu_has_avx2_fma() && p.pixels <= kPackedMaxPixels) {
-    forward_packed(p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
-                   bias_mixed.defined() ? bias_mixed.const_data_ptr<float>() : nullptr,
-                   y.data_ptr<float>());
+  if (use_packed(p, dtype)) {
+    forward_packed(p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(), y.data_ptr<float>());
+    if (bias_mixed.defined()) {
+      y.add_(bias_mixed.view({g.batch, g.out_channels, 1, 1}));
+    }
     return y.to(x.scalar_type());
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_forward_cpu", [&] {
@@ -812,6 +925,221 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
                            y.data_ptr<scalar_t>());
   });
   return y.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// Packed weight gradient: float32, AVX2, few output pixels.
+//
+// With few pixels G_b = dy_b @ cols_b^T is a rank-`pixels` product, and
+// writing it out for dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> to
+// read it back K times costs more than computing it. Here each 16x6 tile of
+// G_b lives only in registers: the micro-kernel accumulates it over the
+// pixels and folds it at once into the K dW tiles and the K dattn sums, all
+// kept in the tile's packed layout ([6 columns][16 rows]) in L1/L2. A thread
+// owns a block of weight rows x columns for the whole chunk, so dW needs no
+// partial copies and the result does not depend on scheduling.
+
+constexpr int64_t kTileFloats = kMR * kNR;  // one packed 16x6 weight tile
+// A block's K weight and dW tiles (2 x 4 x 32 x 384 B) stay in L2 while each
+// sample's dy and cols panels for the block (64 and 48 unfolded rows) are read once.
+constexpr int64_t kGradBlockRows = 4;  // row panels (of 16) per thread block
+constexpr int64_t kGradBlockCols = 8;  // column panels (of 6) per thread block
+
+struct WeightGradBlocks {
+  int64_t row_panels, col_panels;  // per group
+  int64_t row_blocks, col_blocks;  // per group
+  int64_t tasks;                   // groups * row_blocks * col_blocks
+  int64_t sample_dy, sample_cols;  // floats of one sample's packed dy^T and cols^T (all groups)
+};
+
+WeightGradBlocks make_weight_grad_blocks(const Plan& p) {
+  WeightGradBlocks w;
+  w.row_panels = (p.rows + kMR - 1) / kMR;
+  w.col_panels = (p.cols + kNR - 1) / kNR;
+  w.row_blocks = (w.row_panels + kGradBlockRows - 1) / kGradBlockRows;
+  w.col_blocks = (w.col_panels + kGradBlockCols - 1) / kGradBlockCols;
+  w.tasks = p.g.groups * w.row_blocks * w.col_blocks;
+  w.sample_dy = p.g.groups * w.row_panels * p.pixels * kMR;
+  w.sample_cols = p.g.groups * w.col_panels * p.pixels * kNR;
+  return w;
+}
+
+// The packed weight gradient needs enough blocks to keep every thread busy.
+bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype) {
+  return use_packed(p, dtype) && make_weight_grad_blocks(p).tasks >= 4 * at::get_num_threads();
+}
+
+// G tile (16 x 6, in registers) = dy panel (pixels x 16) @ cols panel
+// (pixels x 6)^T; then dw_k += attn[k] G and dattn[k] += <G, w_k> lane-wise
+// (8 lanes per kernel, summed by the caller) for every kernel k (tiles
+// kernel_stride floats apart; w or dw may be null).
+__attribute__((target("avx2,fma")))
+void weight_grad_micro_kernel(int64_t pixels, const float* dy, const float* cols, const float* attn,
+                              int64_t num_kernels, const float* w, float* dw, int64_t kernel_stride,
+                              float* dattn_lanes) {
+  __m256 acc[2 * kNR];
+#pragma GCC unroll 12
+  for (int v = 0; v < 2 * kNR; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < pixels; ++q, dy += kMR, cols += kNR) {
+    const __m256 a0 = _mm256_loadu_ps(dy), a1 = _mm256_loadu_ps(dy + 8);
+#pragma GCC unroll 6
+    for (int j = 0; j < kNR; ++j) {
+      const __m256 bj = _mm256_broadcast_ss(cols + j);
+      acc[2 * j] = _mm256_fmadd_ps(a0, bj, acc[2 * j]);
+      acc[2 * j + 1] = _mm256_fmadd_ps(a1, bj, acc[2 * j + 1]);
+    }
+  }
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    if (dw != nullptr) {
+      float* dwk = dw + k * kernel_stride;
+      const __m256 ak = _mm256_set1_ps(attn[k]);
+#pragma GCC unroll 12
+      for (int v = 0; v < 2 * kNR; ++v)
+        _mm256_storeu_ps(dwk + 8 * v, _mm256_fmadd_ps(ak, acc[v], _mm256_loadu_ps(dwk + 8 * v)));
+    }
+    if (w != nullptr) {
+      const float* wk = w + k * kernel_stride;
+      __m256 dot = _mm256_loadu_ps(dattn_lanes + 8 * k);
+#pragma GCC unroll 12
+      for (int v = 0; v < 2 * kNR; ++v) dot = _mm256_fmadd_ps(acc[v], _mm256_loadu_ps(wk + 8 * v), dot);
+      _mm256_storeu_ps(dattn_lanes + 8 * k, dot);
+    }
+  }
+}
+
+// One sample's grad_out as dy^T row panels: [group][panel][pixel][16 rows].
+void pack_grad_out_transposed(const float* go, float* out, const Plan& p, const WeightGradBlocks& wb) {
+  for (int64_t group = 0; group < p.g.groups; ++group) {
+    for (int64_t panel = 0; panel < wb.row_panels; ++panel) {
+      float* dst = out + (group * wb.row_panels + panel) * p.pixels * kMR;
+      const int64_t valid = std::min(kMR, p.rows - panel * kMR);
+      for (int64_t i = 0; i < kMR; ++i) {
+        const float* src = go + (group * p.rows + panel * kMR + i) * p.pixels;
+        for (int64_t q = 0; q < p.pixels; ++q) dst[q * kMR + i] = i < valid ? src[q] : 0.f;
+      }
+    }
+  }
+}
+
+// Channels [c0, c1) of one sample, unfolded as cols^T column panels:
+// [group][panel][pixel][6 unfolded rows]. Padding columns are zeroed by the caller.
+void unfold_channels_transposed(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb,
+                                int64_t c0, int64_t c1, float* rows) {
+  const ConvGeometry& g = p.g;
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  for (int64_t c = c0; c < c1; ++c) {
+    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t group = c / g.group_in_channels;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t col = (c % g.group_in_channels) * taps + t;
+      float* dst = out + ((group * wb.col_panels + col / kNR) * p.pixels) * kNR + col % kNR;
+      const float* src = rows + ((c - c0) * taps + t) * p.pixels;
+      for (int64_t q = 0; q < p.pixels; ++q) dst[q * kNR] = src[q];
+    }
+  }
+}
+
+// grad_w (accumulated into, zero on entry) and/or grad_attn of dynamic_conv2d.
+void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const float* w,
+                        const float* attn, float* grad_w, float* grad_attn) {
+  const ConvGeometry& g = p.g;
+  const int64_t K = g.num_kernels;
+  const WeightGradBlocks wb = make_weight_grad_blocks(p);
+  const int64_t chunk = chunk_samples(
+      p, g.batch, sizeof(float), std::max(kForwardChunkBytes, K * p.kernel_size * static_cast<int64_t>(sizeof(float))));
+  const at::TensorOptions opts = grad_out.options();
+  at::Tensor dy_packed = at::empty({chunk * wb.sample_dy}, opts);
+  at::Tensor cols_packed = at::zeros({chunk * wb.sample_cols}, opts);  // padding columns stay zero
+  std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
+  const int64_t block_tiles = kGradBlockRows * kGradBlockCols;
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
+    const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
+    float* dy_chunk = dy_packed.data_ptr<float>();
+    float* cols_chunk = cols_packed.data_ptr<float>();
+    constexpr int64_t kChannelBlock = 8;
+    const int64_t channel_blocks = (g.in_channels + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> rows(kChannelBlock * g.kernel_h * g.kernel_w * p.pixels);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
+        if (part == channel_blocks) {
+          pack_grad_out_transposed(go + i * g.out_channels * p.pixels, dy_chunk + i * wb.sample_dy, p, wb);
+          continue;
+        }
+        const int64_t c0 = part * kChannelBlock;
+        unfold_channels_transposed(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
+                                   std::min(g.in_channels, c0 + kChannelBlock), rows.data());
+      }
+    });
+    at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
+      // The block's K weight tiles and dW tiles: [k][row panel][col panel][6][16].
+      std::vector<float> w_tiles(grad_attn != nullptr ? K * block_tiles * kTileFloats : 0);
+      std::vector<float> dw_tiles(grad_w != nullptr ? K * block_tiles * kTileFloats : 0);
+      std::vector<float> dattn_lanes(8 * K);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t group = task / (wb.row_blocks * wb.col_blocks);
+        const int64_t rp0 = (task / wb.col_blocks) % wb.row_blocks * kGradBlockRows;
+        const int64_t cp0 = task % wb.col_blocks * kGradBlockCols;
+        const int64_t nrp = std::min(kGradBlockRows, wb.row_panels - rp0);
+        const int64_t ncp = std::min(kGradBlockCols, wb.col_panels - cp0);
+        const int64_t kernel_stride = nrp * ncp * kTileFloats;
+        // Visits every (k, tile, column j, row i) of the block with its weight
+        // offset, or -1 where the tile reaches past the matrix.
+        auto for_each_element = [&](const auto& body) {
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t rp = 0; rp < nrp; ++rp)
+              for (int64_t cp = 0; cp < ncp; ++cp)
+                for (int64_t j = 0; j < kNR; ++j)
+                  for (int64_t i = 0; i < kMR; ++i) {
+                    const int64_t row = (rp0 + rp) * kMR + i, col = (cp0 + cp) * kNR + j;
+                    const int64_t packed = k * kernel_stride + (rp * ncp + cp) * kTileFloats + j * kMR + i;
+                    const bool inside = row < p.rows && col < p.cols;
+                    body(packed, inside ? k * p.kernel_size + group * p.group_size + row * p.cols + col : -1);
+                  }
+        };
+        if (grad_attn != nullptr)
+          for_each_element([&](int64_t packed, int64_t at) { w_tiles[packed] = at >= 0 ? w[at] : 0.f; });
+        std::fill(dw_tiles.begin(), dw_tiles.end(), 0.f);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * kMR;
+          const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * kNR;
+          std::fill(dattn_lanes.begin(), dattn_lanes.end(), 0.f);
+          for (int64_t rp = 0; rp < nrp; ++rp) {
+            for (int64_t cp = 0; cp < ncp; ++cp) {
+              const int64_t tile = (rp * ncp + cp) * kTileFloats;
+              weight_grad_micro_kernel(p.pixels, dy_group + (rp0 + rp) * p.pixels * kMR,
+                                       cols_group + (cp0 + cp) * p.pixels * kNR, attn + (b0 + i) * K, K,
+                                       grad_attn != nullptr ? w_tiles.data() + tile : nullptr,
+                                       grad_w != nullptr ? dw_tiles.data() + tile : nullptr, kernel_stride,
+                                       dattn_lanes.data());
+            }
+          }
+          // The block's share of dattn[b0 + i, k], lanes summed in double.
+          for (int64_t k = 0; k < K && grad_attn != nullptr; ++k) {
+            double sum = 0;
+            for (int64_t l = 0; l < 8; ++l) sum += dattn_lanes[8 * k + l];
+            attn_partial[(task * chunk + i) * K + k] = sum;
+          }
+        }
+        if (grad_w != nullptr)
+          for_each_element([&](int64_t packed, int64_t at) {
+            if (at >= 0) grad_w[at] += dw_tiles[packed];
+          });
+      }
+    });
+    if (grad_attn != nullptr) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < K; ++k) {
+          double s = 0;
+          for (int64_t t = 0; t < wb.tasks; ++t) s += attn_partial[(t * chunk + i) * K + k];
+          grad_attn[(b0 + i) * K + k] = static_cast<float>(s);
+        }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1017,13 +1345,29 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     const at::Tensor go = grad_out.to(dtype).contiguous();
     const at::Tensor w_c = (need_x || need_attn) ? weight.to(dtype).contiguous() : at::Tensor();
     const at::Tensor x_c = (need_w || need_attn) ? x.to(dtype).contiguous() : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {
-      backward_impl<scalar_t>(p, go, x_c, w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr,
-                              attn_c.const_data_ptr<scalar_t>(),
-                              need_x ? grad_x.data_ptr<scalar_t>() : nullptr,
-                              need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
-                              need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
-    });
+    // Few output pixels: the packed paths (grad_x, and the weight side when
+    // it has blocks for every thread); the rest through BLAS.
+    const bool packed_x = need_x && use_packed(p, dtype);
+    const bool packed_g = (need_w || need_attn) && use_packed_weight_grad(p, dtype);
+    if (packed_x) {
+      backward_data_packed(p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
+                           grad_x.data_ptr<float>());
+    }
+    if (packed_g) {
+      weight_grad_packed(p, go, x_c, need_attn ? w_c.const_data_ptr<float>() : nullptr,
+                         attn_c.const_data_ptr<float>(), need_w ? grad_w.data_ptr<float>() : nullptr,
+                         need_attn ? grad_attn.data_ptr<float>() : nullptr);
+    }
+    const bool blas_x = need_x && !packed_x;
+    const bool blas_g = (need_w || need_attn) && !packed_g;
+    if (blas_x || blas_g) {
+      AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {
+        backward_impl<scalar_t>(p, go, x_c, w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr,
+                                attn_c.const_data_ptr<scalar_t>(), blas_x ? grad_x.data_ptr<scalar_t>() : nullptr,
+                                blas_g && need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                                blas_g && need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
+      });
+    }
   } else if (need_attn) {
     grad_attn.zero_();
   }
