@@ -11,9 +11,10 @@
 //   dcols_b = W_b^T @ dy_b,  G_b = dy_b @ cols_b^T,
 //   dW_k += attn[b,k] G_b,   dattn[b,k] += <G_b, W_k>,
 // so extra memory is O(K |W| + chunk + one tile per thread), never O(B |W|).
-// For float32 on AVX2 CPUs and small outputs, the forward instead mixes into
-// packed GEMM panels for its own micro-kernel, and so does the backward-data
-// product (see "Packed mixed GEMMs").
+// For float32 on AVX2 CPUs and small outputs, the forward and the
+// backward-data product instead mix into packed GEMM panels for their own
+// micro-kernel (see "Packed mixed GEMMs"), and the weight side keeps each G_b
+// tile in registers (see "Packed weight gradient").
 // Half and bfloat16 run in float32 and are rounded once at the end.
 #include "../dynamic_conv2d.h"
 
