@@ -634,8 +634,18 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   });
 }
 
+// Unfolds channels [c0, c1) of one sample contiguously into `rows` (channel
+// c0's taps first): the scratch the packed layouts below are copied from.
+void unfold_channel_block(const float* x, const Plan& p, int64_t c0, int64_t c1, float* rows) {
+  const int64_t taps = p.g.kernel_h * p.g.kernel_w;
+  for (int64_t c = c0; c < c1; ++c) {
+    // unfold_channel writes channel c's rows at offset c * taps * pixels.
+    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
+  }
+}
+
 // Unfolds channels [c0, c1) of one sample into packed B panels: their rows
-// are unfolded contiguously into `rows` (the fast path above), then each
+// are unfolded into `rows` (unfold_channel_block), then each
 // pixel panel receives the block's rows as one contiguous run (channels of a
 // block that share a conv group are adjacent rows). Pixels past the last full
 // panel are zero.
@@ -643,10 +653,7 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
                             int64_t c0, int64_t c1, float* rows) {
   const ConvGeometry& g = p.g;
   const int64_t taps = g.kernel_h * g.kernel_w;
-  for (int64_t c = c0; c < c1; ++c) {
-    // unfold_channel writes channel c's rows at offset c * taps * pixels.
-    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
-  }
+  unfold_channel_block(x, p, c0, c1, rows);
   for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
     const int64_t pixel = lp * kNR;
     const int64_t valid = std::min(kNR, p.pixels - pixel);
@@ -1028,9 +1035,7 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
                                 int64_t c0, int64_t c1, float* rows) {
   const ConvGeometry& g = p.g;
   const int64_t taps = g.kernel_h * g.kernel_w;
-  for (int64_t c = c0; c < c1; ++c) {
-    unfold_channel(x, rows + (c - c0 - c) * taps * p.pixels, p, c);
-  }
+  unfold_channel_block(x, p, c0, c1, rows);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t group = c / g.group_in_channels;
     for (int64_t t = 0; t < taps; ++t) {
