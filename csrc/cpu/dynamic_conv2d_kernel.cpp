@@ -25,9 +25,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 // Fortran BLAS exported by libtorch_cpu (MKL); called on raw tile pointers
@@ -211,6 +213,13 @@ int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem, int64_t budget)
   const int64_t per_sample = std::max<int64_t>(1, p.unfolded * static_cast<int64_t>(elem));
   const int64_t fit = std::max<int64_t>(chunk_budget_bytes(budget) / per_sample, 1);
   return std::min<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), std::max<int64_t>(batch, 1));
+}
+
+// Chunk budget of passes that pack every weight tile once per chunk: up to the
+// size of the K kernels (no more than the K-fold weight gradient the backward
+// returns anyway), so large weights are packed few times.
+int64_t kernel_sized_budget(const Plan& p, size_t elem) {
+  return std::max(kForwardChunkBytes, p.g.num_kernels * p.kernel_size * static_cast<int64_t>(elem));
 }
 
 // Tiles of one weight dimension of length `extent`: about 64 wide, where
@@ -543,30 +552,45 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
   }
 }
 
-// Mixed A panels for `samples` samples from K packed kernel tiles (panels x
-// depth x 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16].
+// Samples mixed per pass over a packed A block: each K-kernel vector loaded
+// from L2 serves all of them.
+constexpr int64_t kPackedSampleBlock = 4;
+
+// Mixed A panels for NS samples from K packed kernel tiles (panels x depth x
+// 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16].
+template <int NS>
 __attribute__((target("avx2,fma")))
 void mix_packed_tile(const float* packed, int64_t panels, int64_t depth, const float* attn,
-                     int64_t num_kernels, int64_t samples, int64_t q0, int64_t kc, float* out) {
+                     int64_t num_kernels, int64_t q0, int64_t kc, float* out) {
   const int64_t kernel_floats = panels * depth * kMR;
-  for (int64_t s = 0; s < samples; ++s) {
-    const float* a = attn + s * num_kernels;
-    for (int64_t panel = 0; panel < panels; ++panel) {
-      const float* src = packed + (panel * depth + q0) * kMR;
-      float* dst = out + (s * panels + panel) * kc * kMR;
-      const __m256 a0 = _mm256_set1_ps(a[0]);
-      for (int64_t e = 0; e < kc * kMR; e += 8) {
-        __m256 acc = _mm256_mul_ps(a0, _mm256_loadu_ps(src + e));
-        for (int64_t k = 1; k < num_kernels; ++k)
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(a[k]), _mm256_loadu_ps(src + k * kernel_floats + e), acc);
-        _mm256_storeu_ps(dst + e, acc);
+  const int64_t sample_floats = panels * kc * kMR;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    const float* src = packed + (panel * depth + q0) * kMR;
+    float* dst = out + panel * kc * kMR;
+    for (int64_t e = 0; e < kc * kMR; e += 8) {
+      __m256 acc[NS];
+      const __m256 v0 = _mm256_loadu_ps(src + e);
+#pragma GCC unroll 4
+      for (int s = 0; s < NS; ++s) acc[s] = _mm256_mul_ps(_mm256_set1_ps(attn[s * num_kernels]), v0);
+      for (int64_t k = 1; k < num_kernels; ++k) {
+        const __m256 v = _mm256_loadu_ps(src + k * kernel_floats + e);
+#pragma GCC unroll 4
+        for (int s = 0; s < NS; ++s)
+          acc[s] = _mm256_fmadd_ps(_mm256_set1_ps(attn[s * num_kernels + k]), v, acc[s]);
       }
+#pragma GCC unroll 4
+      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(dst + s * sample_floats + e, acc[s]);
     }
   }
 }
 
-// Samples mixed per pass over a packed A block.
-constexpr int64_t kPackedSampleBlock = 2;
+using MixPackedTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+// Indexed by the number of samples mixed together.
+template <size_t... I>
+constexpr std::array<MixPackedTile, sizeof...(I) + 1> mix_packed_tiles(std::index_sequence<I...>) {
+  return {nullptr, mix_packed_tile<static_cast<int>(I) + 1>...};
+}
+constexpr auto kMixPackedTile = mix_packed_tiles(std::make_index_sequence<kPackedSampleBlock>{});
 
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
@@ -614,7 +638,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          mix_packed_tile(a_kernels.data(), panels, s.depth, attn + i0 * K, K, ns, q0, kc, a_mixed.data());
+          kMixPackedTile[ns](a_kernels.data(), panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
@@ -673,7 +697,7 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
 void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(/*m=*/p.rows, /*depth=*/p.cols, p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, x.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
@@ -726,7 +750,7 @@ void backward_data_packed(const Plan& p, const at::Tensor& grad_out, const float
                           float* grad_x) {
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(/*m=*/p.cols, /*depth=*/p.rows, p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kForwardChunkBytes);
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const at::TensorOptions opts = grad_out.options();
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, opts);
   at::Tensor dcols_buffer = p.identity_unfold ? at::Tensor() : at::empty({chunk * p.unfolded}, opts);
@@ -950,8 +974,8 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 constexpr int64_t kTileFloats = kMR * kNR;  // one packed 16x6 weight tile
 // A block's K weight and dW tiles (2 x 4 x 32 x 384 B) stay in L2 while each
 // sample's dy and cols panels for the block (64 and 48 unfolded rows) are read once.
-constexpr int64_t kGradBlockRows = 4;  // row panels (of 16) per thread block
-constexpr int64_t kGradBlockCols = 8;  // column panels (of 6) per thread block
+constexpr int64_t kGradBlockRows = 1;  // row panels (of 16) per thread block
+constexpr int64_t kGradBlockCols = 32;  // column panels (of 6) per thread block
 
 struct WeightGradBlocks {
   int64_t row_panels, col_panels;  // per group
@@ -1006,11 +1030,13 @@ void weight_grad_micro_kernel(int64_t pixels, const float* dy, const float* cols
         _mm256_storeu_ps(dwk + 8 * v, _mm256_fmadd_ps(ak, acc[v], _mm256_loadu_ps(dwk + 8 * v)));
     }
     if (w != nullptr) {
+      // Three independent chains: one chain of 12 dependent FMAs would wait
+      // on FMA latency longer than the G tile takes to accumulate.
       const float* wk = w + k * kernel_stride;
-      __m256 dot = _mm256_loadu_ps(dattn_lanes + 8 * k);
+      __m256 dot[3] = {_mm256_loadu_ps(dattn_lanes + 8 * k), _mm256_setzero_ps(), _mm256_setzero_ps()};
 #pragma GCC unroll 12
-      for (int v = 0; v < 2 * kNR; ++v) dot = _mm256_fmadd_ps(acc[v], _mm256_loadu_ps(wk + 8 * v), dot);
-      _mm256_storeu_ps(dattn_lanes + 8 * k, dot);
+      for (int v = 0; v < 2 * kNR; ++v) dot[v % 3] = _mm256_fmadd_ps(acc[v], _mm256_loadu_ps(wk + 8 * v), dot[v % 3]);
+      _mm256_storeu_ps(dattn_lanes + 8 * k, _mm256_add_ps(dot[0], _mm256_add_ps(dot[1], dot[2])));
     }
   }
 }
@@ -1047,14 +1073,14 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
   }
 }
 
-// grad_w (accumulated into, zero on entry) and/or grad_attn of dynamic_conv2d.
+// grad_w (written: the first chunk stores, later chunks add) and/or
+// grad_attn of dynamic_conv2d.
 void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const float* w,
                         const float* attn, float* grad_w, float* grad_attn) {
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
   const WeightGradBlocks wb = make_weight_grad_blocks(p);
-  const int64_t chunk = chunk_samples(
-      p, g.batch, sizeof(float), std::max(kForwardChunkBytes, K * p.kernel_size * static_cast<int64_t>(sizeof(float))));
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const at::TensorOptions opts = grad_out.options();
   at::Tensor dy_packed = at::empty({chunk * wb.sample_dy}, opts);
   at::Tensor cols_packed = at::zeros({chunk * wb.sample_cols}, opts);  // padding columns stay zero
@@ -1093,22 +1119,27 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
         const int64_t nrp = std::min(kGradBlockRows, wb.row_panels - rp0);
         const int64_t ncp = std::min(kGradBlockCols, wb.col_panels - cp0);
         const int64_t kernel_stride = nrp * ncp * kTileFloats;
-        // Visits every (k, tile, column j, row i) of the block with its weight
-        // offset, or -1 where the tile reaches past the matrix.
-        auto for_each_element = [&](const auto& body) {
+        // Visits the block's weight rows: body(row of kernel k, its packed
+        // tiles' row i, valid columns), row = nullptr past the matrix. Packed
+        // tiles are [k][row panel][col panel][6 columns][16 rows].
+        auto for_each_row = [&](const auto& body) {
+          const int64_t ncols = std::min(ncp * kNR, p.cols - cp0 * kNR);
           for (int64_t k = 0; k < K; ++k)
             for (int64_t rp = 0; rp < nrp; ++rp)
-              for (int64_t cp = 0; cp < ncp; ++cp)
-                for (int64_t j = 0; j < kNR; ++j)
-                  for (int64_t i = 0; i < kMR; ++i) {
-                    const int64_t row = (rp0 + rp) * kMR + i, col = (cp0 + cp) * kNR + j;
-                    const int64_t packed = k * kernel_stride + (rp * ncp + cp) * kTileFloats + j * kMR + i;
-                    const bool inside = row < p.rows && col < p.cols;
-                    body(packed, inside ? k * p.kernel_size + group * p.group_size + row * p.cols + col : -1);
-                  }
+              for (int64_t i = 0; i < kMR; ++i) {
+                const int64_t row = (rp0 + rp) * kMR + i;
+                const int64_t at = k * p.kernel_size + group * p.group_size + row * p.cols + cp0 * kNR;
+                body(row < p.rows ? at : -1, k * kernel_stride + rp * ncp * kTileFloats + i, ncols);
+              }
         };
-        if (grad_attn != nullptr)
-          for_each_element([&](int64_t packed, int64_t at) { w_tiles[packed] = at >= 0 ? w[at] : 0.f; });
+        // Column c of the block sits at packed offset tile (c / 6), column (c % 6).
+        auto packed_col = [](int64_t c) { return c / kNR * kTileFloats + c % kNR * kMR; };
+        if (grad_attn != nullptr) {
+          std::fill(w_tiles.begin(), w_tiles.end(), 0.f);  // rows and columns past the matrix
+          for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
+            for (int64_t c = 0; at >= 0 && c < ncols; ++c) w_tiles[packed + packed_col(c)] = w[at + c];
+          });
+        }
         std::fill(dw_tiles.begin(), dw_tiles.end(), 0.f);
         for (int64_t i = 0; i < n; ++i) {
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * kMR;
@@ -1132,8 +1163,10 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
           }
         }
         if (grad_w != nullptr)
-          for_each_element([&](int64_t packed, int64_t at) {
-            if (at >= 0) grad_w[at] += dw_tiles[packed];
+          for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
+            float* dst = grad_w + at;
+            for (int64_t c = 0; at >= 0 && c < ncols; ++c)
+              dst[c] = (b0 > 0 ? dst[c] : 0.f) + dw_tiles[packed + packed_col(c)];
           });
       }
     });
@@ -1160,8 +1193,7 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   const bool need_g = grad_w != nullptr || grad_attn != nullptr;  // per-sample G_b needed
   // Each chunk packs and unpacks every weight tile once, so large weights get
   // larger chunks: up to the size of the K-fold weight gradient returned anyway.
-  const int64_t chunk = chunk_samples(
-      p, g.batch, sizeof(T), std::max(kForwardChunkBytes, K * p.kernel_size * static_cast<int64_t>(sizeof(T))));
+  const int64_t chunk = chunk_samples(p, g.batch, sizeof(T), kernel_sized_budget(p, sizeof(T)));
   const Tiling tiles = make_tiling(p.cols, g.groups, /*balance=*/true);
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
@@ -1334,7 +1366,9 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const at::Tensor empty = at::empty({0}, x.options());
 
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : empty;
-  at::Tensor grad_w = need_w ? at::zeros(weight.sizes(), opts) : empty;
+  // grad_w is zeroed by the paths that accumulate into it; the packed weight
+  // gradient writes it, which saves a pass over K |W|.
+  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), opts) : empty;
   at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : empty;
   at::Tensor grad_bias = empty;
 
@@ -1344,6 +1378,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     grad_sum = grad_out.to(dtype).sum({2, 3});
   }
   if (g.batch > 0 && (need_x || need_w || need_attn) && use_library_per_sample(g, kLibraryBackwardMinPixels)) {
+    if (need_w) grad_w.zero_();
     backward_library_per_sample(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, dtype,
                                 need_x, need_w, need_attn, grad_x, grad_w, grad_attn);
   } else if (g.batch > 0 && (need_x || need_w || need_attn)) {
@@ -1366,6 +1401,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     }
     const bool blas_x = need_x && !packed_x;
     const bool blas_g = (need_w || need_attn) && !packed_g;
+    if (blas_g && need_w) grad_w.zero_();
     if (blas_x || blas_g) {
       AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {
         backward_impl<scalar_t>(p, go, x_c, w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr,
@@ -1374,8 +1410,10 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
                                 blas_g && need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
       });
     }
-  } else if (need_attn) {
-    grad_attn.zero_();
+  } else {
+    // No samples: every gradient but grad_x (which is empty) is zero.
+    if (need_w) grad_w.zero_();
+    if (need_attn) grad_attn.zero_();
   }
   if (need_attn && bias.has_value()) {
     grad_attn.add_(at::mm(grad_sum, bias->to(dtype).t()));
