@@ -410,7 +410,7 @@ bool cpu_has_avx2_fma() {
 
 // The packed path wins where the per-sample GEMMs are small (few output
 // pixels), BLAS where they are large enough to amortise a separate mixing.
-constexpr int64_t kPackedMaxPixels = 256;
+constexpr int64_t kPackedMaxPixels = 512;
 
 bool use_packed(const Plan& p, at::ScalarType dtype) {
   return dtype == at::kFloat && cpu_has_avx2_fma() && p.pixels <= kPackedMaxPixels;
@@ -973,8 +973,9 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 
 constexpr int64_t kTileFloats = kMR * kNR;  // one packed 16x6 weight tile
 // A block's K weight and dW tiles (2 x 4 x 32 x 384 B) stay in L2 while each
-// sample's dy and cols panels for the block (64 and 48 unfolded rows) are read once.
-constexpr int64_t kGradBlockRows = 1;  // row panels (of 16) per thread block
+// sample's dy and cols panels for the block (16 and 192 unfolded rows) are
+// read once; its weight rows are gathered and written in 768-byte runs.
+constexpr int64_t kGradBlockRows = 1;   // row panels (of 16) per thread block
 constexpr int64_t kGradBlockCols = 32;  // column panels (of 6) per thread block
 
 struct WeightGradBlocks {
