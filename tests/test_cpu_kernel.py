@@ -1,7 +1,7 @@
 """The fused CPU kernel's own paths: weight tiles, sample blocks, chunking, thread
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
-float32 layers with at most 512 output pixels take the packed micro-kernel
+float32 layers with at most 256 output pixels take the packed micro-kernel
 paths on AVX2 machines: the forward, grad_x, and the weight side (dW and
 dattn) when its 16x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
@@ -27,8 +27,8 @@ TILED_CASES = [
     Case(5, 70, 66, 6, 6, kernel=(1, 1), bias=False),               # 1x1 stride 1: unfold is the identity
     Case(5, 70, 66, 7, 7, kernel=(1, 1), stride=(2, 2)),            # 1x1 strided: a real unfold
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
-    Case(3, 20, 70, 24, 23, padding=(1, 1)),                        # > 512 pixels: the BLAS forward in float32
-    Case(3, 24, 40, 21, 21, padding=(1, 1), num_kernels=3),          # 441 pixels: the packed paths' widest planes
+    Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
+    Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
     Case(5, 37, 40, 6, 5, padding=(1, 1), dilation=(1, 2)),         # 333 cols: a ragged last 6-column panel
 ]
 
