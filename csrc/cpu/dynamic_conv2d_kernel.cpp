@@ -1123,9 +1123,10 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
         const int64_t nrp = std::min(kGradBlockRows, wb.row_panels - rp0);
         const int64_t ncp = std::min(kGradBlockCols, wb.col_panels - cp0);
         const int64_t kernel_stride = nrp * ncp * kTileFloats;
-        // Visits the block's weight rows: body(row of kernel k, its packed
-        // tiles' row i, valid columns), row = nullptr past the matrix. Packed
-        // tiles are [k][row panel][col panel][6 columns][16 rows].
+        // Visits the block's weight rows: body(offset of the row's first
+        // column in the weight, or -1 past the matrix; offset of the same row
+        // in the packed tiles; valid columns). Packed tiles are
+        // [k][row panel][col panel][6 columns][16 rows].
         auto for_each_row = [&](const auto& body) {
           const int64_t ncols = std::min(ncp * kNR, p.cols - cp0 * kNR);
           for (int64_t k = 0; k < K; ++k)
@@ -1141,7 +1142,8 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
         if (grad_attn != nullptr) {
           std::fill(w_tiles.begin(), w_tiles.end(), 0.f);  // rows and columns past the matrix
           for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
-            for (int64_t c = 0; at >= 0 && c < ncols; ++c) w_tiles[packed + packed_col(c)] = w[at + c];
+            if (at < 0) return;
+            for (int64_t c = 0; c < ncols; ++c) w_tiles[packed + packed_col(c)] = w[at + c];
           });
         }
         std::fill(dw_tiles.begin(), dw_tiles.end(), 0.f);
@@ -1168,9 +1170,9 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
         }
         if (grad_w != nullptr)
           for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
+            if (at < 0) return;
             float* dst = grad_w + at;
-            for (int64_t c = 0; at >= 0 && c < ncols; ++c)
-              dst[c] = (b0 > 0 ? dst[c] : 0.f) + dw_tiles[packed + packed_col(c)];
+            for (int64_t c = 0; c < ncols; ++c) dst[c] = (b0 > 0 ? dst[c] : 0.f) + dw_tiles[packed + packed_col(c)];
           });
       }
     });
