@@ -2,7 +2,8 @@
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
 float32 layers with at most 256 output pixels take the packed micro-kernel
-paths on AVX2 machines: the forward, grad_x, and the weight side (dW and
+paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
+set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 16x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
 (forward) or 1024 (backward) with 16+ input channels per group run the
@@ -30,6 +31,7 @@ TILED_CASES = [
     Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
     Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
     Case(5, 37, 40, 6, 5, padding=(1, 1), dilation=(1, 2)),         # 333 cols: a ragged last 6-column panel
+    Case(5, 24, 40, 2, 13, padding=(1, 1)),                         # 26 pixels: a 14-pixel AVX-512 call, 3 row panels
 ]
 
 
@@ -57,15 +59,32 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.fixture(params=["avx512", "avx2", "generic"], ids=lambda isa: f"isa-{isa}")
+def isa(request, monkeypatch):
+    # The packed paths' micro-kernels differ per instruction set (register
+    # blocking, pixels per call, samples per weight-gradient fold); "generic"
+    # forces the BLAS paths. A cap above the CPU's own set runs its best one.
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
+    return request.param
+
+
+def test_isa_cap_rejects_unknown_names(monkeypatch):
+    from comparison import make_inputs
+    x, weight, attn, _ = make_inputs(TILED_CASES[0])
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_ISA: expected one of 'avx512', 'avx2', 'generic', got 'sse9'"):
+        dynamic_conv2d(x.float(), weight.float(), attn.float(), padding=1)
+
+
 @pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c.id)
-def test_tiles_and_blocks_match_reference(case, threads):
+def test_tiles_and_blocks_match_reference(case, threads, isa):
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (False, True, True), (True, False, True)], ids=str)
-@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], TILED_CASES[-1]], ids=lambda c: c.id)
-def test_backward_output_masks(case, mask, threads):
+@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], TILED_CASES[-2]], ids=lambda c: c.id)
+def test_backward_output_masks(case, mask, threads, isa):
     # Each gradient alone and in pairs: the packed grad_x, the packed weight
     # side with and without dattn, and the BLAS fallbacks (3 threads leave
     # too few weight blocks) must not depend on what else was requested.
@@ -86,7 +105,7 @@ def test_backward_output_masks(case, mask, threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", TILED_CASES[:4], ids=lambda c: c.id)
-def test_tiles_across_chunks(monkeypatch, case, dtype):
+def test_tiles_across_chunks(monkeypatch, case, dtype, isa):
     # float32 runs the packed paths (the weight gradient's first chunk stores,
     # later chunks add), float64 the BLAS ones.
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "20000")  # 1-2 samples per chunk

@@ -29,6 +29,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -403,9 +404,36 @@ constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers)
 constexpr int64_t kNR = 6;    // pixels per B panel
 constexpr int64_t kKC = 256;  // most reduction depth per block: A panels stay in L2, B panels in L1
 
-bool cpu_has_avx2_fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+// Instruction set of the packed paths. AVX-512 doubles the vector width
+// (the library's static conv uses it where the CPU has it, so the packed
+// paths must too). CHANFLEX_CPU_ISA caps the choice below the hardware's
+// best: "avx2", or "generic" for the BLAS paths; tests use it to cover every
+// variant on one machine.
+enum class PackedIsa { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+PackedIsa hardware_packed_isa() {
+  static const PackedIsa isa = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return PackedIsa::kGeneric;
+    return __builtin_cpu_supports("avx512f") ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
+  }();
+  return isa;
+}
+
+PackedIsa packed_isa() {
+  const char* env = std::getenv("CHANFLEX_CPU_ISA");
+  if (env == nullptr || *env == '\0') return hardware_packed_isa();
+  const std::string name(env);
+  PackedIsa cap;
+  if (name == "avx512") {
+    cap = PackedIsa::kAvx512;
+  } else if (name == "avx2") {
+    cap = PackedIsa::kAvx2;
+  } else if (name == "generic") {
+    cap = PackedIsa::kGeneric;
+  } else {
+    TORCH_CHECK(false, "CHANFLEX_CPU_ISA: expected one of 'avx512', 'avx2', 'generic', got '", name, "'");
+  }
+  return std::min(cap, hardware_packed_isa());
 }
 
 // The packed path wins where the per-sample GEMMs are small (few output
@@ -415,11 +443,12 @@ bool cpu_has_avx2_fma() {
 // benchmark run: fwd 1.61 vs 1.38, fwd+bwd 1.76 vs 1.50 of the static conv).
 constexpr int64_t kPackedMaxPixels = 256;
 
-bool use_packed(const Plan& p, at::ScalarType dtype) {
-  return dtype == at::kFloat && cpu_has_avx2_fma() && p.pixels <= kPackedMaxPixels;
+bool use_packed(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= kPackedMaxPixels;
 }
 
 struct PackedGemm {
+  PackedIsa isa;
   int64_t m;             // output rows per group
   int64_t depth;         // reduction length per group
   int64_t groups;
@@ -430,8 +459,9 @@ struct PackedGemm {
   int64_t sample_b;      // floats of one sample's packed B: groups * group_b
 };
 
-PackedGemm make_packed_gemm(int64_t m, int64_t depth, const Plan& p) {
+PackedGemm make_packed_gemm(PackedIsa isa, int64_t m, int64_t depth, const Plan& p) {
   PackedGemm s;
+  s.isa = isa;
   s.m = m;
   s.depth = depth;
   s.groups = p.g.groups;
@@ -469,14 +499,18 @@ inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// C (mr x NR corner of a row-major block, ldc) = or += A panel (kc x 16) times
-// the first NR pixels of a B panel (kc x 6). Accumulators hold C's columns,
-// stored back transposed. NR < 6 serves the last pixel panel without
-// computing its padding (a 7x7 plane is 8 panels of 6 and one of 1).
+// C (mr x NR corner of a row-major block, ldc) = or += A panels (kc x 16
+// each, a_panel_stride floats apart) times the first NR pixels of B panels
+// (kc x 6 each, b_panel_stride floats apart). Accumulators hold C's columns,
+// stored back transposed. A short NR serves the last pixels without
+// computing the padding (a 7x7 plane is 8 panels of 6 and one of 1). AVX2:
+// one panel of 16 rows and one of 6 pixels, two registers per pixel.
+// AVX-512: RP row panels (16 or 32 rows) and up to 12 pixels, one register
+// per row panel and pixel.
 template <int NR>
 __attribute__((target("avx2,fma")))
-void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t mr,
-                  bool accumulate) {
+void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, float* c,
+                       int64_t ldc, int64_t mr, bool accumulate) {
   __m256 lo[NR], hi[NR];
 #pragma GCC unroll 6
   for (int j = 0; j < NR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
@@ -501,11 +535,102 @@ void micro_kernel(int64_t kc, const float* a, const float* b, float* c, int64_t 
   }
 }
 
-using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, int64_t, bool);
-// Indexed by the number of valid pixels in the panel.
-constexpr MicroKernel kMicroKernels[kNR + 1] = {nullptr,         micro_kernel<1>, micro_kernel<2>,
-                                                micro_kernel<3>, micro_kernel<4>, micro_kernel<5>,
-                                                micro_kernel<6>};
+constexpr int64_t kPrefetchSteps = 16;
+template <int RP, int NR>
+__attribute__((target("avx512f,avx2,fma")))
+void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
+                         int64_t b_panel_stride, float* c, int64_t ldc, int64_t mr, bool accumulate) {
+  __m512 acc[RP][NR];
+#pragma GCC unroll 2
+  for (int r = 0; r < RP; ++r)
+#pragma GCC unroll 14
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  // One pointer per A and B panel, each advanced by a step: indexing off a
+  // single base made GCC keep one offset register per pixel and spill them.
+  constexpr int kBPanels = (NR + kNR - 1) / kNR;
+  const float* ap[RP];
+  const float* bp[kBPanels];
+#pragma GCC unroll 2
+  for (int r = 0; r < RP; ++r) ap[r] = a + r * a_panel_stride;
+#pragma GCC unroll 3
+  for (int i = 0; i < kBPanels; ++i) bp[i] = b + i * b_panel_stride;
+  for (int64_t q = 0; q < kc; ++q) {
+    __m512 ar[RP];
+#pragma GCC unroll 2
+    for (int r = 0; r < RP; ++r) {
+      ar[r] = _mm512_loadu_ps(ap[r]);
+      _mm_prefetch(reinterpret_cast<const char*>(ap[r] + kPrefetchSteps * kMR), _MM_HINT_T0);
+      ap[r] += kMR;
+    }
+    const float* bq[kBPanels];
+#pragma GCC unroll 3
+    for (int i = 0; i < kBPanels; ++i) {
+      bq[i] = bp[i];
+      bp[i] += kNR;
+    }
+#pragma GCC unroll 14
+    for (int j = 0; j < NR; ++j) {
+      // Pixel j is column j % 6 of B panel j / 6.
+      const __m512 bj = _mm512_set1_ps(bq[j / kNR][j % kNR]);
+#pragma GCC unroll 2
+      for (int r = 0; r < RP; ++r) acc[r][j] = _mm512_fmadd_ps(ar[r], bj, acc[r][j]);
+    }
+  }
+  alignas(64) float tile[NR][RP * kMR];
+#pragma GCC unroll 14
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int r = 0; r < RP; ++r) _mm512_store_ps(tile[j] + r * kMR, acc[r][j]);
+  for (int64_t i = 0; i < mr; ++i) {
+    float* row = c + i * ldc;
+    for (int j = 0; j < NR; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
+  }
+}
+
+// (kc, A, A panel stride, B, B panel stride, C, ldc, valid rows, accumulate).
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                             bool);
+// Row panels (of 16) and pixels one call of each ISA's micro-kernel covers:
+// 16 x 6 on AVX2 (12 of its 16 registers); 32 x 12 on AVX-512 (24 of 32;
+// it loads 14 values per 24 vector FMAs), and up to 32 x 14 for the last
+// call of a plane, so that no call is left with 1 or 2 pixels (a 7x7 plane
+// is 12 + 12 + 12 + 13 pixels, not 4 x 12 + 1: the A panels are streamed
+// once per call, whatever its width).
+constexpr int64_t kMaxRowPanels = 2;
+constexpr int64_t kMaxCallPixels = 14;
+inline int64_t row_panels_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
+
+// Pixels of the call that starts at pixel `first` of a `pixels`-wide plane
+// (a multiple of 6 as long as more remain).
+inline int64_t call_pixels(PackedIsa isa, int64_t first, int64_t pixels) {
+  const int64_t left = pixels - first;
+  if (isa != PackedIsa::kAvx512) return std::min(kNR, left);
+  return left <= kMaxCallPixels ? left : std::min<int64_t>(2 * kNR, left);
+}
+
+template <int NR>
+void micro_kernel_avx2_entry(int64_t kc, const float* a, int64_t a_panel_stride, const float* b, int64_t,
+                             float* c, int64_t ldc, int64_t mr, bool accumulate) {
+  micro_kernel_avx2<NR>(kc, a, a_panel_stride, b, c, ldc, mr, accumulate);
+}
+
+// [row panels - 1][valid pixels]: valid pixels up to 6 per pixel panel.
+template <int RP, size_t... NR>
+constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::index_sequence<NR...>) {
+  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1>...};
+}
+template <size_t... NR>
+constexpr std::array<MicroKernel, kNR + 1> avx2_kernel_row(std::index_sequence<NR...>) {
+  return {nullptr, micro_kernel_avx2_entry<static_cast<int>(NR) + 1>...};
+}
+constexpr std::array<MicroKernel, kNR + 1> kMicroKernelsAvx2 = avx2_kernel_row(std::make_index_sequence<kNR>{});
+constexpr std::array<MicroKernel, kMaxCallPixels + 1> kMicroKernelsAvx512[kMaxRowPanels] = {
+    avx512_kernel_row<1>(std::make_index_sequence<kMaxCallPixels>{}),
+    avx512_kernel_row<2>(std::make_index_sequence<kMaxCallPixels>{})};
+
+MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels) {
+  return isa == PackedIsa::kAvx512 ? kMicroKernelsAvx512[row_panels - 1][pixels] : kMicroKernelsAvx2[pixels];
+}
 
 // Forward A: the K kernels' rows [r0, r0 + nr) of a group (W_k, rows x cols)
 // in panel layout out[k][panel][q][16] (rows past nr zero), 8x8 blocks
@@ -560,40 +685,59 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
 constexpr int64_t kPackedSampleBlock = 4;
 
 // Mixed A panels for NS samples from K packed kernel tiles (panels x depth x
-// 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16].
-template <int NS>
-__attribute__((target("avx2,fma")))
-void mix_packed_tile(const float* packed, int64_t panels, int64_t depth, const float* attn,
-                     int64_t num_kernels, int64_t q0, int64_t kc, float* out) {
+// 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16]. A panel's
+// kc x 16 floats are whole vectors of W floats. GCC vector types rather than
+// intrinsics: the body compiles to the ISA of the function it is inlined into.
+template <int W, int NS>
+CHANFLEX_INLINE void mix_packed_tile_body(const float* packed, int64_t panels, int64_t depth, const float* attn,
+                                          int64_t num_kernels, int64_t q0, int64_t kc, float* out) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
   const int64_t kernel_floats = panels * depth * kMR;
   const int64_t sample_floats = panels * kc * kMR;
   for (int64_t panel = 0; panel < panels; ++panel) {
     const float* src = packed + (panel * depth + q0) * kMR;
     float* dst = out + panel * kc * kMR;
-    for (int64_t e = 0; e < kc * kMR; e += 8) {
-      __m256 acc[NS];
-      const __m256 v0 = _mm256_loadu_ps(src + e);
+    for (int64_t e = 0; e < kc * kMR; e += W) {
+      V acc[NS], v;
+      __builtin_memcpy(&v, src + e, sizeof(V));
 #pragma GCC unroll 4
-      for (int s = 0; s < NS; ++s) acc[s] = _mm256_mul_ps(_mm256_set1_ps(attn[s * num_kernels]), v0);
+      for (int s = 0; s < NS; ++s) acc[s] = attn[s * num_kernels] * v;
       for (int64_t k = 1; k < num_kernels; ++k) {
-        const __m256 v = _mm256_loadu_ps(src + k * kernel_floats + e);
+        __builtin_memcpy(&v, src + k * kernel_floats + e, sizeof(V));
 #pragma GCC unroll 4
-        for (int s = 0; s < NS; ++s)
-          acc[s] = _mm256_fmadd_ps(_mm256_set1_ps(attn[s * num_kernels + k]), v, acc[s]);
+        for (int s = 0; s < NS; ++s) acc[s] += attn[s * num_kernels + k] * v;
       }
 #pragma GCC unroll 4
-      for (int s = 0; s < NS; ++s) _mm256_storeu_ps(dst + s * sample_floats + e, acc[s]);
+      for (int s = 0; s < NS; ++s) __builtin_memcpy(dst + s * sample_floats + e, &acc[s], sizeof(V));
     }
   }
 }
 
+template <int NS>
+__attribute__((target("avx2,fma")))
+void mix_packed_tile_avx2(const float* packed, int64_t panels, int64_t depth, const float* attn,
+                          int64_t num_kernels, int64_t q0, int64_t kc, float* out) {
+  mix_packed_tile_body<8, NS>(packed, panels, depth, attn, num_kernels, q0, kc, out);
+}
+
+template <int NS>
+__attribute__((target("avx512f,avx2,fma")))
+void mix_packed_tile_avx512(const float* packed, int64_t panels, int64_t depth, const float* attn,
+                            int64_t num_kernels, int64_t q0, int64_t kc, float* out) {
+  mix_packed_tile_body<16, NS>(packed, panels, depth, attn, num_kernels, q0, kc, out);
+}
+
 using MixPackedTile = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
 // Indexed by the number of samples mixed together.
-template <size_t... I>
-constexpr std::array<MixPackedTile, sizeof...(I) + 1> mix_packed_tiles(std::index_sequence<I...>) {
-  return {nullptr, mix_packed_tile<static_cast<int>(I) + 1>...};
+constexpr std::array<MixPackedTile, kPackedSampleBlock + 1> kMixPackedTileAvx2 = {
+    nullptr, mix_packed_tile_avx2<1>, mix_packed_tile_avx2<2>, mix_packed_tile_avx2<3>, mix_packed_tile_avx2<4>};
+constexpr std::array<MixPackedTile, kPackedSampleBlock + 1> kMixPackedTileAvx512 = {
+    nullptr, mix_packed_tile_avx512<1>, mix_packed_tile_avx512<2>, mix_packed_tile_avx512<3>,
+    mix_packed_tile_avx512<4>};
+
+MixPackedTile mix_packed_tile(PackedIsa isa, int64_t samples) {
+  return (isa == PackedIsa::kAvx512 ? kMixPackedTileAvx512 : kMixPackedTileAvx2)[samples];
 }
-constexpr auto kMixPackedTile = mix_packed_tiles(std::make_index_sequence<kPackedSampleBlock>{});
 
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
@@ -614,6 +758,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   // Reduction blocks of equal depth (multiple of 8): no short remainder block,
   // whose output read-modify-write would cost more than its arithmetic.
   const int64_t depth_blocks = (s.depth + kKC - 1) / kKC;
+  const int64_t rows_per_call = row_panels_per_call(s.isa);
   const int64_t depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
   const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kPackedSampleBlock)
                                       : kPackedSampleBlock;
@@ -641,17 +786,21 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          kMixPackedTile[ns](a_kernels.data(), panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
+          mix_packed_tile(s.isa, ns)(a_kernels.data(), panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
-            for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
-              const float* b_panel = b_group + packed_b_offset(s, lp, q0);
-              const MicroKernel kernel = kMicroKernels[std::min(kNR, s.pixels - lp * kNR)];
-              for (int64_t panel = 0; panel < panels; ++panel) {
-                kernel(kc, a_mixed.data() + (si * panels + panel) * kc * kMR, b_panel,
-                       c_tile + panel * kMR * s.pixels + lp * kNR, s.pixels,
-                       std::min(kMR, nr - panel * kMR), /*accumulate=*/q0 > 0);
+            // Row panels outside, pixels inside: the mixed A panels of a call
+            // stay in L1 while the (narrower) B panels stream from L2.
+            for (int64_t panel = 0; panel < panels; panel += rows_per_call) {
+              const int64_t np = std::min(rows_per_call, panels - panel);
+              for (int64_t first = 0, valid; first < s.pixels; first += valid) {
+                valid = call_pixels(s.isa, first, s.pixels);
+                const int64_t lp = first / kNR;
+                micro_kernel(s.isa, np, valid)(kc, a_mixed.data() + (si * panels + panel) * kc * kMR, kc * kMR,
+                                               b_group + packed_b_offset(s, lp, q0), s.depth * kNR,
+                                               c_tile + panel * kMR * s.pixels + lp * kNR, s.pixels,
+                                               std::min(np * kMR, nr - panel * kMR), /*accumulate=*/q0 > 0);
               }
             }
           }
@@ -697,9 +846,9 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
 }
 
 // y = dynamic_conv2d(x, w, attn) without bias, through run_packed_gemm.
-void forward_packed(const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
+void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
   const ConvGeometry& g = p.g;
-  const PackedGemm s = make_packed_gemm(/*m=*/p.rows, /*depth=*/p.cols, p);
+  const PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, x.options());
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
@@ -749,10 +898,10 @@ void pack_grad_out(const float* go, float* packed, const Plan& p, const PackedGe
 
 // grad_x of dynamic_conv2d: dcols_b = W_b^T @ dy_b through run_packed_gemm,
 // folded back per chunk (written in place when the unfold is the identity).
-void backward_data_packed(const Plan& p, const at::Tensor& grad_out, const float* w, const float* attn,
+void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const float* w, const float* attn,
                           float* grad_x) {
   const ConvGeometry& g = p.g;
-  const PackedGemm s = make_packed_gemm(/*m=*/p.cols, /*depth=*/p.rows, p);
+  const PackedGemm s = make_packed_gemm(isa, /*m=*/p.cols, /*depth=*/p.rows, p);
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const at::TensorOptions opts = grad_out.options();
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, opts);
@@ -947,8 +1096,9 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor w_c = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
-  if (use_packed(p, dtype)) {
-    forward_packed(p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(), y.data_ptr<float>());
+  const PackedIsa isa = packed_isa();
+  if (use_packed(p, dtype, isa)) {
+    forward_packed(isa, p, x_c, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(), y.data_ptr<float>());
     if (bias_mixed.defined()) {
       y.add_(bias_mixed.view({g.batch, g.out_channels, 1, 1}));
     }
@@ -963,7 +1113,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 }
 
 // ---------------------------------------------------------------------------
-// Packed weight gradient: float32, AVX2, few output pixels.
+// Packed weight gradient: float32, AVX2 or AVX-512, few output pixels.
 //
 // With few pixels G_b = dy_b @ cols_b^T is a rank-`pixels` product, and
 // writing it out for dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> to
@@ -1001,22 +1151,42 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p) {
 }
 
 // The packed weight gradient needs enough blocks to keep every thread busy.
-bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype) {
-  return use_packed(p, dtype) && make_weight_grad_blocks(p).tasks >= 4 * at::get_num_threads();
+bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
+  return use_packed(p, dtype, isa) && make_weight_grad_blocks(p).tasks >= 4 * at::get_num_threads();
 }
 
-// G tile (16 x 6, in registers) = dy panel (pixels x 16) @ cols panel
-// (pixels x 6)^T; then dw_k += attn[k] G and dattn[k] += <G, w_k> lane-wise
-// (8 lanes per kernel, summed by the caller) for every kernel k (tiles
-// kernel_stride floats apart; w or dw may be null).
+// dattn partial sums per kernel, one vector's worth (AVX2 fills the first 8).
+constexpr int64_t kDattnLanes = 16;
+constexpr int64_t kMaxGradSamples = 2;  // samples per weight-gradient micro-kernel call
+
+// The packed operands of one weight-gradient micro-kernel call: sample s's
+// dy panel (pixels x 16) at dy + s * dy_sample_stride, its column panel c
+// (pixels x 6) at cols + s * cols_sample_stride + c * cols_panel_stride.
+struct WeightGradPanels {
+  int64_t pixels;
+  const float* dy;
+  int64_t dy_sample_stride;
+  const float* cols;
+  int64_t cols_panel_stride;
+  int64_t cols_sample_stride;
+};
+
+// For NS samples s, the G tile (16 x 6 CP, in registers) = dy panel @ CP
+// column panels^T; then dw_k += sum_s attn[s,k] G_s and dattn[s,k] +=
+// <G_s, w_k> lane-wise (sample s's lanes at dattn_lanes + s K kDattnLanes,
+// summed by the caller) for every kernel k. attn is sample 0's row (K
+// apart); the CP tiles of a kernel are adjacent, kernels kernel_stride
+// floats apart; w or dw may be null. AVX2: CP = NS = 1, two registers per
+// column; AVX-512: CP, NS in {1, 2}, one register per column and sample.
 __attribute__((target("avx2,fma")))
-void weight_grad_micro_kernel(int64_t pixels, const float* dy, const float* cols, const float* attn,
-                              int64_t num_kernels, const float* w, float* dw, int64_t kernel_stride,
-                              float* dattn_lanes) {
+void weight_grad_micro_kernel_avx2(const WeightGradPanels& in, const float* attn, int64_t num_kernels,
+                                   const float* w, float* dw, int64_t kernel_stride, float* dattn_lanes) {
   __m256 acc[2 * kNR];
 #pragma GCC unroll 12
   for (int v = 0; v < 2 * kNR; ++v) acc[v] = _mm256_setzero_ps();
-  for (int64_t q = 0; q < pixels; ++q, dy += kMR, cols += kNR) {
+  const float* dy = in.dy;
+  const float* cols = in.cols;
+  for (int64_t q = 0; q < in.pixels; ++q, dy += kMR, cols += kNR) {
     const __m256 a0 = _mm256_loadu_ps(dy), a1 = _mm256_loadu_ps(dy + 8);
 #pragma GCC unroll 6
     for (int j = 0; j < kNR; ++j) {
@@ -1037,12 +1207,97 @@ void weight_grad_micro_kernel(int64_t pixels, const float* dy, const float* cols
       // Three independent chains: one chain of 12 dependent FMAs would wait
       // on FMA latency longer than the G tile takes to accumulate.
       const float* wk = w + k * kernel_stride;
-      __m256 dot[3] = {_mm256_loadu_ps(dattn_lanes + 8 * k), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      float* lanes = dattn_lanes + kDattnLanes * k;
+      __m256 dot[3] = {_mm256_loadu_ps(lanes), _mm256_setzero_ps(), _mm256_setzero_ps()};
 #pragma GCC unroll 12
       for (int v = 0; v < 2 * kNR; ++v) dot[v % 3] = _mm256_fmadd_ps(acc[v], _mm256_loadu_ps(wk + 8 * v), dot[v % 3]);
-      _mm256_storeu_ps(dattn_lanes + 8 * k, _mm256_add_ps(dot[0], _mm256_add_ps(dot[1], dot[2])));
+      _mm256_storeu_ps(lanes, _mm256_add_ps(dot[0], _mm256_add_ps(dot[1], dot[2])));
     }
   }
+}
+
+template <int CP, int NS>
+__attribute__((target("avx512f,avx2,fma")))
+void weight_grad_micro_kernel_avx512(const WeightGradPanels& in, const float* attn, int64_t num_kernels,
+                                     const float* w, float* dw, int64_t kernel_stride, float* dattn_lanes) {
+  constexpr int kCols = CP * kNR;  // one register per column and sample
+  __m512 acc[NS][kCols];
+#pragma GCC unroll 2
+  for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 12
+    for (int v = 0; v < kCols; ++v) acc[s][v] = _mm512_setzero_ps();
+  // One pointer per panel, advanced by a step (see micro_kernel_avx512).
+  const float* dy[NS];
+  const float* cols[NS][CP];
+#pragma GCC unroll 2
+  for (int s = 0; s < NS; ++s) {
+    dy[s] = in.dy + s * in.dy_sample_stride;
+#pragma GCC unroll 2
+    for (int c = 0; c < CP; ++c) cols[s][c] = in.cols + s * in.cols_sample_stride + c * in.cols_panel_stride;
+  }
+  for (int64_t q = 0; q < in.pixels; ++q) {
+#pragma GCC unroll 2
+    for (int s = 0; s < NS; ++s) {
+      const __m512 a = _mm512_loadu_ps(dy[s]);
+      dy[s] += kMR;
+#pragma GCC unroll 2
+      for (int c = 0; c < CP; ++c) {
+        const float* cs = cols[s][c];
+        cols[s][c] += kNR;
+#pragma GCC unroll 6
+        for (int j = 0; j < kNR; ++j)
+          acc[s][c * kNR + j] = _mm512_fmadd_ps(a, _mm512_set1_ps(cs[j]), acc[s][c * kNR + j]);
+      }
+    }
+  }
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    if (dw != nullptr) {
+      float* dwk = dw + k * kernel_stride;
+      __m512 ak[NS];
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) ak[s] = _mm512_set1_ps(attn[s * num_kernels + k]);
+#pragma GCC unroll 12
+      for (int v = 0; v < kCols; ++v) {
+        __m512 d = _mm512_loadu_ps(dwk + 16 * v);
+#pragma GCC unroll 2
+        for (int s = 0; s < NS; ++s) d = _mm512_fmadd_ps(ak[s], acc[s][v], d);
+        _mm512_storeu_ps(dwk + 16 * v, d);
+      }
+    }
+    if (w != nullptr) {
+      // Two chains per sample: one chain of 12 dependent FMAs would wait on
+      // FMA latency longer than the G tile takes to accumulate.
+      const float* wk = w + k * kernel_stride;
+      __m512 dot[NS][2];
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) {
+        dot[s][0] = _mm512_loadu_ps(dattn_lanes + (s * num_kernels + k) * kDattnLanes);
+        dot[s][1] = _mm512_setzero_ps();
+      }
+#pragma GCC unroll 12
+      for (int v = 0; v < kCols; ++v) {
+        const __m512 wv = _mm512_loadu_ps(wk + 16 * v);
+#pragma GCC unroll 2
+        for (int s = 0; s < NS; ++s) dot[s][v % 2] = _mm512_fmadd_ps(acc[s][v], wv, dot[s][v % 2]);
+      }
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s)
+        _mm512_storeu_ps(dattn_lanes + (s * num_kernels + k) * kDattnLanes, _mm512_add_ps(dot[s][0], dot[s][1]));
+    }
+  }
+}
+
+using WeightGradMicroKernel = void (*)(const WeightGradPanels&, const float*, int64_t, const float*, float*,
+                                       int64_t, float*);
+// Column panels and samples one call covers: AVX2 1 x 1; AVX-512 2 x 2,
+// which folds two samples' G tiles into each dW tile it loads (the fold's
+// memory traffic is then half the accumulation's, not equal to it).
+inline int64_t col_panels_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
+inline int64_t samples_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
+WeightGradMicroKernel weight_grad_micro_kernel(PackedIsa isa, int64_t col_panels, int64_t samples) {
+  if (isa != PackedIsa::kAvx512) return weight_grad_micro_kernel_avx2;
+  if (col_panels == 2) return samples == 2 ? weight_grad_micro_kernel_avx512<2, 2> : weight_grad_micro_kernel_avx512<2, 1>;
+  return samples == 2 ? weight_grad_micro_kernel_avx512<1, 2> : weight_grad_micro_kernel_avx512<1, 1>;
 }
 
 // One sample's grad_out as dy^T row panels: [group][panel][pixel][16 rows].
@@ -1079,7 +1334,7 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
 
 // grad_w (written: the first chunk stores, later chunks add) and/or
 // grad_attn of dynamic_conv2d.
-void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const float* w,
+void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const float* w,
                         const float* attn, float* grad_w, float* grad_attn) {
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
@@ -1090,6 +1345,7 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
   at::Tensor cols_packed = at::zeros({chunk * wb.sample_cols}, opts);  // padding columns stay zero
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
   const int64_t block_tiles = kGradBlockRows * kGradBlockCols;
+  const int64_t cols_per_call = col_panels_per_call(isa);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
@@ -1115,7 +1371,7 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
       // The block's K weight tiles and dW tiles: [k][row panel][col panel][6][16].
       std::vector<float> w_tiles(grad_attn != nullptr ? K * block_tiles * kTileFloats : 0);
       std::vector<float> dw_tiles(grad_w != nullptr ? K * block_tiles * kTileFloats : 0);
-      std::vector<float> dattn_lanes(8 * K);
+      std::vector<float> dattn_lanes(kDattnLanes * kMaxGradSamples * K);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t group = task / (wb.row_blocks * wb.col_blocks);
         const int64_t rp0 = (task / wb.col_blocks) % wb.row_blocks * kGradBlockRows;
@@ -1147,25 +1403,26 @@ void weight_grad_packed(const Plan& p, const at::Tensor& grad_out, const at::Ten
           });
         }
         std::fill(dw_tiles.begin(), dw_tiles.end(), 0.f);
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0, ns; i < n; i += ns) {
+          ns = std::min(samples_per_call(isa), n - i);
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * kMR;
           const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * kNR;
           std::fill(dattn_lanes.begin(), dattn_lanes.end(), 0.f);
           for (int64_t rp = 0; rp < nrp; ++rp) {
-            for (int64_t cp = 0; cp < ncp; ++cp) {
+            for (int64_t cp = 0; cp < ncp; cp += cols_per_call) {
               const int64_t tile = (rp * ncp + cp) * kTileFloats;
-              weight_grad_micro_kernel(p.pixels, dy_group + (rp0 + rp) * p.pixels * kMR,
-                                       cols_group + (cp0 + cp) * p.pixels * kNR, attn + (b0 + i) * K, K,
-                                       grad_attn != nullptr ? w_tiles.data() + tile : nullptr,
-                                       grad_w != nullptr ? dw_tiles.data() + tile : nullptr, kernel_stride,
-                                       dattn_lanes.data());
+              const WeightGradPanels in{p.pixels, dy_group + (rp0 + rp) * p.pixels * kMR, wb.sample_dy,
+                                        cols_group + (cp0 + cp) * p.pixels * kNR, p.pixels * kNR, wb.sample_cols};
+              weight_grad_micro_kernel(isa, std::min(cols_per_call, ncp - cp), ns)(
+                  in, attn + (b0 + i) * K, K, grad_attn != nullptr ? w_tiles.data() + tile : nullptr,
+                  grad_w != nullptr ? dw_tiles.data() + tile : nullptr, kernel_stride, dattn_lanes.data());
             }
           }
-          // The block's share of dattn[b0 + i, k], lanes summed in double.
-          for (int64_t k = 0; k < K && grad_attn != nullptr; ++k) {
+          // The block's share of dattn[b0 + i + s, k], lanes summed in double.
+          for (int64_t sk = 0; sk < ns * K && grad_attn != nullptr; ++sk) {
             double sum = 0;
-            for (int64_t l = 0; l < 8; ++l) sum += dattn_lanes[8 * k + l];
-            attn_partial[(task * chunk + i) * K + k] = sum;
+            for (int64_t l = 0; l < kDattnLanes; ++l) sum += dattn_lanes[kDattnLanes * sk + l];
+            attn_partial[(task * chunk + i) * K + sk] = sum;
           }
         }
         if (grad_w != nullptr)
@@ -1394,14 +1651,15 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     const at::Tensor x_c = (need_w || need_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.
-    const bool packed_x = need_x && use_packed(p, dtype);
-    const bool packed_g = (need_w || need_attn) && use_packed_weight_grad(p, dtype);
+    const PackedIsa isa = packed_isa();
+    const bool packed_x = need_x && use_packed(p, dtype, isa);
+    const bool packed_g = (need_w || need_attn) && use_packed_weight_grad(p, dtype, isa);
     if (packed_x) {
-      backward_data_packed(p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
+      backward_data_packed(isa, p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
                            grad_x.data_ptr<float>());
     }
     if (packed_g) {
-      weight_grad_packed(p, go, x_c, need_attn ? w_c.const_data_ptr<float>() : nullptr,
+      weight_grad_packed(isa, p, go, x_c, need_attn ? w_c.const_data_ptr<float>() : nullptr,
                          attn_c.const_data_ptr<float>(), need_w ? grad_w.data_ptr<float>() : nullptr,
                          need_attn ? grad_attn.data_ptr<float>() : nullptr);
     }
