@@ -191,6 +191,15 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], warmup: int = 1, repe
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def machine() -> str:
+    """The CPU model and the instruction set of the CPU kernel's packed paths."""
+    model = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"{model}, packed paths {torch.ops.chanflex.cpu_packed_isa()}"
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -310,7 +319,7 @@ def main(argv=None) -> None:
             bar.update()
         for job_shapes, modes in jobs:
             rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
+    print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
           f"median of {repeats} interleaved runs; chanflex/static: lower is better, "
           f"peer/chanflex: higher is better")
     print(markdown(rows))

@@ -8,6 +8,8 @@ dattn) when its 16x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
 (forward) or 1024 (backward) with 16+ input channels per group run the
 library's conv one sample at a time. The cases below cover all."""
+import os
+
 import pytest
 import torch
 
@@ -74,6 +76,20 @@ def test_isa_cap_rejects_unknown_names(monkeypatch):
     monkeypatch.setenv("CHANFLEX_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="CHANFLEX_CPU_ISA: expected one of 'avx512', 'avx2', 'generic', got 'sse9'"):
         dynamic_conv2d(x.float(), weight.float(), attn.float(), padding=1)
+
+
+def test_isa_report_follows_the_cpu_and_the_cap(monkeypatch):
+    monkeypatch.delenv("CHANFLEX_CPU_ISA", raising=False)
+    best = torch.ops.chanflex.cpu_packed_isa()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+        expected = ("avx512" if "avx512f" in flags else "avx2") if {"avx2", "fma"} <= flags else "generic"
+        assert best == expected, (best, expected)
+    order = ["generic", "avx2", "avx512"]
+    for cap in order:
+        monkeypatch.setenv("CHANFLEX_CPU_ISA", cap)
+        assert torch.ops.chanflex.cpu_packed_isa() == order[min(order.index(cap), order.index(best))]
 
 
 @pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c.id)

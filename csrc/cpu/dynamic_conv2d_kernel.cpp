@@ -11,7 +11,7 @@
 //   dcols_b = W_b^T @ dy_b,  G_b = dy_b @ cols_b^T,
 //   dW_k += attn[b,k] G_b,   dattn[b,k] += <G_b, W_k>,
 // so extra memory is O(K |W| + chunk + one tile per thread), never O(B |W|).
-// For float32 on AVX2 CPUs and small outputs, the forward and the
+// For float32 on AVX2 or AVX-512 CPUs and small outputs, the forward and the
 // backward-data product instead mix into packed GEMM panels for their own
 // micro-kernel (see "Packed mixed GEMMs"), and the weight side keeps each G_b
 // tile in registers (see "Packed weight gradient").
@@ -386,7 +386,7 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 }
 
 // ---------------------------------------------------------------------------
-// Packed mixed GEMMs: float32 on CPUs with AVX2 and FMA.
+// Packed mixed GEMMs: float32 on CPUs with AVX2 and FMA, or AVX-512.
 //
 // The forward (y_b = W_b @ cols_b) and the backward-data product
 // (dcols_b = W_b^T @ dy_b) are both, per sample and group,
@@ -395,12 +395,12 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 // the tile plus BLAS's own repacking of both operands, for each sample; with
 // few output pixels that dominates. Here B_b is written once per sample in
 // packed panels (shared by all tiles), each thread packs the K kernels' rows
-// of its A tile once per chunk, mixes them into packed A panels, and a 16x6
-// register-blocked FMA micro-kernel consumes them:
+// of its A tile once per chunk, mixes them into packed A panels, and a
+// register-blocked FMA micro-kernel (16x6 AVX2, 32x12 AVX-512) consumes them:
 //   A panel: 16 rows x kc reduction steps, step by step (16 floats each);
 //   B panel: kc reduction steps x 6 pixels, step by step (6 floats each).
 
-constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers)
+constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers, one AVX-512 register)
 constexpr int64_t kNR = 6;    // pixels per B panel
 constexpr int64_t kKC = 256;  // most reduction depth per block: A panels stay in L2, B panels in L1
 
@@ -1117,235 +1117,261 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 //
 // With few pixels G_b = dy_b @ cols_b^T is a rank-`pixels` product, and
 // writing it out for dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> to
-// read it back K times costs more than computing it. Here each 16x6 tile of
-// G_b lives only in registers: the micro-kernel accumulates it over the
-// pixels and folds it at once into the K dW tiles and the K dattn sums, all
-// kept in the tile's packed layout ([6 columns][16 rows]) in L1/L2. A thread
-// owns a block of weight rows x columns for the whole chunk, so dW needs no
-// partial copies and the result does not depend on scheduling.
+// read it back K times costs more than computing it. Here each tile of G_b
+// lives only in registers, one vector per weight row and run of columns: the
+// micro-kernel accumulates it over the pixels (cols^T panels give the
+// vectors, dy^T panels the broadcast row values) and folds it at once into
+// the K weight-gradient tiles and the K dattn sums, reading W_k and
+// updating dW_k in place in their own row-major layout. A thread owns a
+// block of weight rows x columns for the whole chunk; the block's K weight
+// and dW rows stay in L2 while every sample passes, so dW needs no partial
+// copies, no tile buffers to gather and scatter, and the result does not
+// depend on scheduling.
 
-constexpr int64_t kTileFloats = kMR * kNR;  // one packed 16x6 weight tile
-// A block's K weight and dW tiles (2 x 4 x 32 x 384 B) stay in L2 while each
-// sample's dy and cols panels for the block (16 and 192 unfolded rows) are
-// read once; its weight rows are gathered and written in 768-byte runs.
-constexpr int64_t kGradBlockRows = 1;   // row panels (of 16) per thread block
-constexpr int64_t kGradBlockCols = 32;  // column panels (of 6) per thread block
+// Register blocking of one call, per ISA: `rows` weight rows (dy^T panel
+// height) by `vecs` vectors of `lanes` columns (cols^T panel width): 6 x 16
+// on AVX2 (12 of 16 registers), 12 x 32 on AVX-512 (24 of 32; 14 loads per
+// 24 vector FMAs).
+struct WeightGradShape {
+  int64_t lanes, rows, vecs;
+};
+
+WeightGradShape weight_grad_shape(PackedIsa isa) {
+  return isa == PackedIsa::kAvx512 ? WeightGradShape{16, 12, 2} : WeightGradShape{8, 6, 2};
+}
+constexpr int64_t kMaxGradRows = 12;
+// A thread block: kGradBlockRowCalls x kGradBlockColCalls calls; at 12 x 32 per
+// call that is 48 x 192 weight entries, whose K weight and dW rows (295 KB)
+// stay in L2 while each sample's dy^T and cols^T panels for the block (48 and
+// 192 unfolded rows) are read once.
+constexpr int64_t kGradBlockRowCalls = 4;
+constexpr int64_t kGradBlockColCalls = 6;
 
 struct WeightGradBlocks {
-  int64_t row_panels, col_panels;  // per group
+  WeightGradShape shape;
+  int64_t row_panels, col_panels;  // per group: panels of shape.rows rows and shape.lanes columns
+  int64_t block_rows, block_cols;  // weight entries per thread block
   int64_t row_blocks, col_blocks;  // per group
   int64_t tasks;                   // groups * row_blocks * col_blocks
   int64_t sample_dy, sample_cols;  // floats of one sample's packed dy^T and cols^T (all groups)
 };
 
-WeightGradBlocks make_weight_grad_blocks(const Plan& p) {
+WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa) {
   WeightGradBlocks w;
-  w.row_panels = (p.rows + kMR - 1) / kMR;
-  w.col_panels = (p.cols + kNR - 1) / kNR;
-  w.row_blocks = (w.row_panels + kGradBlockRows - 1) / kGradBlockRows;
-  w.col_blocks = (w.col_panels + kGradBlockCols - 1) / kGradBlockCols;
+  w.shape = weight_grad_shape(isa);
+  w.row_panels = (p.rows + w.shape.rows - 1) / w.shape.rows;
+  w.col_panels = (p.cols + w.shape.lanes - 1) / w.shape.lanes;
+  w.block_rows = kGradBlockRowCalls * w.shape.rows;
+  w.block_cols = kGradBlockColCalls * w.shape.vecs * w.shape.lanes;
+  w.row_blocks = (p.rows + w.block_rows - 1) / w.block_rows;
+  w.col_blocks = (p.cols + w.block_cols - 1) / w.block_cols;
   w.tasks = p.g.groups * w.row_blocks * w.col_blocks;
-  w.sample_dy = p.g.groups * w.row_panels * p.pixels * kMR;
-  w.sample_cols = p.g.groups * w.col_panels * p.pixels * kNR;
+  w.sample_dy = p.g.groups * w.row_panels * p.pixels * w.shape.rows;
+  w.sample_cols = p.g.groups * w.col_panels * p.pixels * w.shape.lanes;
   return w;
 }
 
 // The packed weight gradient needs enough blocks to keep every thread busy.
 bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
-  return use_packed(p, dtype, isa) && make_weight_grad_blocks(p).tasks >= 4 * at::get_num_threads();
+  return use_packed(p, dtype, isa) && make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
-// dattn partial sums per kernel, one vector's worth (AVX2 fills the first 8).
-constexpr int64_t kDattnLanes = 16;
-constexpr int64_t kMaxGradSamples = 2;  // samples per weight-gradient micro-kernel call
-
-// The packed operands of one weight-gradient micro-kernel call: sample s's
-// dy panel (pixels x 16) at dy + s * dy_sample_stride, its column panel c
-// (pixels x 6) at cols + s * cols_sample_stride + c * cols_panel_stride.
-struct WeightGradPanels {
+// One call's operands and destination: dy^T panel (pixels x dy_rows floats),
+// cols^T panels (pixels x lanes floats each, cols_panel_stride apart), and
+// the weight/dW tile origin (row-major, leading dimension ld, kernels
+// kernel_stride apart). `columns` of the tile's vecs x lanes are valid; the
+// rest are padding, neither read from W nor written to dW.
+struct WeightGradCall {
   int64_t pixels;
   const float* dy;
-  int64_t dy_sample_stride;
+  int64_t dy_rows;
   const float* cols;
   int64_t cols_panel_stride;
-  int64_t cols_sample_stride;
+  int64_t columns;
+  const float* w;  // null: no dattn
+  float* dw;       // null: no dW
+  int64_t ld, kernel_stride;
+  bool store;      // the first contribution to dW: written, not added
 };
 
-// For NS samples s, the G tile (16 x 6 CP, in registers) = dy panel @ CP
-// column panels^T; then dw_k += sum_s attn[s,k] G_s and dattn[s,k] +=
-// <G_s, w_k> lane-wise (sample s's lanes at dattn_lanes + s K kDattnLanes,
-// summed by the caller) for every kernel k. attn is sample 0's row (K
-// apart); the CP tiles of a kernel are adjacent, kernels kernel_stride
-// floats apart; w or dw may be null. AVX2: CP = NS = 1, two registers per
-// column; AVX-512: CP, NS in {1, 2}, one register per column and sample.
-__attribute__((target("avx2,fma")))
-void weight_grad_micro_kernel_avx2(const WeightGradPanels& in, const float* attn, int64_t num_kernels,
-                                   const float* w, float* dw, int64_t kernel_stride, float* dattn_lanes) {
-  __m256 acc[2 * kNR];
+// For every kernel k: dw_k (= or +=) attn[k] G and dattn[k] += <G, w_k>
+// lane-wise (lanes[k][W], summed by the caller), where G (R x CP*W, in
+// registers) = dy^T panel^T @ cols^T panels. GCC vector types: the body
+// compiles to the ISA of the function it is inlined into.
+template <int W, int R, int CP>
+CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float* attn, int64_t num_kernels,
+                                           float* lanes) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
+  V acc[R][CP];
 #pragma GCC unroll 12
-  for (int v = 0; v < 2 * kNR; ++v) acc[v] = _mm256_setzero_ps();
-  const float* dy = in.dy;
-  const float* cols = in.cols;
-  for (int64_t q = 0; q < in.pixels; ++q, dy += kMR, cols += kNR) {
-    const __m256 a0 = _mm256_loadu_ps(dy), a1 = _mm256_loadu_ps(dy + 8);
-#pragma GCC unroll 6
-    for (int j = 0; j < kNR; ++j) {
-      const __m256 bj = _mm256_broadcast_ss(cols + j);
-      acc[2 * j] = _mm256_fmadd_ps(a0, bj, acc[2 * j]);
-      acc[2 * j + 1] = _mm256_fmadd_ps(a1, bj, acc[2 * j + 1]);
-    }
-  }
-  for (int64_t k = 0; k < num_kernels; ++k) {
-    if (dw != nullptr) {
-      float* dwk = dw + k * kernel_stride;
-      const __m256 ak = _mm256_set1_ps(attn[k]);
-#pragma GCC unroll 12
-      for (int v = 0; v < 2 * kNR; ++v)
-        _mm256_storeu_ps(dwk + 8 * v, _mm256_fmadd_ps(ak, acc[v], _mm256_loadu_ps(dwk + 8 * v)));
-    }
-    if (w != nullptr) {
-      // Three independent chains: one chain of 12 dependent FMAs would wait
-      // on FMA latency longer than the G tile takes to accumulate.
-      const float* wk = w + k * kernel_stride;
-      float* lanes = dattn_lanes + kDattnLanes * k;
-      __m256 dot[3] = {_mm256_loadu_ps(lanes), _mm256_setzero_ps(), _mm256_setzero_ps()};
-#pragma GCC unroll 12
-      for (int v = 0; v < 2 * kNR; ++v) dot[v % 3] = _mm256_fmadd_ps(acc[v], _mm256_loadu_ps(wk + 8 * v), dot[v % 3]);
-      _mm256_storeu_ps(lanes, _mm256_add_ps(dot[0], _mm256_add_ps(dot[1], dot[2])));
-    }
-  }
-}
-
-template <int CP, int NS>
-__attribute__((target("avx512f,avx2,fma")))
-void weight_grad_micro_kernel_avx512(const WeightGradPanels& in, const float* attn, int64_t num_kernels,
-                                     const float* w, float* dw, int64_t kernel_stride, float* dattn_lanes) {
-  constexpr int kCols = CP * kNR;  // one register per column and sample
-  __m512 acc[NS][kCols];
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
-  for (int s = 0; s < NS; ++s)
-#pragma GCC unroll 12
-    for (int v = 0; v < kCols; ++v) acc[s][v] = _mm512_setzero_ps();
+    for (int v = 0; v < CP; ++v) acc[r][v] = V{};
   // One pointer per panel, advanced by a step (see micro_kernel_avx512).
-  const float* dy[NS];
-  const float* cols[NS][CP];
+  const float* cp[CP];
 #pragma GCC unroll 2
-  for (int s = 0; s < NS; ++s) {
-    dy[s] = in.dy + s * in.dy_sample_stride;
+  for (int v = 0; v < CP; ++v) cp[v] = c.cols + v * c.cols_panel_stride;
+  const float* dy = c.dy;
+  for (int64_t q = 0; q < c.pixels; ++q, dy += c.dy_rows) {
+    V x[CP];
 #pragma GCC unroll 2
-    for (int c = 0; c < CP; ++c) cols[s][c] = in.cols + s * in.cols_sample_stride + c * in.cols_panel_stride;
-  }
-  for (int64_t q = 0; q < in.pixels; ++q) {
+    for (int v = 0; v < CP; ++v) {
+      __builtin_memcpy(&x[v], cp[v], sizeof(V));
+      cp[v] += W;
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const float d = dy[r];
 #pragma GCC unroll 2
-    for (int s = 0; s < NS; ++s) {
-      const __m512 a = _mm512_loadu_ps(dy[s]);
-      dy[s] += kMR;
-#pragma GCC unroll 2
-      for (int c = 0; c < CP; ++c) {
-        const float* cs = cols[s][c];
-        cols[s][c] += kNR;
-#pragma GCC unroll 6
-        for (int j = 0; j < kNR; ++j)
-          acc[s][c * kNR + j] = _mm512_fmadd_ps(a, _mm512_set1_ps(cs[j]), acc[s][c * kNR + j]);
-      }
+      for (int v = 0; v < CP; ++v) acc[r][v] += d * x[v];
     }
   }
+  const bool full = c.columns == CP * W;
   for (int64_t k = 0; k < num_kernels; ++k) {
-    if (dw != nullptr) {
-      float* dwk = dw + k * kernel_stride;
-      __m512 ak[NS];
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s) ak[s] = _mm512_set1_ps(attn[s * num_kernels + k]);
+    if (c.dw != nullptr) {
+      float* dwk = c.dw + k * c.kernel_stride;
+      const float a = attn[k];
 #pragma GCC unroll 12
-      for (int v = 0; v < kCols; ++v) {
-        __m512 d = _mm512_loadu_ps(dwk + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        float* row = dwk + r * c.ld;
+        if (full) {
 #pragma GCC unroll 2
-        for (int s = 0; s < NS; ++s) d = _mm512_fmadd_ps(ak[s], acc[s][v], d);
-        _mm512_storeu_ps(dwk + 16 * v, d);
+          for (int v = 0; v < CP; ++v) {
+            V d = V{};
+            if (!c.store) __builtin_memcpy(&d, row + v * W, sizeof(V));
+            d += a * acc[r][v];
+            __builtin_memcpy(row + v * W, &d, sizeof(V));
+          }
+        } else {
+          float g[CP * W];
+          __builtin_memcpy(g, acc[r], sizeof(g));
+          for (int64_t j = 0; j < c.columns; ++j) row[j] = (c.store ? 0.f : row[j]) + a * g[j];
+        }
       }
     }
-    if (w != nullptr) {
-      // Two chains per sample: one chain of 12 dependent FMAs would wait on
-      // FMA latency longer than the G tile takes to accumulate.
-      const float* wk = w + k * kernel_stride;
-      __m512 dot[NS][2];
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s) {
-        dot[s][0] = _mm512_loadu_ps(dattn_lanes + (s * num_kernels + k) * kDattnLanes);
-        dot[s][1] = _mm512_setzero_ps();
-      }
+    if (c.w != nullptr) {
+      // Two chains: one chain of R * CP dependent FMAs would wait on FMA
+      // latency longer than the tile takes to accumulate.
+      const float* wk = c.w + k * c.kernel_stride;
+      V dot[2];
+      __builtin_memcpy(&dot[0], lanes + k * W, sizeof(V));
+      dot[1] = V{};
+      float tail = 0.f;  // columns of a partial tile, summed in scalar
 #pragma GCC unroll 12
-      for (int v = 0; v < kCols; ++v) {
-        const __m512 wv = _mm512_loadu_ps(wk + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        const float* row = wk + r * c.ld;
+        if (full) {
 #pragma GCC unroll 2
-        for (int s = 0; s < NS; ++s) dot[s][v % 2] = _mm512_fmadd_ps(acc[s][v], wv, dot[s][v % 2]);
+          for (int v = 0; v < CP; ++v) {
+            V wv;
+            __builtin_memcpy(&wv, row + v * W, sizeof(V));
+            dot[(r * CP + v) % 2] += acc[r][v] * wv;
+          }
+        } else {
+          float g[CP * W];
+          __builtin_memcpy(g, acc[r], sizeof(g));
+          for (int64_t j = 0; j < c.columns; ++j) tail += g[j] * row[j];
+        }
       }
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s)
-        _mm512_storeu_ps(dattn_lanes + (s * num_kernels + k) * kDattnLanes, _mm512_add_ps(dot[s][0], dot[s][1]));
+      dot[0] += dot[1];
+      __builtin_memcpy(lanes + k * W, &dot[0], sizeof(V));
+      lanes[k * W] += tail;
     }
   }
 }
 
-using WeightGradMicroKernel = void (*)(const WeightGradPanels&, const float*, int64_t, const float*, float*,
-                                       int64_t, float*);
-// Column panels and samples one call covers: AVX2 1 x 1; AVX-512 2 x 2,
-// which folds two samples' G tiles into each dW tile it loads (the fold's
-// memory traffic is then half the accumulation's, not equal to it).
-inline int64_t col_panels_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
-inline int64_t samples_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
-WeightGradMicroKernel weight_grad_micro_kernel(PackedIsa isa, int64_t col_panels, int64_t samples) {
-  if (isa != PackedIsa::kAvx512) return weight_grad_micro_kernel_avx2;
-  if (col_panels == 2) return samples == 2 ? weight_grad_micro_kernel_avx512<2, 2> : weight_grad_micro_kernel_avx512<2, 1>;
-  return samples == 2 ? weight_grad_micro_kernel_avx512<1, 2> : weight_grad_micro_kernel_avx512<1, 1>;
+template <int R>
+__attribute__((target("avx2,fma")))
+void weight_grad_tile_avx2(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
+  weight_grad_tile_body<8, R, 2>(c, attn, num_kernels, lanes);
 }
 
-// One sample's grad_out as dy^T row panels: [group][panel][pixel][16 rows].
+template <int R>
+__attribute__((target("avx512f,avx2,fma")))
+void weight_grad_tile_avx512(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
+  weight_grad_tile_body<16, R, 2>(c, attn, num_kernels, lanes);
+}
+
+using WeightGradTile = void (*)(const WeightGradCall&, const float*, int64_t, float*);
+// Indexed by the valid rows of the call (the last row panel may be short).
+template <size_t... R>
+constexpr std::array<WeightGradTile, kMaxGradRows + 1> avx512_grad_tiles(std::index_sequence<R...>) {
+  return {nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1>...};
+}
+template <size_t... R>
+constexpr std::array<WeightGradTile, kMaxGradRows + 1> avx2_grad_tiles(std::index_sequence<R...>) {
+  return {nullptr, weight_grad_tile_avx2<static_cast<int>(R) + 1>...};
+}
+constexpr auto kWeightGradTilesAvx512 = avx512_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
+constexpr auto kWeightGradTilesAvx2 = avx2_grad_tiles(std::make_index_sequence<6>{});
+
+WeightGradTile weight_grad_tile(PackedIsa isa, int64_t rows) {
+  return isa == PackedIsa::kAvx512 ? kWeightGradTilesAvx512[rows] : kWeightGradTilesAvx2[rows];
+}
+
+// One sample's grad_out as dy^T row panels: [group][panel][pixel][rows]
+// (rows past the group's zero).
 void pack_grad_out_transposed(const float* go, float* out, const Plan& p, const WeightGradBlocks& wb) {
+  const int64_t height = wb.shape.rows;
   for (int64_t group = 0; group < p.g.groups; ++group) {
     for (int64_t panel = 0; panel < wb.row_panels; ++panel) {
-      float* dst = out + (group * wb.row_panels + panel) * p.pixels * kMR;
-      const int64_t valid = std::min(kMR, p.rows - panel * kMR);
-      for (int64_t i = 0; i < kMR; ++i) {
-        const float* src = go + (group * p.rows + panel * kMR + i) * p.pixels;
-        for (int64_t q = 0; q < p.pixels; ++q) dst[q * kMR + i] = i < valid ? src[q] : 0.f;
+      float* dst = out + (group * wb.row_panels + panel) * p.pixels * height;
+      const int64_t valid = std::min(height, p.rows - panel * height);
+      for (int64_t i = 0; i < height; ++i) {
+        const float* src = go + (group * p.rows + panel * height + i) * p.pixels;
+        for (int64_t q = 0; q < p.pixels; ++q) dst[q * height + i] = i < valid ? src[q] : 0.f;
       }
     }
   }
 }
 
 // Channels [c0, c1) of one sample, unfolded as cols^T column panels:
-// [group][panel][pixel][6 unfolded rows]. Padding columns are zeroed by the caller.
+// [group][panel][pixel][lanes unfolded rows].
 void unfold_channels_transposed(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb,
                                 int64_t c0, int64_t c1, float* rows) {
   const ConvGeometry& g = p.g;
   const int64_t taps = g.kernel_h * g.kernel_w;
+  const int64_t width = wb.shape.lanes;
   unfold_channel_block(x, p, c0, c1, rows);
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t group = c / g.group_in_channels;
     for (int64_t t = 0; t < taps; ++t) {
       const int64_t col = (c % g.group_in_channels) * taps + t;
-      float* dst = out + ((group * wb.col_panels + col / kNR) * p.pixels) * kNR + col % kNR;
+      float* dst = out + ((group * wb.col_panels + col / width) * p.pixels) * width + col % width;
       const float* src = rows + ((c - c0) * taps + t) * p.pixels;
-      for (int64_t q = 0; q < p.pixels; ++q) dst[q * kNR] = src[q];
+      for (int64_t q = 0; q < p.pixels; ++q) dst[q * width] = src[q];
     }
   }
 }
 
-// grad_w (written: the first chunk stores, later chunks add) and/or
+// Zeroes the columns past p.cols in each group's last cols^T panel of one
+// sample, so that padding lanes of G are zero (there are none when the
+// panel width divides the group's columns).
+void zero_padding_columns(float* out, const Plan& p, const WeightGradBlocks& wb) {
+  const int64_t width = wb.shape.lanes;
+  const int64_t first = p.cols - (wb.col_panels - 1) * width;
+  if (first == width) return;
+  for (int64_t group = 0; group < p.g.groups; ++group) {
+    float* panel = out + ((group * wb.col_panels + wb.col_panels - 1) * p.pixels) * width;
+    for (int64_t q = 0; q < p.pixels; ++q)
+      for (int64_t j = first; j < width; ++j) panel[q * width + j] = 0.f;
+  }
+}
+
+// grad_w (written: the first sample stores, later ones add) and/or
 // grad_attn of dynamic_conv2d.
-void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const at::Tensor& x, const float* w,
-                        const float* attn, float* grad_w, float* grad_attn) {
+void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const at::Tensor& x,
+                        const float* w, const float* attn, float* grad_w, float* grad_attn) {
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
-  const WeightGradBlocks wb = make_weight_grad_blocks(p);
+  const WeightGradBlocks wb = make_weight_grad_blocks(p, isa);
+  const WeightGradShape& shape = wb.shape;
+  const int64_t call_cols = shape.vecs * shape.lanes;
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const at::TensorOptions opts = grad_out.options();
   at::Tensor dy_packed = at::empty({chunk * wb.sample_dy}, opts);
-  at::Tensor cols_packed = at::zeros({chunk * wb.sample_cols}, opts);  // padding columns stay zero
+  at::Tensor cols_packed = at::empty({chunk * wb.sample_cols}, opts);
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
-  const int64_t block_tiles = kGradBlockRows * kGradBlockCols;
-  const int64_t cols_per_call = col_panels_per_call(isa);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
@@ -1360,6 +1386,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
         if (part == channel_blocks) {
           pack_grad_out_transposed(go + i * g.out_channels * p.pixels, dy_chunk + i * wb.sample_dy, p, wb);
+          zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
           continue;
         }
         const int64_t c0 = part * kChannelBlock;
@@ -1368,87 +1395,46 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
       }
     });
     at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
-      // The block's K weight tiles and dW tiles: [k][row panel][col panel][6][16].
-      std::vector<float> w_tiles(grad_attn != nullptr ? K * block_tiles * kTileFloats : 0);
-      std::vector<float> dw_tiles(grad_w != nullptr ? K * block_tiles * kTileFloats : 0);
-      std::vector<float> dattn_lanes(kDattnLanes * kMaxGradSamples * K);
+      std::vector<float> lanes(K * shape.lanes);
       for (int64_t task = begin; task < end; ++task) {
+        // Row blocks fastest: a thread's consecutive blocks share their cols^T
+        // panels (~1 MiB at 512@7 for the chunk, kept in L2) and stream the
+        // small dy^T panels instead.
         const int64_t group = task / (wb.row_blocks * wb.col_blocks);
-        // Row blocks fastest: a thread's consecutive blocks share their
-        // column panels (the chunk's cols^T block, ~1 MiB at 512@7, stays in
-        // L2) and stream the small dy panels instead.
-        const int64_t rp0 = task % wb.row_blocks * kGradBlockRows;
-        const int64_t cp0 = (task / wb.row_blocks) % wb.col_blocks * kGradBlockCols;
-        const int64_t nrp = std::min(kGradBlockRows, wb.row_panels - rp0);
-        const int64_t ncp = std::min(kGradBlockCols, wb.col_panels - cp0);
-        const int64_t kernel_stride = nrp * ncp * kTileFloats;
-        // Visits the block's weight rows: body(offset of the row's first
-        // column in the weight, or -1 past the matrix; offset of the same row
-        // in the packed tiles; valid columns). Packed tiles are
-        // [k][row panel][col panel][6 columns][16 rows].
-        auto for_each_row = [&](const auto& body) {
-          const int64_t ncols = std::min(ncp * kNR, p.cols - cp0 * kNR);
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t rp = 0; rp < nrp; ++rp)
-              for (int64_t i = 0; i < kMR; ++i) {
-                const int64_t row = (rp0 + rp) * kMR + i;
-                const int64_t at = k * p.kernel_size + group * p.group_size + row * p.cols + cp0 * kNR;
-                body(row < p.rows ? at : -1, k * kernel_stride + rp * ncp * kTileFloats + i, ncols);
-              }
-        };
-        // Column c of the block sits at packed offset tile (c / 6), column
-        // (c % 6): body(packed offset, column) for the row's columns, tile by
-        // tile (no division per element; the gather and scatter are a
-        // quarter of the weight side's time when written per element).
-        auto for_each_col = [](int64_t ncols, const auto& body) {
-          for (int64_t c0 = 0, tile = 0; c0 < ncols; c0 += kNR, tile += kTileFloats) {
-            const int64_t width = std::min(kNR, ncols - c0);
-            for (int64_t j = 0; j < width; ++j) body(tile + j * kMR, c0 + j);
-          }
-        };
-        if (grad_attn != nullptr) {
-          std::fill(w_tiles.begin(), w_tiles.end(), 0.f);  // rows and columns past the matrix
-          for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
-            if (at < 0) return;
-            const float* src = w + at;
-            float* dst = w_tiles.data() + packed;
-            for_each_col(ncols, [&](int64_t offset, int64_t c) { dst[offset] = src[c]; });
-          });
-        }
-        std::fill(dw_tiles.begin(), dw_tiles.end(), 0.f);
-        for (int64_t i = 0, ns; i < n; i += ns) {
-          ns = std::min(samples_per_call(isa), n - i);
-          const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * kMR;
-          const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * kNR;
-          std::fill(dattn_lanes.begin(), dattn_lanes.end(), 0.f);
-          for (int64_t rp = 0; rp < nrp; ++rp) {
-            for (int64_t cp = 0; cp < ncp; cp += cols_per_call) {
-              const int64_t tile = (rp * ncp + cp) * kTileFloats;
-              const WeightGradPanels in{p.pixels, dy_group + (rp0 + rp) * p.pixels * kMR, wb.sample_dy,
-                                        cols_group + (cp0 + cp) * p.pixels * kNR, p.pixels * kNR, wb.sample_cols};
-              weight_grad_micro_kernel(isa, std::min(cols_per_call, ncp - cp), ns)(
-                  in, attn + (b0 + i) * K, K, grad_attn != nullptr ? w_tiles.data() + tile : nullptr,
-                  grad_w != nullptr ? dw_tiles.data() + tile : nullptr, kernel_stride, dattn_lanes.data());
+        const int64_t r_begin = task % wb.row_blocks * wb.block_rows;
+        const int64_t c_begin = (task / wb.row_blocks) % wb.col_blocks * wb.block_cols;
+        const int64_t r_end = std::min(p.rows, r_begin + wb.block_rows);
+        const int64_t c_end = std::min(p.cols, c_begin + wb.block_cols);
+        const int64_t origin = group * p.group_size;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
+          const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * shape.lanes;
+          std::fill(lanes.begin(), lanes.end(), 0.f);
+          for (int64_t r0 = r_begin; r0 < r_end; r0 += shape.rows) {
+            const WeightGradTile tile = weight_grad_tile(isa, std::min(shape.rows, r_end - r0));
+            for (int64_t c0 = c_begin; c0 < c_end; c0 += call_cols) {
+              const int64_t at = origin + r0 * p.cols + c0;
+              const WeightGradCall call{p.pixels,
+                                        dy_group + (r0 / shape.rows) * p.pixels * shape.rows,
+                                        shape.rows,
+                                        cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
+                                        p.pixels * shape.lanes,
+                                        std::min(call_cols, p.cols - c0),
+                                        grad_attn != nullptr ? w + at : nullptr,
+                                        grad_w != nullptr ? grad_w + at : nullptr,
+                                        p.cols,
+                                        p.kernel_size,
+                                        /*store=*/b0 == 0 && i == 0};
+              tile(call, attn + (b0 + i) * K, K, lanes.data());
             }
           }
-          // The block's share of dattn[b0 + i + s, k], lanes summed in double.
-          for (int64_t sk = 0; sk < ns * K && grad_attn != nullptr; ++sk) {
+          // The block's share of dattn[b0 + i, k], lanes summed in double.
+          for (int64_t k = 0; k < K && grad_attn != nullptr; ++k) {
             double sum = 0;
-            for (int64_t l = 0; l < kDattnLanes; ++l) sum += dattn_lanes[kDattnLanes * sk + l];
-            attn_partial[(task * chunk + i) * K + sk] = sum;
+            for (int64_t l = 0; l < shape.lanes; ++l) sum += lanes[k * shape.lanes + l];
+            attn_partial[(task * chunk + i) * K + k] = sum;
           }
         }
-        if (grad_w != nullptr)
-          for_each_row([&](int64_t at, int64_t packed, int64_t ncols) {
-            if (at < 0) return;
-            float* dst = grad_w + at;
-            const float* src = dw_tiles.data() + packed;
-            if (b0 > 0) {
-              for_each_col(ncols, [&](int64_t offset, int64_t c) { dst[c] += src[offset]; });
-            } else {
-              for_each_col(ncols, [&](int64_t offset, int64_t c) { dst[c] = src[offset]; });
-            }
-          });
       }
     });
     if (grad_attn != nullptr) {
@@ -1709,6 +1695,18 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
 }
 
 }  // namespace
+
+// The instruction set the packed paths run with now (after CHANFLEX_CPU_ISA),
+// for benchmark reports.
+TORCH_LIBRARY_FRAGMENT(chanflex, m) {
+  m.def("cpu_packed_isa() -> str", []() -> std::string {
+    switch (packed_isa()) {
+      case PackedIsa::kAvx512: return "avx512";
+      case PackedIsa::kAvx2: return "avx2";
+      default: return "generic";
+    }
+  });
+}
 
 TORCH_LIBRARY_IMPL(chanflex, CPU, m) {
   m.impl("dynamic_conv2d", &dynamic_conv2d_forward_cpu);
