@@ -663,17 +663,18 @@ void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols,
 
 // Backward-data A = W_k^T: its rows [c0, c0 + nc) are columns of W_k, so
 // out[k][panel][q][i] = W_k[q, c0 + 16 panel + i]: 16 contiguous floats of
-// weight row q (zero past nc).
+// weight row q (zero past nc). Rows outside, panels inside: each weight row's
+// run is read once, not once per panel (a run per page at 512@7).
 void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t rows, int64_t cols,
                          int64_t num_kernels, int64_t c0, int64_t nc, float* out) {
   const int64_t panels = (nc + kMR - 1) / kMR;
   for (int64_t k = 0; k < num_kernels; ++k) {
-    for (int64_t panel = 0; panel < panels; ++panel) {
-      const int64_t valid = std::min(kMR, nc - panel * kMR);
-      float* dst = out + (k * panels + panel) * rows * kMR;
-      const float* src = w_group + k * kernel_stride + c0 + panel * kMR;
-      for (int64_t q = 0; q < rows; ++q, dst += kMR, src += cols) {
-        for (int64_t i = 0; i < valid; ++i) dst[i] = src[i];
+    for (int64_t q = 0; q < rows; ++q) {
+      const float* src = w_group + k * kernel_stride + q * cols + c0;
+      for (int64_t panel = 0; panel < panels; ++panel) {
+        const int64_t valid = std::min(kMR, nc - panel * kMR);
+        float* dst = out + ((k * panels + panel) * rows + q) * kMR;
+        for (int64_t i = 0; i < valid; ++i) dst[i] = src[panel * kMR + i];
         for (int64_t i = valid; i < kMR; ++i) dst[i] = 0.f;
       }
     }
@@ -1128,23 +1129,26 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // copies, no tile buffers to gather and scatter, and the result does not
 // depend on scheduling.
 
-// Register blocking of one call, per ISA: `rows` weight rows (dy^T panel
-// height) by `vecs` vectors of `lanes` columns (cols^T panel width): 6 x 16
-// on AVX2 (12 of 16 registers), 12 x 32 on AVX-512 (24 of 32; 14 loads per
-// 24 vector FMAs).
+// Register blocking of one call, per ISA: `samples` samples' G tiles of
+// `rows` weight rows (dy^T panel height) by `vecs` vectors of `lanes`
+// columns (cols^T panel width): 1 x 6 x 16 on AVX2 (12 of 16 registers);
+// 2 x 6 x 32 on AVX-512 (24 of 32; 16 loads per 24 vector FMAs), which
+// folds two samples into each dW and W vector it loads, halving the fold's
+// memory traffic (at 5x5 the fold is as long as a third of the accumulation).
 struct WeightGradShape {
-  int64_t lanes, rows, vecs;
+  int64_t lanes, rows, vecs, samples;
 };
 
 WeightGradShape weight_grad_shape(PackedIsa isa) {
-  return isa == PackedIsa::kAvx512 ? WeightGradShape{16, 12, 2} : WeightGradShape{8, 6, 2};
+  return isa == PackedIsa::kAvx512 ? WeightGradShape{16, 6, 2, 2} : WeightGradShape{8, 6, 2, 1};
 }
-constexpr int64_t kMaxGradRows = 12;
-// A thread block: kGradBlockRowCalls x kGradBlockColCalls calls; at 12 x 32 per
-// call that is 48 x 192 weight entries, whose K weight and dW rows (295 KB)
-// stay in L2 while each sample's dy^T and cols^T panels for the block (48 and
-// 192 unfolded rows) are read once.
-constexpr int64_t kGradBlockRowCalls = 4;
+constexpr int64_t kMaxGradRows = 6;
+constexpr int64_t kMaxGradSamples = 2;
+// A thread block: kGradBlockRowCalls x kGradBlockColCalls calls; at 6 x 32
+// per call that is 48 x 192 weight entries, whose K weight and dW rows (295
+// KB) stay in L2 while each sample's dy^T and cols^T panels for the block
+// (48 and 192 unfolded rows) are read once.
+constexpr int64_t kGradBlockRowCalls = 8;
 constexpr int64_t kGradBlockColCalls = 6;
 
 struct WeightGradBlocks {
@@ -1176,17 +1180,18 @@ bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) 
   return use_packed(p, dtype, isa) && make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
-// One call's operands and destination: dy^T panel (pixels x dy_rows floats),
-// cols^T panels (pixels x lanes floats each, cols_panel_stride apart), and
-// the weight/dW tile origin (row-major, leading dimension ld, kernels
-// kernel_stride apart). `columns` of the tile's vecs x lanes are valid; the
-// rest are padding, neither read from W nor written to dW.
+// One call's operands and destination: sample s's dy^T panel (pixels x
+// dy_rows floats) at dy + s * dy_sample_stride and its cols^T panels (pixels
+// x lanes floats each, cols_panel_stride apart) at cols + s *
+// cols_sample_stride; the weight/dW tile origin (row-major, leading
+// dimension ld, kernels kernel_stride apart). `columns` of the tile's vecs x
+// lanes are valid; the rest are padding, neither read from W nor written to dW.
 struct WeightGradCall {
   int64_t pixels;
   const float* dy;
-  int64_t dy_rows;
+  int64_t dy_rows, dy_sample_stride;
   const float* cols;
-  int64_t cols_panel_stride;
+  int64_t cols_panel_stride, cols_sample_stride;
   int64_t columns;
   const float* w;  // null: no dattn
   float* dw;       // null: no dW
@@ -1194,44 +1199,57 @@ struct WeightGradCall {
   bool store;      // the first contribution to dW: written, not added
 };
 
-// For every kernel k: dw_k (= or +=) attn[k] G and dattn[k] += <G, w_k>
-// lane-wise (lanes[k][W], summed by the caller), where G (R x CP*W, in
-// registers) = dy^T panel^T @ cols^T panels. GCC vector types: the body
-// compiles to the ISA of the function it is inlined into.
-template <int W, int R, int CP>
+// For every kernel k: dw_k (= or +=) sum_s attn[s,k] G_s and dattn[s,k] +=
+// <G_s, w_k> lane-wise (lanes[s][k][W], summed by the caller), where G_s
+// (R x CP*W, in registers) = sample s's dy^T panel^T @ cols^T panels and
+// attn is sample 0's row (samples num_kernels apart). GCC vector types: the
+// body compiles to the ISA of the function it is inlined into.
+template <int W, int R, int CP, int NS>
 CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float* attn, int64_t num_kernels,
                                            float* lanes) {
   typedef float V __attribute__((vector_size(W * sizeof(float))));
-  V acc[R][CP];
-#pragma GCC unroll 12
-  for (int r = 0; r < R; ++r)
+  V acc[NS][R][CP];
 #pragma GCC unroll 2
-    for (int v = 0; v < CP; ++v) acc[r][v] = V{};
+  for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < CP; ++v) acc[s][r][v] = V{};
   // One pointer per panel, advanced by a step (see micro_kernel_avx512).
-  const float* cp[CP];
+  const float* cp[NS][CP];
+  const float* dp[NS];
 #pragma GCC unroll 2
-  for (int v = 0; v < CP; ++v) cp[v] = c.cols + v * c.cols_panel_stride;
-  const float* dy = c.dy;
-  for (int64_t q = 0; q < c.pixels; ++q, dy += c.dy_rows) {
-    V x[CP];
+  for (int s = 0; s < NS; ++s) {
+    dp[s] = c.dy + s * c.dy_sample_stride;
 #pragma GCC unroll 2
-    for (int v = 0; v < CP; ++v) {
-      __builtin_memcpy(&x[v], cp[v], sizeof(V));
-      cp[v] += W;
-    }
-#pragma GCC unroll 12
-    for (int r = 0; r < R; ++r) {
-      const float d = dy[r];
+    for (int v = 0; v < CP; ++v) cp[s][v] = c.cols + s * c.cols_sample_stride + v * c.cols_panel_stride;
+  }
+  for (int64_t q = 0; q < c.pixels; ++q) {
 #pragma GCC unroll 2
-      for (int v = 0; v < CP; ++v) acc[r][v] += d * x[v];
+    for (int s = 0; s < NS; ++s) {
+      V x[CP];
+#pragma GCC unroll 2
+      for (int v = 0; v < CP; ++v) {
+        __builtin_memcpy(&x[v], cp[s][v], sizeof(V));
+        cp[s][v] += W;
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const float d = dp[s][r];
+#pragma GCC unroll 2
+        for (int v = 0; v < CP; ++v) acc[s][r][v] += d * x[v];
+      }
+      dp[s] += c.dy_rows;
     }
   }
   const bool full = c.columns == CP * W;
   for (int64_t k = 0; k < num_kernels; ++k) {
     if (c.dw != nullptr) {
       float* dwk = c.dw + k * c.kernel_stride;
-      const float a = attn[k];
-#pragma GCC unroll 12
+      float a[NS];
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) a[s] = attn[s * num_kernels + k];
+#pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         float* row = dwk + r * c.ld;
         if (full) {
@@ -1239,25 +1257,35 @@ CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float*
           for (int v = 0; v < CP; ++v) {
             V d = V{};
             if (!c.store) __builtin_memcpy(&d, row + v * W, sizeof(V));
-            d += a * acc[r][v];
+#pragma GCC unroll 2
+            for (int s = 0; s < NS; ++s) d += a[s] * acc[s][r][v];
             __builtin_memcpy(row + v * W, &d, sizeof(V));
           }
         } else {
-          float g[CP * W];
-          __builtin_memcpy(g, acc[r], sizeof(g));
-          for (int64_t j = 0; j < c.columns; ++j) row[j] = (c.store ? 0.f : row[j]) + a * g[j];
+          float g[NS][CP * W];
+#pragma GCC unroll 2
+          for (int s = 0; s < NS; ++s) __builtin_memcpy(g[s], acc[s][r], sizeof(g[s]));
+          for (int64_t j = 0; j < c.columns; ++j) {
+            float d = c.store ? 0.f : row[j];
+            for (int s = 0; s < NS; ++s) d += a[s] * g[s][j];
+            row[j] = d;
+          }
         }
       }
     }
     if (c.w != nullptr) {
-      // Two chains: one chain of R * CP dependent FMAs would wait on FMA
-      // latency longer than the tile takes to accumulate.
+      // Two chains per sample: one chain of R * CP dependent FMAs would wait
+      // on FMA latency longer than the tile takes to accumulate.
       const float* wk = c.w + k * c.kernel_stride;
-      V dot[2];
-      __builtin_memcpy(&dot[0], lanes + k * W, sizeof(V));
-      dot[1] = V{};
-      float tail = 0.f;  // columns of a partial tile, summed in scalar
-#pragma GCC unroll 12
+      V dot[NS][2];
+      float tail[NS];  // columns of a partial tile, summed in scalar
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) {
+        __builtin_memcpy(&dot[s][0], lanes + (s * num_kernels + k) * W, sizeof(V));
+        dot[s][1] = V{};
+        tail[s] = 0.f;
+      }
+#pragma GCC unroll 6
       for (int r = 0; r < R; ++r) {
         const float* row = wk + r * c.ld;
         if (full) {
@@ -1265,48 +1293,57 @@ CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float*
           for (int v = 0; v < CP; ++v) {
             V wv;
             __builtin_memcpy(&wv, row + v * W, sizeof(V));
-            dot[(r * CP + v) % 2] += acc[r][v] * wv;
+#pragma GCC unroll 2
+            for (int s = 0; s < NS; ++s) dot[s][(r * CP + v) % 2] += acc[s][r][v] * wv;
           }
         } else {
-          float g[CP * W];
-          __builtin_memcpy(g, acc[r], sizeof(g));
-          for (int64_t j = 0; j < c.columns; ++j) tail += g[j] * row[j];
+          for (int s = 0; s < NS; ++s) {
+            float g[CP * W];
+            __builtin_memcpy(g, acc[s][r], sizeof(g));
+            for (int64_t j = 0; j < c.columns; ++j) tail[s] += g[j] * row[j];
+          }
         }
       }
-      dot[0] += dot[1];
-      __builtin_memcpy(lanes + k * W, &dot[0], sizeof(V));
-      lanes[k * W] += tail;
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) {
+        dot[s][0] += dot[s][1];
+        float* out = lanes + (s * num_kernels + k) * W;
+        __builtin_memcpy(out, &dot[s][0], sizeof(V));
+        out[0] += tail[s];
+      }
     }
   }
 }
 
-template <int R>
+template <int R, int NS>
 __attribute__((target("avx2,fma")))
 void weight_grad_tile_avx2(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
-  weight_grad_tile_body<8, R, 2>(c, attn, num_kernels, lanes);
+  weight_grad_tile_body<8, R, 2, NS>(c, attn, num_kernels, lanes);
 }
 
-template <int R>
+template <int R, int NS>
 __attribute__((target("avx512f,avx2,fma")))
 void weight_grad_tile_avx512(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
-  weight_grad_tile_body<16, R, 2>(c, attn, num_kernels, lanes);
+  weight_grad_tile_body<16, R, 2, NS>(c, attn, num_kernels, lanes);
 }
 
 using WeightGradTile = void (*)(const WeightGradCall&, const float*, int64_t, float*);
-// Indexed by the valid rows of the call (the last row panel may be short).
+// [samples - 1][valid rows of the call] (the last row panel may be short).
+using WeightGradTiles = std::array<std::array<WeightGradTile, kMaxGradRows + 1>, kMaxGradSamples>;
 template <size_t... R>
-constexpr std::array<WeightGradTile, kMaxGradRows + 1> avx512_grad_tiles(std::index_sequence<R...>) {
-  return {nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1>...};
+constexpr WeightGradTiles avx512_grad_tiles(std::index_sequence<R...>) {
+  return {{{nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1, 1>...},
+           {nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1, 2>...}}};
 }
 template <size_t... R>
-constexpr std::array<WeightGradTile, kMaxGradRows + 1> avx2_grad_tiles(std::index_sequence<R...>) {
-  return {nullptr, weight_grad_tile_avx2<static_cast<int>(R) + 1>...};
+constexpr WeightGradTiles avx2_grad_tiles(std::index_sequence<R...>) {
+  return {{{nullptr, weight_grad_tile_avx2<static_cast<int>(R) + 1, 1>...}, {}}};
 }
-constexpr auto kWeightGradTilesAvx512 = avx512_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
-constexpr auto kWeightGradTilesAvx2 = avx2_grad_tiles(std::make_index_sequence<6>{});
+constexpr WeightGradTiles kWeightGradTilesAvx512 = avx512_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
+constexpr WeightGradTiles kWeightGradTilesAvx2 = avx2_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
 
-WeightGradTile weight_grad_tile(PackedIsa isa, int64_t rows) {
-  return isa == PackedIsa::kAvx512 ? kWeightGradTilesAvx512[rows] : kWeightGradTilesAvx2[rows];
+WeightGradTile weight_grad_tile(PackedIsa isa, int64_t samples, int64_t rows) {
+  return (isa == PackedIsa::kAvx512 ? kWeightGradTilesAvx512 : kWeightGradTilesAvx2)[samples - 1][rows];
 }
 
 // One sample's grad_out as dy^T row panels: [group][panel][pixel][rows]
@@ -1395,7 +1432,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
       }
     });
     at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> lanes(K * shape.lanes);
+      std::vector<float> lanes(kMaxGradSamples * K * shape.lanes);
       for (int64_t task = begin; task < end; ++task) {
         // Row blocks fastest: a thread's consecutive blocks share their cols^T
         // panels (~1 MiB at 512@7 for the chunk, kept in L2) and stream the
@@ -1406,19 +1443,22 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t r_end = std::min(p.rows, r_begin + wb.block_rows);
         const int64_t c_end = std::min(p.cols, c_begin + wb.block_cols);
         const int64_t origin = group * p.group_size;
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t i = 0, ns; i < n; i += ns) {
+          ns = std::min(shape.samples, n - i);
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
           const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * shape.lanes;
           std::fill(lanes.begin(), lanes.end(), 0.f);
           for (int64_t r0 = r_begin; r0 < r_end; r0 += shape.rows) {
-            const WeightGradTile tile = weight_grad_tile(isa, std::min(shape.rows, r_end - r0));
+            const WeightGradTile tile = weight_grad_tile(isa, ns, std::min(shape.rows, r_end - r0));
             for (int64_t c0 = c_begin; c0 < c_end; c0 += call_cols) {
               const int64_t at = origin + r0 * p.cols + c0;
               const WeightGradCall call{p.pixels,
                                         dy_group + (r0 / shape.rows) * p.pixels * shape.rows,
                                         shape.rows,
+                                        wb.sample_dy,
                                         cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
                                         p.pixels * shape.lanes,
+                                        wb.sample_cols,
                                         std::min(call_cols, p.cols - c0),
                                         grad_attn != nullptr ? w + at : nullptr,
                                         grad_w != nullptr ? grad_w + at : nullptr,
@@ -1428,11 +1468,11 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
               tile(call, attn + (b0 + i) * K, K, lanes.data());
             }
           }
-          // The block's share of dattn[b0 + i, k], lanes summed in double.
-          for (int64_t k = 0; k < K && grad_attn != nullptr; ++k) {
+          // The block's share of dattn[b0 + i + s, k], lanes summed in double.
+          for (int64_t sk = 0; sk < ns * K && grad_attn != nullptr; ++sk) {
             double sum = 0;
-            for (int64_t l = 0; l < shape.lanes; ++l) sum += lanes[k * shape.lanes + l];
-            attn_partial[(task * chunk + i) * K + k] = sum;
+            for (int64_t l = 0; l < shape.lanes; ++l) sum += lanes[sk * shape.lanes + l];
+            attn_partial[(task * chunk + i) * K + sk] = sum;
           }
         }
       }
