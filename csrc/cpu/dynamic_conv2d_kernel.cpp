@@ -402,7 +402,6 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 
 constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers, one AVX-512 register)
 constexpr int64_t kNR = 6;    // pixels per B panel
-constexpr int64_t kKC = 256;  // most reduction depth per block: A panels stay in L2, B panels in L1
 
 // Instruction set of the packed paths. AVX-512 doubles the vector width
 // (the library's static conv uses it where the CPU has it, so the packed
@@ -442,6 +441,11 @@ PackedIsa packed_isa() {
 // and packing the K kernels per chunk cost more than the BLAS path (one full
 // benchmark run: fwd 1.61 vs 1.38, fwd+bwd 1.76 vs 1.50 of the static conv).
 constexpr int64_t kPackedMaxPixels = 256;
+
+// Most reduction depth per block, per ISA: B panels stay in L1, the mixed A
+// panels in L2; a deeper block halves the output read-modify-writes
+// (AVX-512 at 512@7 and 512@10: 512 measured 2-7% faster than 256).
+inline int64_t packed_depth_block(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : 256; }
 
 bool use_packed(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
   return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= kPackedMaxPixels;
@@ -740,33 +744,61 @@ MixPackedTile mix_packed_tile(PackedIsa isa, int64_t samples) {
   return (isa == PackedIsa::kAvx512 ? kMixPackedTileAvx512 : kMixPackedTileAvx2)[samples];
 }
 
+// Row tiles of A in run_packed_gemm, and the floats of one tile's K packed kernels.
+Tiling packed_row_tiles(const PackedGemm& s) { return make_tiling(s.m, s.groups, /*balance=*/false); }
+int64_t packed_tile_floats(const PackedGemm& s) {
+  return s.num_kernels * (packed_row_tiles(s).size + kMR - 1) / kMR * s.depth * kMR;
+}
+
+// Every row tile's K packed kernels (tile task t at t * packed_tile_floats),
+// for calls whose samples take several chunks: packed once per call, not once
+// per chunk (at 256@14 the batch takes 7 chunks, and packing was 6% of the
+// forward). pack_a as in run_packed_gemm.
+template <typename PackA>
+at::Tensor prepack_kernels(const PackedGemm& s, const PackA& pack_a, const at::TensorOptions& opts) {
+  const Tiling tiles = packed_row_tiles(s);
+  const int64_t tile_floats = packed_tile_floats(s);
+  at::Tensor packed = at::empty({s.groups * tiles.count * tile_floats}, opts);
+  float* out = packed.data_ptr<float>();
+  at::parallel_for(0, s.groups * tiles.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = (t % tiles.count) * tiles.size;
+      pack_a(t / tiles.count, r0, std::min(tiles.size, s.m - r0), out + t * tile_floats);
+    }
+  });
+  return packed;
+}
+
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
-// group's A in panel layout (see pack_weight_rows); b_packed holds each
-// sample's packed B (s.sample_b floats apart); out_block(i, group) is row 0
-// of sample i's row-major (m x pixels) output block for the group.
+// group's A in panel layout (see pack_weight_rows), unless `prepacked` (from
+// prepack_kernels) holds them; b_packed holds each sample's packed B
+// (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
+// row-major (m x pixels) output block for the group.
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
-                     const PackA& pack_a, const OutBlock& out_block) {
+                     const PackA& pack_a, const float* prepacked, const OutBlock& out_block) {
   const int64_t K = s.num_kernels;
-  const Tiling tiles = make_tiling(s.m, s.groups, /*balance=*/false);
+  const Tiling tiles = packed_row_tiles(s);
   const int64_t tile_tasks = s.groups * tiles.count;
   const int64_t threads = at::get_num_threads();
   // Threads own whole row tiles (packing their K kernel tiles once per chunk)
   // when there are enough tiles; otherwise they split the samples.
   const bool split_samples = tile_tasks < threads;
   const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
+  const int64_t tile_floats = packed_tile_floats(s);
   // Reduction blocks of equal depth (multiple of 8): no short remainder block,
   // whose output read-modify-write would cost more than its arithmetic.
-  const int64_t depth_blocks = (s.depth + kKC - 1) / kKC;
+  const int64_t depth_blocks = (s.depth + packed_depth_block(s.isa) - 1) / packed_depth_block(s.isa);
   const int64_t rows_per_call = row_panels_per_call(s.isa);
   const int64_t depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
   const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kPackedSampleBlock)
                                       : kPackedSampleBlock;
   const int64_t blocks = (n + block - 1) / block;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
-    std::vector<float> a_kernels(K * max_panels * s.depth * kMR);
+    std::vector<float> a_scratch(prepacked != nullptr ? 0 : tile_floats);
     std::vector<float> a_mixed(block * max_panels * depth * kMR);
+    const float* a_kernels = prepacked;
     int64_t packed_task = -1;
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t tile_task = split_samples ? unit / blocks : unit;
@@ -774,8 +806,11 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
       const int64_t r0 = (tile_task % tiles.count) * tiles.size;
       const int64_t nr = std::min(tiles.size, s.m - r0);
       const int64_t panels = (nr + kMR - 1) / kMR;
-      if (tile_task != packed_task) {
-        pack_a(group, r0, nr, a_kernels.data());
+      if (prepacked != nullptr) {
+        a_kernels = prepacked + tile_task * tile_floats;
+      } else if (tile_task != packed_task) {
+        pack_a(group, r0, nr, a_scratch.data());
+        a_kernels = a_scratch.data();
         packed_task = tile_task;
       }
       const int64_t block_begin = split_samples ? unit % blocks : 0;
@@ -787,7 +822,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          mix_packed_tile(s.isa, ns)(a_kernels.data(), panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
+          mix_packed_tile(s.isa, ns)(a_kernels, panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
@@ -852,6 +887,10 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   const PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, x.options());
+  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, float* out) {
+    pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
+  };
+  const at::Tensor prepacked = chunk < g.batch ? prepack_kernels(s, pack_a, x.options()) : at::Tensor();
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
@@ -867,12 +906,9 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
                                std::min(g.in_channels, c0 + kChannelBlock), rows.data());
       }
     });
-    run_packed_gemm(
-        s, b_chunk, attn + b0 * g.num_kernels, n,
-        [&](int64_t group, int64_t r0, int64_t nr, float* out) {
-          pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
-        },
-        [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
+    run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a,
+                    prepacked.defined() ? prepacked.const_data_ptr<float>() : nullptr,
+                    [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
   }
 }
 
@@ -907,18 +943,18 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
   const at::TensorOptions opts = grad_out.options();
   at::Tensor packed_b = at::empty({chunk * s.sample_b}, opts);
   at::Tensor dcols_buffer = p.identity_unfold ? at::Tensor() : at::empty({chunk * p.unfolded}, opts);
+  auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, float* out) {
+    pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, out);
+  };
+  const at::Tensor prepacked = chunk < g.batch ? prepack_kernels(s, pack_a, opts) : at::Tensor();
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<float>();
     pack_grad_out(grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels,
                   packed_b.data_ptr<float>(), p, s, n);
-    run_packed_gemm(
-        s, packed_b.const_data_ptr<float>(), attn + b0 * g.num_kernels, n,
-        [&](int64_t group, int64_t c0, int64_t nc, float* out) {
-          pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc,
-                              out);
-        },
-        [&](int64_t i, int64_t group) { return dcols + i * p.unfolded + group * p.cols * p.pixels; });
+    run_packed_gemm(s, packed_b.const_data_ptr<float>(), attn + b0 * g.num_kernels, n, pack_a,
+                    prepacked.defined() ? prepacked.const_data_ptr<float>() : nullptr,
+                    [&](int64_t i, int64_t group) { return dcols + i * p.unfolded + group * p.cols * p.pixels; });
     if (!p.identity_unfold) {
       fold_samples(dcols, grad_x + b0 * p.plane, p, n);
     }
