@@ -4,7 +4,7 @@ counts, the 1x1 and batch-1 special cases, and its memory bound.
 float32 layers with at most 256 output pixels take the packed micro-kernel
 paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
-dattn) when its 16x192 weight blocks number at least 4 per thread; larger
+dattn) when its 48x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
 (forward) or 1024 (backward) with 16+ input channels per group run the
 library's conv one sample at a time. The cases below cover all."""

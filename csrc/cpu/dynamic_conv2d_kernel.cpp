@@ -753,7 +753,12 @@ int64_t packed_tile_floats(const PackedGemm& s) {
 // Every row tile's K packed kernels (tile task t at t * packed_tile_floats),
 // for calls whose samples take several chunks: packed once per call, not once
 // per chunk (at 256@14 the batch takes 7 chunks, and packing was 6% of the
-// forward). pack_a as in run_packed_gemm.
+// forward). It costs K|W| of memory, so only from 3 chunks on (at 512@10 the
+// batch takes 2, and prepacking raised the forward's peak from 51 to 79 MB).
+// pack_a as in run_packed_gemm.
+constexpr int64_t kPrepackMinChunks = 3;
+bool use_prepacked_kernels(int64_t batch, int64_t chunk) { return (batch + chunk - 1) / chunk >= kPrepackMinChunks; }
+
 template <typename PackA>
 at::Tensor prepack_kernels(const PackedGemm& s, const PackA& pack_a, const at::TensorOptions& opts) {
   const Tiling tiles = packed_row_tiles(s);
@@ -890,7 +895,8 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, float* out) {
     pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
   };
-  const at::Tensor prepacked = chunk < g.batch ? prepack_kernels(s, pack_a, x.options()) : at::Tensor();
+  const at::Tensor prepacked =
+      use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a, x.options()) : at::Tensor();
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
@@ -946,7 +952,7 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
   auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, float* out) {
     pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, out);
   };
-  const at::Tensor prepacked = chunk < g.batch ? prepack_kernels(s, pack_a, opts) : at::Tensor();
+  const at::Tensor prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a, opts) : at::Tensor();
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<float>();
