@@ -1,8 +1,8 @@
 """The fused CPU kernel's own paths: weight tiles, sample blocks, chunking, thread
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
-float32 layers with at most 256 output pixels take the packed micro-kernel
-paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
+float32 layers with at most 256 output pixels (512 for the AVX-512 weight
+side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 48x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
@@ -34,6 +34,7 @@ TILED_CASES = [
     Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
     Case(5, 37, 40, 6, 5, padding=(1, 1), dilation=(1, 2)),         # 333 cols: a ragged last 6-column panel
     Case(5, 24, 40, 2, 13, padding=(1, 1)),                         # 26 pixels: a 14-pixel AVX-512 call, 3 row panels
+    Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, AVX-512 packed weight side
 ]
 
 

@@ -1218,8 +1218,15 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa) {
 }
 
 // The packed weight gradient needs enough blocks to keep every thread busy.
+// The packed weight gradient also wins at VGG19's 21x21 stage on AVX-512
+// (weight side alone, 441 pixels: 70 vs 97-107 ms at 256->256, 37 vs 41-45
+// at 128->256), not at 28x28 (784 pixels: 41 vs 37 ms); AVX2 keeps the
+// forward's limit, which is where it was measured.
+int64_t packed_weight_grad_max_pixels(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : kPackedMaxPixels; }
+
 bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
-  return use_packed(p, dtype, isa) && make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_weight_grad_max_pixels(isa) &&
+         make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
 // One call's operands and destination: sample s's dy^T panel (pixels x
