@@ -513,8 +513,8 @@ inline void transpose8x8(__m256 r[8]) {
 // per row panel and pixel.
 template <int NR>
 __attribute__((target("avx2,fma")))
-void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, float* c,
-                       int64_t ldc, int64_t mr, bool accumulate) {
+void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b,
+                       int64_t /*b_panel_stride*/, float* c, int64_t ldc, int64_t mr, bool accumulate) {
   __m256 lo[NR], hi[NR];
 #pragma GCC unroll 6
   for (int j = 0; j < NR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
@@ -614,12 +614,6 @@ inline int64_t call_pixels(PackedIsa isa, int64_t first, int64_t pixels) {
   return left <= kMaxCallPixels ? left : std::min<int64_t>(2 * kNR, left);
 }
 
-template <int NR>
-void micro_kernel_avx2_entry(int64_t kc, const float* a, int64_t a_panel_stride, const float* b, int64_t,
-                             float* c, int64_t ldc, int64_t mr, bool accumulate) {
-  micro_kernel_avx2<NR>(kc, a, a_panel_stride, b, c, ldc, mr, accumulate);
-}
-
 // [row panels - 1][valid pixels]: valid pixels up to 6 per pixel panel.
 template <int RP, size_t... NR>
 constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::index_sequence<NR...>) {
@@ -627,7 +621,7 @@ constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::ind
 }
 template <size_t... NR>
 constexpr std::array<MicroKernel, kNR + 1> avx2_kernel_row(std::index_sequence<NR...>) {
-  return {nullptr, micro_kernel_avx2_entry<static_cast<int>(NR) + 1>...};
+  return {nullptr, micro_kernel_avx2<static_cast<int>(NR) + 1>...};
 }
 constexpr std::array<MicroKernel, kNR + 1> kMicroKernelsAvx2 = avx2_kernel_row(std::make_index_sequence<kNR>{});
 constexpr std::array<MicroKernel, kMaxCallPixels + 1> kMicroKernelsAvx512[kMaxRowPanels] = {
