@@ -23,6 +23,10 @@ from comparison import Case, assert_close_scaled, assert_matches_reference
 # multiples of the sample block (4).
 RAGGED_COLUMN_PANEL = Case(5, 37, 40, 6, 5, padding=(1, 1), dilation=(1, 2))  # 333 cols: a ragged last column panel
 PIXEL_TAIL_14 = Case(5, 24, 40, 2, 13, padding=(1, 1))  # 26 pixels: a 14-pixel AVX-512 call, 3 row panels
+# 12 input channels per group: unfold blocks of 8 channels cross groups and
+# start off the 8-column grid, so the weight side's transposed unfold takes
+# its element-wise path (16 channels per group take the 8x8-block one).
+GROUP_CROSSING_BLOCK = Case(5, 48, 400, 6, 6, padding=(1, 1), groups=4)
 TILED_CASES = [
     Case(5, 16, 130, 6, 6, padding=(1, 1)),                         # 144 cols, 130 rows
     Case(7, 32, 132, 5, 7, padding=(1, 1), groups=2, bias=False),   # per group: 144 cols, 66 rows
@@ -36,6 +40,7 @@ TILED_CASES = [
     Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
     RAGGED_COLUMN_PANEL,
     PIXEL_TAIL_14,
+    GROUP_CROSSING_BLOCK,
     Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, AVX-512 packed weight side
 ]
 
@@ -102,8 +107,8 @@ def test_tiles_and_blocks_match_reference(case, threads, isa):
 
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (False, True, True), (True, False, True)], ids=str)
-@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], RAGGED_COLUMN_PANEL, PIXEL_TAIL_14],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], RAGGED_COLUMN_PANEL, PIXEL_TAIL_14,
+                                  GROUP_CROSSING_BLOCK], ids=lambda c: c.id)
 def test_backward_output_masks(case, mask, threads, isa):
     # Each gradient alone and in pairs: the packed grad_x, the packed weight
     # side with and without dattn, and the BLAS fallbacks (3 threads leave
@@ -185,3 +190,54 @@ def test_backward_is_deterministic(case, threads):
     for run in runs[1:]:
         for name, first, again in zip(("x", "weight", "attn", "bias"), runs[0], run):
             assert torch.equal(first, again), f"grad of {name} differs between identical runs"
+
+
+def _backward(case, x, weight, attn, grad_out):
+    conv = case.conv_args
+    return torch.ops.chanflex.dynamic_conv2d_backward(
+        grad_out, x, weight, attn, None, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]),
+        conv["groups"], [True, True, True, False])
+
+
+def test_scratch_buffers_reused_across_shapes(isa):
+    # The packed paths keep their scratch buffers between calls. Fill every
+    # one with NaN (a larger call on NaN inputs), then run smaller layers that
+    # reuse them as they are, and a larger one that grows them: any read of
+    # a scratch element before it is written shows up as NaN.
+    from comparison import make_inputs
+    big = Case(6, 64, 160, 12, 12, padding=(1, 1))
+    x, weight, attn = (t.float() for t in make_inputs(big)[:3])
+    nan = float("nan")
+    y = torch.ops.chanflex.dynamic_conv2d(x.fill_(nan), weight.fill_(nan), attn.fill_(nan), None,
+                                          [1, 1], [1, 1], [1, 1], 1)
+    _backward(big, x, weight, attn, torch.full_like(y, nan))
+    for case in (TILED_CASES[0], RAGGED_COLUMN_PANEL, GROUP_CROSSING_BLOCK, Case(7, 72, 200, 13, 13, padding=(1, 1))):
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)
+    torch.ops.chanflex.cpu_release_scratch()
+    assert_matches_reference(dynamic_conv2d, TILED_CASES[0], torch.float32)
+
+
+def test_large_weight_gradients_come_from_a_pool():
+    # K |W| >= 32 MiB (here 37.7 MB): grad_weight's memory is reused once the
+    # previous gradient is freed, never while it is alive.
+    case = Case(2, 512, 512, 3, 3, padding=(1, 1), num_kernels=4, bias=False)
+    from comparison import make_inputs
+    x, weight, attn = (t.float() for t in make_inputs(case)[:3])
+    grad_out = torch.randn(2, 512, 3, 3)
+    torch.ops.chanflex.cpu_release_scratch()
+    first = _backward(case, x, weight, attn, grad_out)[1]
+    kept = first.clone()
+    second = _backward(case, x, weight, attn, grad_out)[1]
+    assert second.data_ptr() != first.data_ptr(), "a live gradient's memory was handed out again"
+    assert torch.equal(first, kept), "the second backward wrote into the first one's gradient"
+    assert torch.equal(second, kept)
+    address = first.data_ptr()
+    del first
+    third = _backward(case, x, weight, attn, grad_out)[1]
+    assert third.data_ptr() == address, "a freed large gradient was not reused"
+    assert torch.equal(third, kept)
+    xr, wr, ar = (t.double().requires_grad_() for t in (x, weight, attn))
+    expected = torch.autograd.grad(dynamic_conv2d_reference(xr, wr, ar, None, padding=(1, 1)), wr, grad_out.double())[0]
+    assert_close_scaled(third, expected, torch.float32, "grad of weight")
+    del second, third
+    torch.ops.chanflex.cpu_release_scratch()

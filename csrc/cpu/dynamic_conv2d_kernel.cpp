@@ -29,6 +29,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -400,6 +401,104 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 //   A panel: 16 rows x kc reduction steps, step by step (16 floats each);
 //   B panel: kc reduction steps x 6 pixels, step by step (6 floats each).
 
+// Memory of weight gradients of 32 MiB and more (K |W|: 38 MB for a K=4
+// 512x512 3x3 layer). glibc maps blocks that large afresh on every
+// allocation, so each backward paid ~9000 page faults (~9 ms at 512@7, where
+// filling a reused buffer takes 1 ms), while the static conv's |W| gradient
+// comes back from the heap. Freed gradients return here instead and the next
+// backward reuses them; at most kGradPoolBytes are kept, and
+// cpu_release_scratch() frees them.
+constexpr size_t kPooledGradBytes = size_t{32} << 20;
+constexpr size_t kGradPoolBytes = size_t{512} << 20;
+
+class GradPool {
+ public:
+  // A block of exactly `bytes` (a gradient's size repeats from step to step).
+  void* acquire(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].second == bytes) {
+          void* block = free_[i].first;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          cached_ -= bytes;
+          return block;
+        }
+      }
+    }
+    void* block = nullptr;
+    TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "dynamic_conv2d_backward: out of memory allocating ",
+                bytes, " bytes for grad_weight");
+    return block;
+  }
+  void release(void* block, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= kGradPoolBytes) {
+        free_.emplace_back(block, bytes);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(block);
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& entry : free_) std::free(entry.first);
+    free_.clear();
+    cached_ = 0;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> free_;
+  size_t cached_ = 0;
+};
+
+// Never destroyed: gradients may be freed during interpreter shutdown.
+GradPool& grad_pool() {
+  static GradPool* pool = new GradPool();
+  return *pool;
+}
+
+// An uninitialised float tensor for a weight gradient: from grad_pool() when
+// it is large, else from the ordinary allocator.
+at::Tensor empty_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * sizeof(float);
+  if (opts.dtype() != at::kFloat || bytes < kPooledGradBytes) return at::empty(sizes, opts);
+  void* block = grad_pool().acquire(bytes);
+  return at::from_blob(block, sizes, [bytes](void* data) { grad_pool().release(data, bytes); }, opts);
+}
+
+// Scratch memory of the packed paths, reused across calls. A fresh buffer of
+// a few MiB is mapped anew by malloc and faults in page by page on first
+// touch: at 256@14 that was ~6400 page faults, ~5 ms of a 40 ms grad_x.
+// Each calling thread keeps one grow-only buffer per slot (as oneDNN keeps
+// its own scratchpad); parallel workers take slices of the kWorkers slot,
+// indexed by thread number. torch.ops.chanflex.cpu_release_scratch() frees
+// the calling thread's buffers. Slots are reused by the passes of one call
+// in sequence, never by two at once.
+enum class Scratch : int { kPackedB, kPrepacked, kUnfolded, kPackedDy, kWorkers, kCount };
+
+std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)>& scratch_buffers() {
+  thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
+  return buffers;
+}
+
+// At least `floats` floats of slot `slot`, contents undefined.
+float* scratch(Scratch slot, int64_t floats) {
+  at::Tensor& buffer = scratch_buffers()[static_cast<size_t>(slot)];
+  if (!buffer.defined() || buffer.numel() < floats) {
+    buffer = at::Tensor();  // the old buffer goes before the new one comes
+    buffer = at::empty({std::max<int64_t>(floats, 1)}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return buffer.data_ptr<float>();
+}
+
+// Per-thread slices of the kWorkers slot: `floats` each, for every thread of
+// the pool; thread t's slice is at worker_scratch + t * floats.
+float* worker_scratch(int64_t floats) { return scratch(Scratch::kWorkers, at::get_num_threads() * floats); }
+
 constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers, one AVX-512 register)
 constexpr int64_t kNR = 6;    // pixels per B panel
 
@@ -501,6 +600,24 @@ inline void transpose8x8(__m256 r[8]) {
   r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// dst[q * width + i] = src[i * ld + q] for 8 rows i and pixels q < pixels:
+// 8 rows of an unfolded block written as 8 adjacent lanes of a transposed
+// (pixel-major) panel `width` floats wide, 8x8 blocks transposed in
+// registers (one element per store made these copies a fifth of the
+// weight gradient at 256@14); the last pixels % 8 in scalar.
+__attribute__((target("avx2,fma")))
+void transpose_rows8(const float* src, int64_t ld, int64_t pixels, float* dst, int64_t width) {
+  const int64_t pixels8 = pixels - pixels % 8;
+  for (int64_t q = 0; q < pixels8; q += 8) {
+    __m256 m[8];
+    for (int64_t i = 0; i < 8; ++i) m[i] = _mm256_loadu_ps(src + i * ld + q);
+    transpose8x8(m);
+    for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (q + j) * width, m[j]);
+  }
+  for (int64_t q = pixels8; q < pixels; ++q)
+    for (int64_t i = 0; i < 8; ++i) dst[q * width + i] = src[i * ld + q];
 }
 
 // C (mr x NR corner of a row-major block, ldc) = or += A panels (kc x 16
@@ -756,18 +873,17 @@ constexpr int64_t kPrepackMinChunks = 3;
 bool use_prepacked_kernels(int64_t batch, int64_t chunk) { return (batch + chunk - 1) / chunk >= kPrepackMinChunks; }
 
 template <typename PackA>
-at::Tensor prepack_kernels(const PackedGemm& s, const PackA& pack_a, const at::TensorOptions& opts) {
+const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a) {
   const Tiling tiles = packed_row_tiles(s);
   const int64_t tile_floats = packed_tile_floats(s);
-  at::Tensor packed = at::empty({s.groups * tiles.count * tile_floats}, opts);
-  float* out = packed.data_ptr<float>();
+  float* out = scratch(Scratch::kPrepacked, s.groups * tiles.count * tile_floats);
   at::parallel_for(0, s.groups * tiles.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t % tiles.count) * tiles.size;
       pack_a(t / tiles.count, r0, std::min(tiles.size, s.m - r0), out + t * tile_floats);
     }
   });
-  return packed;
+  return out;
 }
 
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
@@ -796,9 +912,12 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kPackedSampleBlock)
                                       : kPackedSampleBlock;
   const int64_t blocks = (n + block - 1) / block;
+  const int64_t scratch_floats = prepacked != nullptr ? 0 : tile_floats;
+  const int64_t mixed_floats = block * max_panels * depth * kMR;
+  float* workers = worker_scratch(scratch_floats + mixed_floats);
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
-    std::vector<float> a_scratch(prepacked != nullptr ? 0 : tile_floats);
-    std::vector<float> a_mixed(block * max_panels * depth * kMR);
+    float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats);
+    float* const a_mixed = a_scratch + scratch_floats;
     const float* a_kernels = prepacked;
     int64_t packed_task = -1;
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -810,8 +929,8 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
       if (prepacked != nullptr) {
         a_kernels = prepacked + tile_task * tile_floats;
       } else if (tile_task != packed_task) {
-        pack_a(group, r0, nr, a_scratch.data());
-        a_kernels = a_scratch.data();
+        pack_a(group, r0, nr, a_scratch);
+        a_kernels = a_scratch;
         packed_task = tile_task;
       }
       const int64_t block_begin = split_samples ? unit % blocks : 0;
@@ -823,7 +942,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          mix_packed_tile(s.isa, ns)(a_kernels, panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed.data());
+          mix_packed_tile(s.isa, ns)(a_kernels, panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed);
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
@@ -834,7 +953,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
               for (int64_t first = 0, valid; first < s.pixels; first += valid) {
                 valid = call_pixels(s.isa, first, s.pixels);
                 const int64_t lp = first / kNR;
-                micro_kernel(s.isa, np, valid)(kc, a_mixed.data() + (si * panels + panel) * kc * kMR, kc * kMR,
+                micro_kernel(s.isa, np, valid)(kc, a_mixed + (si * panels + panel) * kc * kMR, kc * kMR,
                                                b_group + packed_b_offset(s, lp, q0), s.depth * kNR,
                                                c_tile + panel * kMR * s.pixels + lp * kNR, s.pixels,
                                                std::min(np * kMR, nr - panel * kMR), /*accumulate=*/q0 > 0);
@@ -845,6 +964,13 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
       }
     }
   });
+}
+
+// Input channels the packed layouts are unfolded in at a time, and the
+// floats of one such block's unfolded rows.
+constexpr int64_t kUnfoldChannelBlock = 8;
+inline int64_t unfold_block_floats(const Plan& p) {
+  return kUnfoldChannelBlock * p.g.kernel_h * p.g.kernel_w * p.pixels;
 }
 
 // Unfolds channels [c0, c1) of one sample contiguously into `rows` (channel
@@ -874,6 +1000,11 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
       const int64_t group = c / g.group_in_channels;
       float* dst = packed + group * s.group_b + packed_b_offset(s, lp, (c % g.group_in_channels) * taps);
       const float* src = rows + (c - c0) * taps * p.pixels + pixel;
+      if (valid == kNR) {
+        // A fixed-size copy: a loop of `valid` steps ran element by element.
+        for (int64_t t = 0; t < taps; ++t, dst += kNR, src += p.pixels) std::memcpy(dst, src, kNR * sizeof(float));
+        continue;
+      }
       for (int64_t t = 0; t < taps; ++t, dst += kNR, src += p.pixels) {
         for (int64_t j = 0; j < valid; ++j) dst[j] = src[j];
         for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
@@ -887,29 +1018,27 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  at::Tensor packed_b = at::empty({chunk * s.sample_b}, x.options());
+  float* b_chunk = scratch(Scratch::kPackedB, chunk * s.sample_b);
   auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, float* out) {
     pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
   };
-  const at::Tensor prepacked =
-      use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a, x.options()) : at::Tensor();
+  const float* prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a) : nullptr;
+  const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
+  const int64_t rows_floats = unfold_block_floats(p);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
-    float* b_chunk = packed_b.data_ptr<float>();
-    constexpr int64_t kChannelBlock = 8;
-    const int64_t channel_blocks = (g.in_channels + kChannelBlock - 1) / kChannelBlock;
+    float* workers = worker_scratch(rows_floats);
     at::parallel_for(0, n * channel_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(kChannelBlock * g.kernel_h * g.kernel_w * p.pixels);
+      float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / channel_blocks;
-        const int64_t c0 = (t % channel_blocks) * kChannelBlock;
+        const int64_t c0 = (t % channel_blocks) * kUnfoldChannelBlock;
         unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0,
-                               std::min(g.in_channels, c0 + kChannelBlock), rows.data());
+                               std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
       }
     });
-    run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a,
-                    prepacked.defined() ? prepacked.const_data_ptr<float>() : nullptr,
+    run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked,
                     [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
   }
 }
@@ -942,20 +1071,17 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(isa, /*m=*/p.cols, /*depth=*/p.rows, p);
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  const at::TensorOptions opts = grad_out.options();
-  at::Tensor packed_b = at::empty({chunk * s.sample_b}, opts);
-  at::Tensor dcols_buffer = p.identity_unfold ? at::Tensor() : at::empty({chunk * p.unfolded}, opts);
+  float* packed_b = scratch(Scratch::kPackedB, chunk * s.sample_b);
+  float* dcols_buffer = p.identity_unfold ? nullptr : scratch(Scratch::kUnfolded, chunk * p.unfolded);
   auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, float* out) {
     pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, out);
   };
-  const at::Tensor prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a, opts) : at::Tensor();
+  const float* prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a) : nullptr;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<float>();
-    pack_grad_out(grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels,
-                  packed_b.data_ptr<float>(), p, s, n);
-    run_packed_gemm(s, packed_b.const_data_ptr<float>(), attn + b0 * g.num_kernels, n, pack_a,
-                    prepacked.defined() ? prepacked.const_data_ptr<float>() : nullptr,
+    float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer;
+    pack_grad_out(grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels, packed_b, p, s, n);
+    run_packed_gemm(s, packed_b, attn + b0 * g.num_kernels, n, pack_a, prepacked,
                     [&](int64_t i, int64_t group) { return dcols + i * p.unfolded + group * p.cols * p.pixels; });
     if (!p.identity_unfold) {
       fold_samples(dcols, grad_x + b0 * p.plane, p, n);
@@ -1415,6 +1541,19 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t width = wb.shape.lanes;
   unfold_channel_block(x, p, c0, c1, rows);
+  // A block of 8 channels of one group, starting at a multiple of 8 of its
+  // columns: its rows go 8 at a time into 8 adjacent lanes of one panel.
+  const int64_t first_col = (c0 % g.group_in_channels) * taps;
+  if (c1 - c0 == 8 && first_col % 8 == 0 && width % 8 == 0 &&
+      c0 / g.group_in_channels == (c1 - 1) / g.group_in_channels) {
+    const int64_t group = c0 / g.group_in_channels;
+    for (int64_t r = 0; r < 8 * taps; r += 8) {
+      const int64_t col = first_col + r;
+      transpose_rows8(rows + r * p.pixels, p.pixels, p.pixels,
+                      out + ((group * wb.col_panels + col / width) * p.pixels) * width + col % width, width);
+    }
+    return;
+  }
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t group = c / g.group_in_channels;
     for (int64_t t = 0; t < taps; ++t) {
@@ -1450,20 +1589,18 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   const WeightGradShape& shape = wb.shape;
   const int64_t call_cols = shape.vecs * shape.lanes;
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  const at::TensorOptions opts = grad_out.options();
-  at::Tensor dy_packed = at::empty({chunk * wb.sample_dy}, opts);
-  at::Tensor cols_packed = at::empty({chunk * wb.sample_cols}, opts);
+  float* dy_chunk = scratch(Scratch::kPackedDy, chunk * wb.sample_dy);
+  float* cols_chunk = scratch(Scratch::kUnfolded, chunk * wb.sample_cols);
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
+  const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
+  const int64_t rows_floats = unfold_block_floats(p);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
-    float* dy_chunk = dy_packed.data_ptr<float>();
-    float* cols_chunk = cols_packed.data_ptr<float>();
-    constexpr int64_t kChannelBlock = 8;
-    const int64_t channel_blocks = (g.in_channels + kChannelBlock - 1) / kChannelBlock;
+    float* workers = worker_scratch(rows_floats);
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> rows(kChannelBlock * g.kernel_h * g.kernel_w * p.pixels);
+      float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
         if (part == channel_blocks) {
@@ -1471,9 +1608,9 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
           zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
           continue;
         }
-        const int64_t c0 = part * kChannelBlock;
+        const int64_t c0 = part * kUnfoldChannelBlock;
         unfold_channels_transposed(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
-                                   std::min(g.in_channels, c0 + kChannelBlock), rows.data());
+                                   std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
       }
     });
     at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
@@ -1720,7 +1857,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : empty;
   // grad_w is zeroed by the paths that accumulate into it; the packed weight
   // gradient writes it, which saves a pass over K |W|.
-  at::Tensor grad_w = need_w ? at::empty(weight.sizes(), opts) : empty;
+  at::Tensor grad_w = need_w ? empty_weight_grad(weight.sizes(), opts) : empty;
   at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : empty;
   at::Tensor grad_bias = empty;
 
@@ -1784,6 +1921,12 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
 // The instruction set the packed paths run with now (after CHANFLEX_CPU_ISA),
 // for benchmark reports.
 TORCH_LIBRARY_FRAGMENT(chanflex, m) {
+  // Frees the calling thread's scratch buffers and the pooled weight
+  // gradients no tensor holds (both are kept between calls).
+  m.def("cpu_release_scratch() -> ()", []() {
+    for (at::Tensor& buffer : scratch_buffers()) buffer = at::Tensor();
+    grad_pool().clear();
+  });
   m.def("cpu_packed_isa() -> str", []() -> std::string {
     switch (packed_isa()) {
       case PackedIsa::kAvx512: return "avx512";
