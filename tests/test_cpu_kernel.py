@@ -26,7 +26,7 @@ PIXEL_TAIL_14 = Case(5, 24, 40, 2, 13, padding=(1, 1))  # 26 pixels: a 14-pixel 
 # 12 input channels per group: unfold blocks of 8 channels cross groups and
 # start off the 8-column grid, so the weight side's transposed unfold takes
 # its element-wise path (16 channels per group take the 8x8-block one).
-GROUP_CROSSING_BLOCK = Case(5, 48, 400, 6, 6, padding=(1, 1), groups=4)
+GROUP_CROSSING_BLOCK = Case(10, 48, 400, 6, 6, padding=(1, 1), groups=4)  # 10 samples: folds of 8 and 2
 TILED_CASES = [
     Case(5, 16, 130, 6, 6, padding=(1, 1)),                         # 144 cols, 130 rows
     Case(7, 32, 132, 5, 7, padding=(1, 1), groups=2, bias=False),   # per group: 144 cols, 66 rows

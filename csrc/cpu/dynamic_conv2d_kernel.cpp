@@ -791,6 +791,10 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
       for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t valid = std::min(kMR, nc - panel * kMR);
         float* dst = out + ((k * panels + panel) * rows + q) * kMR;
+        if (valid == kMR) {  // a fixed-size copy (one vector), not an element loop
+          std::memcpy(dst, src + panel * kMR, kMR * sizeof(float));
+          continue;
+        }
         for (int64_t i = 0; i < valid; ++i) dst[i] = src[panel * kMR + i];
         for (int64_t i = valid; i < kMR; ++i) dst[i] = 0.f;
       }
@@ -1283,11 +1287,12 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // With few pixels G_b = dy_b @ cols_b^T is a rank-`pixels` product, and
 // writing it out for dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> to
 // read it back K times costs more than computing it. Here each tile of G_b
-// lives only in registers, one vector per weight row and run of columns: the
-// micro-kernel accumulates it over the pixels (cols^T panels give the
-// vectors, dy^T panels the broadcast row values) and folds it at once into
-// the K weight-gradient tiles and the K dattn sums, reading W_k and
-// updating dW_k in place in their own row-major layout. A thread owns a
+// is accumulated in registers, one vector per weight row and run of
+// columns (cols^T panels give the vectors, dy^T panels the broadcast row
+// values), parked in a small L1 buffer with the tiles of up to 7 more
+// samples, and folded from there into the K weight-gradient tiles and the
+// K dattn sums, reading W_k and updating dW_k in place in their own
+// row-major layout. A thread owns a
 // block of weight rows x columns for the whole chunk; the block's K weight
 // and dW rows stay in L2 while every sample passes, so dW needs no partial
 // copies, no tile buffers to gather and scatter, and the result does not
@@ -1296,9 +1301,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // Register blocking of one call, per ISA: `samples` samples' G tiles of
 // `rows` weight rows (dy^T panel height) by `vecs` vectors of `lanes`
 // columns (cols^T panel width): 1 x 6 x 16 on AVX2 (12 of 16 registers);
-// 2 x 6 x 32 on AVX-512 (24 of 32; 16 loads per 24 vector FMAs), which
-// folds two samples into each dW and W vector it loads, halving the fold's
-// memory traffic (at 5x5 the fold is as long as a third of the accumulation).
+// 2 x 6 x 32 on AVX-512 (24 of 32; 16 loads per 24 vector FMAs).
 struct WeightGradShape {
   int64_t lanes, rows, vecs, samples;
 };
@@ -1370,14 +1373,20 @@ struct WeightGradCall {
   bool store;      // the first contribution to dW: written, not added
 };
 
-// For every kernel k: dw_k (= or +=) sum_s attn[s,k] G_s and dattn[s,k] +=
-// <G_s, w_k> lane-wise (lanes[s][k][W], summed by the caller), where G_s
-// (R x CP*W, in registers) = sample s's dy^T panel^T @ cols^T panels and
-// attn is sample 0's row (samples num_kernels apart). GCC vector types: the
-// body compiles to the ISA of the function it is inlined into.
+// Samples whose G tiles are folded together: each call's tiles wait in an
+// L1 buffer (6 KB at 8 x 6 x 32) until the fold, so every W_k and dW_k vector
+// it moves through L2 serves all of them. Folding two samples at a time (as
+// they left the registers) was ~18 of 49 ms of the weight side at 512@7.
+constexpr int64_t kFoldSamples = 8;
+// Floats of one sample's G tile in that buffer: kMaxGradRows x 2 vectors.
+constexpr int64_t kFoldTileFloats = kMaxGradRows * 2 * 16;
+
+// G_s (R x CP*W) = sample (first + s)'s dy^T panel^T @ cols^T panels, for
+// s < NS, accumulated in registers over the pixels and stored to
+// g + s * kFoldTileFloats as R x CP vectors. GCC vector types: the body
+// compiles to the ISA of the function it is inlined into.
 template <int W, int R, int CP, int NS>
-CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float* attn, int64_t num_kernels,
-                                           float* lanes) {
+CHANFLEX_INLINE void weight_grad_accumulate_body(const WeightGradCall& c, int64_t first, float* g) {
   typedef float V __attribute__((vector_size(W * sizeof(float))));
   V acc[NS][R][CP];
 #pragma GCC unroll 2
@@ -1391,9 +1400,10 @@ CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float*
   const float* dp[NS];
 #pragma GCC unroll 2
   for (int s = 0; s < NS; ++s) {
-    dp[s] = c.dy + s * c.dy_sample_stride;
+    dp[s] = c.dy + (first + s) * c.dy_sample_stride;
 #pragma GCC unroll 2
-    for (int v = 0; v < CP; ++v) cp[s][v] = c.cols + s * c.cols_sample_stride + v * c.cols_panel_stride;
+    for (int v = 0; v < CP; ++v)
+      cp[s][v] = c.cols + (first + s) * c.cols_sample_stride + v * c.cols_panel_stride;
   }
   for (int64_t q = 0; q < c.pixels; ++q) {
 #pragma GCC unroll 2
@@ -1413,74 +1423,83 @@ CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float*
       dp[s] += c.dy_rows;
     }
   }
+#pragma GCC unroll 2
+  for (int s = 0; s < NS; ++s)
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < CP; ++v) __builtin_memcpy(g + s * kFoldTileFloats + (r * CP + v) * W, &acc[s][r][v], sizeof(V));
+}
+
+// For every kernel k: dw_k (= or +=) sum_s attn[s,k] G_s and dattn[s,k] +=
+// <G_s, w_k> lane-wise (lanes[s][k][W], summed by the caller), for the NF
+// samples' G tiles in g (`rows` x CP*W each, see weight_grad_accumulate_body)
+// and attn from sample 0's row (samples num_kernels apart). Kernels outside,
+// tile vectors inside: each sample's dattn chain stays in a register.
+template <int W, int CP, int NF>
+CHANFLEX_INLINE void weight_grad_fold_body(const WeightGradCall& c, int64_t rows, const float* g,
+                                           const float* attn, int64_t num_kernels, float* lanes) {
+  typedef float V __attribute__((vector_size(W * sizeof(float))));
   const bool full = c.columns == CP * W;
   for (int64_t k = 0; k < num_kernels; ++k) {
-    if (c.dw != nullptr) {
-      float* dwk = c.dw + k * c.kernel_stride;
-      float a[NS];
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s) a[s] = attn[s * num_kernels + k];
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        float* row = dwk + r * c.ld;
-        if (full) {
-#pragma GCC unroll 2
-          for (int v = 0; v < CP; ++v) {
-            V d = V{};
-            if (!c.store) __builtin_memcpy(&d, row + v * W, sizeof(V));
-#pragma GCC unroll 2
-            for (int s = 0; s < NS; ++s) d += a[s] * acc[s][r][v];
-            __builtin_memcpy(row + v * W, &d, sizeof(V));
+    float a[NF];
+#pragma GCC unroll 8
+    for (int s = 0; s < NF; ++s) a[s] = attn[s * num_kernels + k];
+    float* dwk = c.dw != nullptr ? c.dw + k * c.kernel_stride : nullptr;
+    const float* wk = c.w != nullptr ? c.w + k * c.kernel_stride : nullptr;
+    if (!full) {
+      // A partial tile (the last column panel): columns past c.columns are
+      // padding, neither read from W nor written to dW.
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t j = 0; j < c.columns; ++j) {
+          const int64_t at = r * c.ld + j;
+          float d = (dwk == nullptr || c.store) ? 0.f : dwk[at];
+          for (int s = 0; s < NF; ++s) {
+            const float gs = g[s * kFoldTileFloats + r * CP * W + j];
+            d += a[s] * gs;
+            if (wk != nullptr) lanes[(s * num_kernels + k) * W] += gs * wk[at];
           }
-        } else {
-          float g[NS][CP * W];
+          if (dwk != nullptr) dwk[at] = d;
+        }
+      }
+      continue;
+    }
+    V dot[NF];
+#pragma GCC unroll 8
+    for (int s = 0; s < NF; ++s) dot[s] = V{};
+    for (int64_t r = 0; r < rows; ++r) {
 #pragma GCC unroll 2
-          for (int s = 0; s < NS; ++s) __builtin_memcpy(g[s], acc[s][r], sizeof(g[s]));
-          for (int64_t j = 0; j < c.columns; ++j) {
-            float d = c.store ? 0.f : row[j];
-            for (int s = 0; s < NS; ++s) d += a[s] * g[s][j];
-            row[j] = d;
-          }
+      for (int v = 0; v < CP; ++v) {
+        const int64_t at = r * c.ld + v * W;
+        const float* gv = g + (r * CP + v) * W;
+        V gs[NF];
+#pragma GCC unroll 8
+        for (int s = 0; s < NF; ++s) __builtin_memcpy(&gs[s], gv + s * kFoldTileFloats, sizeof(V));
+        // W before the dW store: W_k and dW_k share their offsets modulo
+        // 4 KiB, so a W load after the store waited on it (4K aliasing).
+        V wv = V{};
+        if (wk != nullptr) __builtin_memcpy(&wv, wk + at, sizeof(V));
+        if (dwk != nullptr) {
+          V d = V{};
+          if (!c.store) __builtin_memcpy(&d, dwk + at, sizeof(V));
+#pragma GCC unroll 8
+          for (int s = 0; s < NF; ++s) d += a[s] * gs[s];
+          __builtin_memcpy(dwk + at, &d, sizeof(V));
+        }
+        if (wk != nullptr) {
+#pragma GCC unroll 8
+          for (int s = 0; s < NF; ++s) dot[s] += gs[s] * wv;
         }
       }
     }
-    if (c.w != nullptr) {
-      // Two chains per sample: one chain of R * CP dependent FMAs would wait
-      // on FMA latency longer than the tile takes to accumulate.
-      const float* wk = c.w + k * c.kernel_stride;
-      V dot[NS][2];
-      float tail[NS];  // columns of a partial tile, summed in scalar
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s) {
-        __builtin_memcpy(&dot[s][0], lanes + (s * num_kernels + k) * W, sizeof(V));
-        dot[s][1] = V{};
-        tail[s] = 0.f;
-      }
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const float* row = wk + r * c.ld;
-        if (full) {
-#pragma GCC unroll 2
-          for (int v = 0; v < CP; ++v) {
-            V wv;
-            __builtin_memcpy(&wv, row + v * W, sizeof(V));
-#pragma GCC unroll 2
-            for (int s = 0; s < NS; ++s) dot[s][(r * CP + v) % 2] += acc[s][r][v] * wv;
-          }
-        } else {
-          for (int s = 0; s < NS; ++s) {
-            float g[CP * W];
-            __builtin_memcpy(g, acc[s][r], sizeof(g));
-            for (int64_t j = 0; j < c.columns; ++j) tail[s] += g[j] * row[j];
-          }
-        }
-      }
-#pragma GCC unroll 2
-      for (int s = 0; s < NS; ++s) {
-        dot[s][0] += dot[s][1];
+    if (wk != nullptr) {
+#pragma GCC unroll 8
+      for (int s = 0; s < NF; ++s) {
         float* out = lanes + (s * num_kernels + k) * W;
-        __builtin_memcpy(out, &dot[s][0], sizeof(V));
-        out[0] += tail[s];
+        V sum;
+        __builtin_memcpy(&sum, out, sizeof(V));
+        sum += dot[s];
+        __builtin_memcpy(out, &sum, sizeof(V));
       }
     }
   }
@@ -1488,33 +1507,84 @@ CHANFLEX_INLINE void weight_grad_tile_body(const WeightGradCall& c, const float*
 
 template <int R, int NS>
 __attribute__((target("avx2,fma")))
-void weight_grad_tile_avx2(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
-  weight_grad_tile_body<8, R, 2, NS>(c, attn, num_kernels, lanes);
+void weight_grad_accumulate_avx2(const WeightGradCall& c, int64_t first, float* g) {
+  weight_grad_accumulate_body<8, R, 2, NS>(c, first, g);
 }
 
 template <int R, int NS>
 __attribute__((target("avx512f,avx2,fma")))
-void weight_grad_tile_avx512(const WeightGradCall& c, const float* attn, int64_t num_kernels, float* lanes) {
-  weight_grad_tile_body<16, R, 2, NS>(c, attn, num_kernels, lanes);
+void weight_grad_accumulate_avx512(const WeightGradCall& c, int64_t first, float* g) {
+  weight_grad_accumulate_body<16, R, 2, NS>(c, first, g);
 }
 
-using WeightGradTile = void (*)(const WeightGradCall&, const float*, int64_t, float*);
+template <int NF>
+__attribute__((target("avx2,fma")))
+void weight_grad_fold_avx2(const WeightGradCall& c, int64_t rows, const float* g, const float* attn,
+                           int64_t num_kernels, float* lanes) {
+  weight_grad_fold_body<8, 2, NF>(c, rows, g, attn, num_kernels, lanes);
+}
+
+template <int NF>
+__attribute__((target("avx512f,avx2,fma")))
+void weight_grad_fold_avx512(const WeightGradCall& c, int64_t rows, const float* g, const float* attn,
+                             int64_t num_kernels, float* lanes) {
+  weight_grad_fold_body<16, 2, NF>(c, rows, g, attn, num_kernels, lanes);
+}
+
+// Requests the W_k and dW_k rows a call's fold will touch, before its
+// accumulation: they come from L2 or beyond (each row's run is two lines,
+// a page away from the next row's, too short for the hardware prefetchers),
+// and the fold stalled on them.
+inline void prefetch_fold_rows(const WeightGradCall& c, int64_t rows, int64_t num_kernels) {
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = k * c.kernel_stride + r * c.ld;
+      for (int64_t j = 0; j < c.columns; j += 16) {
+        if (c.w != nullptr) __builtin_prefetch(c.w + at + j, 0, 3);
+        if (c.dw != nullptr) __builtin_prefetch(c.dw + at + j, 1, 3);
+      }
+    }
+  }
+}
+
+using WeightGradAccumulate = void (*)(const WeightGradCall&, int64_t, float*);
 // [samples - 1][valid rows of the call] (the last row panel may be short).
-using WeightGradTiles = std::array<std::array<WeightGradTile, kMaxGradRows + 1>, kMaxGradSamples>;
+using WeightGradAccumulates = std::array<std::array<WeightGradAccumulate, kMaxGradRows + 1>, kMaxGradSamples>;
 template <size_t... R>
-constexpr WeightGradTiles avx512_grad_tiles(std::index_sequence<R...>) {
-  return {{{nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1, 1>...},
-           {nullptr, weight_grad_tile_avx512<static_cast<int>(R) + 1, 2>...}}};
+constexpr WeightGradAccumulates avx512_grad_accumulates(std::index_sequence<R...>) {
+  return {{{nullptr, weight_grad_accumulate_avx512<static_cast<int>(R) + 1, 1>...},
+           {nullptr, weight_grad_accumulate_avx512<static_cast<int>(R) + 1, 2>...}}};
 }
 template <size_t... R>
-constexpr WeightGradTiles avx2_grad_tiles(std::index_sequence<R...>) {
-  return {{{nullptr, weight_grad_tile_avx2<static_cast<int>(R) + 1, 1>...}, {}}};
+constexpr WeightGradAccumulates avx2_grad_accumulates(std::index_sequence<R...>) {
+  return {{{nullptr, weight_grad_accumulate_avx2<static_cast<int>(R) + 1, 1>...}, {}}};
 }
-constexpr WeightGradTiles kWeightGradTilesAvx512 = avx512_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
-constexpr WeightGradTiles kWeightGradTilesAvx2 = avx2_grad_tiles(std::make_index_sequence<kMaxGradRows>{});
+constexpr WeightGradAccumulates kWeightGradAccumulatesAvx512 =
+    avx512_grad_accumulates(std::make_index_sequence<kMaxGradRows>{});
+constexpr WeightGradAccumulates kWeightGradAccumulatesAvx2 =
+    avx2_grad_accumulates(std::make_index_sequence<kMaxGradRows>{});
 
-WeightGradTile weight_grad_tile(PackedIsa isa, int64_t samples, int64_t rows) {
-  return (isa == PackedIsa::kAvx512 ? kWeightGradTilesAvx512 : kWeightGradTilesAvx2)[samples - 1][rows];
+WeightGradAccumulate weight_grad_accumulate(PackedIsa isa, int64_t samples, int64_t rows) {
+  return (isa == PackedIsa::kAvx512 ? kWeightGradAccumulatesAvx512 : kWeightGradAccumulatesAvx2)[samples - 1][rows];
+}
+
+using WeightGradFold = void (*)(const WeightGradCall&, int64_t, const float*, const float*, int64_t, float*);
+// Indexed by the number of samples folded together.
+template <size_t... NF>
+constexpr std::array<WeightGradFold, kFoldSamples + 1> avx512_grad_folds(std::index_sequence<NF...>) {
+  return {nullptr, weight_grad_fold_avx512<static_cast<int>(NF) + 1>...};
+}
+template <size_t... NF>
+constexpr std::array<WeightGradFold, kFoldSamples + 1> avx2_grad_folds(std::index_sequence<NF...>) {
+  return {nullptr, weight_grad_fold_avx2<static_cast<int>(NF) + 1>...};
+}
+constexpr std::array<WeightGradFold, kFoldSamples + 1> kWeightGradFoldsAvx512 =
+    avx512_grad_folds(std::make_index_sequence<kFoldSamples>{});
+constexpr std::array<WeightGradFold, kFoldSamples + 1> kWeightGradFoldsAvx2 =
+    avx2_grad_folds(std::make_index_sequence<kFoldSamples>{});
+
+WeightGradFold weight_grad_fold(PackedIsa isa, int64_t samples) {
+  return (isa == PackedIsa::kAvx512 ? kWeightGradFoldsAvx512 : kWeightGradFoldsAvx2)[samples];
 }
 
 // One sample's grad_out as dy^T row panels: [group][panel][pixel][rows]
@@ -1614,7 +1684,8 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
       }
     });
     at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> lanes(kMaxGradSamples * K * shape.lanes);
+      std::vector<float> lanes(kFoldSamples * K * shape.lanes);
+      alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
       for (int64_t task = begin; task < end; ++task) {
         // Row blocks fastest: a thread's consecutive blocks share their cols^T
         // panels (~1 MiB at 512@7 for the chunk, kept in L2) and stream the
@@ -1626,12 +1697,13 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t c_end = std::min(p.cols, c_begin + wb.block_cols);
         const int64_t origin = group * p.group_size;
         for (int64_t i = 0, ns; i < n; i += ns) {
-          ns = std::min(shape.samples, n - i);
+          ns = std::min(kFoldSamples, n - i);
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
           const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * shape.lanes;
           std::fill(lanes.begin(), lanes.end(), 0.f);
+          const WeightGradFold fold = weight_grad_fold(isa, ns);
           for (int64_t r0 = r_begin; r0 < r_end; r0 += shape.rows) {
-            const WeightGradTile tile = weight_grad_tile(isa, ns, std::min(shape.rows, r_end - r0));
+            const int64_t rows = std::min(shape.rows, r_end - r0);
             for (int64_t c0 = c_begin; c0 < c_end; c0 += call_cols) {
               const int64_t at = origin + r0 * p.cols + c0;
               const WeightGradCall call{p.pixels,
@@ -1647,7 +1719,12 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
                                         p.cols,
                                         p.kernel_size,
                                         /*store=*/b0 == 0 && i == 0};
-              tile(call, attn + (b0 + i) * K, K, lanes.data());
+              prefetch_fold_rows(call, rows, K);
+              for (int64_t s0 = 0, together; s0 < ns; s0 += together) {
+                together = std::min(shape.samples, ns - s0);
+                weight_grad_accumulate(isa, together, rows)(call, s0, g_tiles + s0 * kFoldTileFloats);
+              }
+              fold(call, rows, g_tiles, attn + (b0 + i) * K, K, lanes.data());
             }
           }
           // The block's share of dattn[b0 + i + s, k], lanes summed in double.
