@@ -213,6 +213,10 @@ def _measure_peak_here(provider: str, shape: ConvShape, mode: str) -> int:
     step = Step(provider, shape, mode)
     step()  # warm-up: libraries allocate their persistent buffers
     step.clear_grads()
+    # chanflex keeps its scratch buffers and freed large weight gradients for
+    # the next call; release them so that the measured step's own memory,
+    # the K-fold weight gradient included, is counted rather than reused.
+    torch.ops.chanflex.cpu_release_scratch()
     gc.collect()
     baseline = _proc_status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

@@ -473,31 +473,39 @@ at::Tensor empty_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& opt
 // Scratch memory of the packed paths, reused across calls. A fresh buffer of
 // a few MiB is mapped anew by malloc and faults in page by page on first
 // touch: at 256@14 that was ~6400 page faults, ~5 ms of a 40 ms grad_x.
-// Each calling thread keeps one grow-only buffer per slot (as oneDNN keeps
-// its own scratchpad); parallel workers take slices of the kWorkers slot,
-// indexed by thread number. torch.ops.chanflex.cpu_release_scratch() frees
-// the calling thread's buffers. Slots are reused by the passes of one call
-// in sequence, never by two at once.
-enum class Scratch : int { kPackedB, kPrepacked, kUnfolded, kPackedDy, kWorkers, kCount };
-
-std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)>& scratch_buffers() {
-  thread_local std::array<at::Tensor, static_cast<size_t>(Scratch::kCount)> buffers;
-  return buffers;
+// Each calling thread keeps one grow-only buffer (as oneDNN keeps its own
+// scratchpad), out of which each pass (forward, grad_x, weight side) carves
+// all its buffers at once, the pool threads' slices included: what is kept
+// is the largest pass's need, not the sum of all passes', so a fwd+bwd
+// step peaks where it did with buffers freed after each pass.
+// torch.ops.chanflex.cpu_release_scratch() frees the calling thread's.
+at::Tensor& scratch_buffer() {
+  thread_local at::Tensor buffer;
+  return buffer;
 }
 
-// At least `floats` floats of slot `slot`, contents undefined.
-float* scratch(Scratch slot, int64_t floats) {
-  at::Tensor& buffer = scratch_buffers()[static_cast<size_t>(slot)];
-  if (!buffer.defined() || buffer.numel() < floats) {
-    buffer = at::Tensor();  // the old buffer goes before the new one comes
-    buffer = at::empty({std::max<int64_t>(floats, 1)}, at::TensorOptions().dtype(at::kFloat));
+// One pass's buffers of floats[i] floats each (null where 0), carved out of
+// the calling thread's scratch buffer, each 64-byte aligned. Valid until the next pass_scratch.
+template <size_t N>
+std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats) {
+  constexpr int64_t kAlign = 64 / sizeof(float);
+  std::array<int64_t, N> offsets;
+  int64_t total = 0;
+  for (size_t i = 0; i < N; ++i) {
+    offsets[i] = total;
+    total += (floats[i] + kAlign - 1) / kAlign * kAlign;
   }
-  return buffer.data_ptr<float>();
+  at::Tensor& buffer = scratch_buffer();
+  if (!buffer.defined() || buffer.numel() < total) {
+    buffer = at::Tensor();  // the old buffer goes before the new one comes
+    buffer = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kFloat));
+  }
+  float* base = buffer.data_ptr<float>();
+  std::array<float*, N> out;
+  for (size_t i = 0; i < N; ++i) out[i] = floats[i] > 0 ? base + offsets[i] : nullptr;
+  return out;
 }
 
-// Per-thread slices of the kWorkers slot: `floats` each, for every thread of
-// the pool; thread t's slice is at worker_scratch + t * floats.
-float* worker_scratch(int64_t floats) { return scratch(Scratch::kWorkers, at::get_num_threads() * floats); }
 
 constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers, one AVX-512 register)
 constexpr int64_t kNR = 6;    // pixels per B panel
@@ -867,7 +875,8 @@ int64_t packed_tile_floats(const PackedGemm& s) {
   return s.num_kernels * (packed_row_tiles(s).size + kMR - 1) / kMR * s.depth * kMR;
 }
 
-// Every row tile's K packed kernels (tile task t at t * packed_tile_floats),
+// Every row tile's K packed kernels (tile task t at t * packed_tile_floats)
+// into `out` (prepacked_floats(s) floats),
 // for calls whose samples take several chunks: packed once per call, not once
 // per chunk (at 256@14 the batch takes 7 chunks, and packing was 6% of the
 // forward). It costs K|W| of memory, so only from 3 chunks on (at 512@10 the
@@ -876,11 +885,12 @@ int64_t packed_tile_floats(const PackedGemm& s) {
 constexpr int64_t kPrepackMinChunks = 3;
 bool use_prepacked_kernels(int64_t batch, int64_t chunk) { return (batch + chunk - 1) / chunk >= kPrepackMinChunks; }
 
+int64_t prepacked_floats(const PackedGemm& s) { return s.groups * packed_row_tiles(s).count * packed_tile_floats(s); }
+
 template <typename PackA>
-const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a) {
+const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a, float* out) {
   const Tiling tiles = packed_row_tiles(s);
   const int64_t tile_floats = packed_tile_floats(s);
-  float* out = scratch(Scratch::kPrepacked, s.groups * tiles.count * tile_floats);
   at::parallel_for(0, s.groups * tiles.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t % tiles.count) * tiles.size;
@@ -890,35 +900,72 @@ const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a) {
   return out;
 }
 
+// Samples per chunk of the forward and grad_x packed paths: a multiple of
+// the mixing block where more than one fits, so that no chunk ends in a
+// short block that rereads the K kernels for one sample (at 256@14 a chunk
+// of 5 took two mixing passes; chunks of 4 made the forward ~8% faster).
+int64_t packed_gemm_chunk(const Plan& p) {
+  const int64_t chunk = chunk_samples(p, p.g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
+  const int64_t rounded = chunk - chunk % kPackedSampleBlock;
+  return chunk > kPackedSampleBlock && chunk < p.g.batch && rounded >= at::get_num_threads() ? rounded : chunk;
+}
+
+// How run_packed_gemm splits the work of a chunk of n samples.
+struct PackedGemmBlocking {
+  Tiling tiles;          // row tiles of A
+  int64_t tile_tasks;    // groups * tiles.count
+  bool split_samples;    // threads split the samples (too few tiles for them all)
+  int64_t depth;         // reduction steps per block
+  int64_t block;         // samples mixed per pass
+  int64_t mixed_floats;  // one thread's mixed A panels
+};
+
+PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
+  PackedGemmBlocking q;
+  q.tiles = packed_row_tiles(s);
+  q.tile_tasks = s.groups * q.tiles.count;
+  const int64_t threads = at::get_num_threads();
+  // Threads own whole row tiles (packing their K kernel tiles once per chunk)
+  // when there are enough tiles; otherwise they split the samples.
+  q.split_samples = q.tile_tasks < threads;
+  // Reduction blocks of equal depth (multiple of 8): no short remainder block,
+  // whose output read-modify-write would cost more than its arithmetic.
+  const int64_t depth_blocks = (s.depth + packed_depth_block(s.isa) - 1) / packed_depth_block(s.isa);
+  q.depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
+  q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
+                            : kPackedSampleBlock;
+  q.mixed_floats = q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+  return q;
+}
+
+// Floats of run_packed_gemm's per-thread scratch for chunks of up to n
+// samples, all pool threads together (its `workers` argument).
+int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked) {
+  return at::get_num_threads() * ((prepacked ? 0 : packed_tile_floats(s)) + packed_gemm_blocking(s, n).mixed_floats);
+}
+
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
 // group's A in panel layout (see pack_weight_rows), unless `prepacked` (from
 // prepack_kernels) holds them; b_packed holds each sample's packed B
 // (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
-// row-major (m x pixels) output block for the group.
+// row-major (m x pixels) output block for the group; workers holds
+// packed_gemm_worker_floats(s, n, prepacked) floats.
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
-                     const PackA& pack_a, const float* prepacked, const OutBlock& out_block) {
+                     const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block) {
   const int64_t K = s.num_kernels;
-  const Tiling tiles = packed_row_tiles(s);
-  const int64_t tile_tasks = s.groups * tiles.count;
-  const int64_t threads = at::get_num_threads();
-  // Threads own whole row tiles (packing their K kernel tiles once per chunk)
-  // when there are enough tiles; otherwise they split the samples.
-  const bool split_samples = tile_tasks < threads;
-  const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
+  const PackedGemmBlocking q = packed_gemm_blocking(s, n);
+  const Tiling& tiles = q.tiles;
+  const int64_t tile_tasks = q.tile_tasks;
+  const bool split_samples = q.split_samples;
   const int64_t tile_floats = packed_tile_floats(s);
-  // Reduction blocks of equal depth (multiple of 8): no short remainder block,
-  // whose output read-modify-write would cost more than its arithmetic.
-  const int64_t depth_blocks = (s.depth + packed_depth_block(s.isa) - 1) / packed_depth_block(s.isa);
   const int64_t rows_per_call = row_panels_per_call(s.isa);
-  const int64_t depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
-  const int64_t block = split_samples ? std::clamp<int64_t>(tile_tasks * n / threads, 1, kPackedSampleBlock)
-                                      : kPackedSampleBlock;
+  const int64_t depth = q.depth;
+  const int64_t block = q.block;
   const int64_t blocks = (n + block - 1) / block;
   const int64_t scratch_floats = prepacked != nullptr ? 0 : tile_floats;
-  const int64_t mixed_floats = block * max_panels * depth * kMR;
-  float* workers = worker_scratch(scratch_floats + mixed_floats);
+  const int64_t mixed_floats = q.mixed_floats;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
     float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats);
     float* const a_mixed = a_scratch + scratch_floats;
@@ -1021,18 +1068,23 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
 void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  float* b_chunk = scratch(Scratch::kPackedB, chunk * s.sample_b);
+  const int64_t chunk = packed_gemm_chunk(p);
+  const bool prepack = use_prepacked_kernels(g.batch, chunk);
+  const int64_t rows_floats = unfold_block_floats(p);
+  // The unfold's rows and the GEMM's panels take turns in the workers' buffer.
+  const int64_t worker_floats =
+      std::max(at::get_num_threads() * rows_floats, packed_gemm_worker_floats(s, chunk, prepack));
+  const auto buffers = pass_scratch<3>({chunk * s.sample_b, prepack ? prepacked_floats(s) : 0, worker_floats});
+  float* b_chunk = buffers[0];
+  float* workers = buffers[2];
   auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, float* out) {
     pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
   };
-  const float* prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a) : nullptr;
+  const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[1]) : nullptr;
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
-  const int64_t rows_floats = unfold_block_floats(p);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
-    float* workers = worker_scratch(rows_floats);
     at::parallel_for(0, n * channel_blocks, 1, [&](int64_t begin, int64_t end) {
       float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
@@ -1042,7 +1094,7 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
                                std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
       }
     });
-    run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked,
+    run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked, workers,
                     [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
   }
 }
@@ -1074,18 +1126,22 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
                           float* grad_x) {
   const ConvGeometry& g = p.g;
   const PackedGemm s = make_packed_gemm(isa, /*m=*/p.cols, /*depth=*/p.rows, p);
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  float* packed_b = scratch(Scratch::kPackedB, chunk * s.sample_b);
-  float* dcols_buffer = p.identity_unfold ? nullptr : scratch(Scratch::kUnfolded, chunk * p.unfolded);
+  const int64_t chunk = packed_gemm_chunk(p);
+  const bool prepack = use_prepacked_kernels(g.batch, chunk);
+  const auto buffers = pass_scratch<4>({chunk * s.sample_b, p.identity_unfold ? 0 : chunk * p.unfolded,
+                                        prepack ? prepacked_floats(s) : 0,
+                                        packed_gemm_worker_floats(s, chunk, prepack)});
+  float* packed_b = buffers[0];
+  float* dcols_buffer = buffers[1];
   auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, float* out) {
     pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, out);
   };
-  const float* prepacked = use_prepacked_kernels(g.batch, chunk) ? prepack_kernels(s, pack_a) : nullptr;
+  const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[2]) : nullptr;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     float* dcols = p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer;
     pack_grad_out(grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels, packed_b, p, s, n);
-    run_packed_gemm(s, packed_b, attn + b0 * g.num_kernels, n, pack_a, prepacked,
+    run_packed_gemm(s, packed_b, attn + b0 * g.num_kernels, n, pack_a, prepacked, buffers[3],
                     [&](int64_t i, int64_t group) { return dcols + i * p.unfolded + group * p.cols * p.pixels; });
     if (!p.identity_unfold) {
       fold_samples(dcols, grad_x + b0 * p.plane, p, n);
@@ -1659,16 +1715,18 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   const WeightGradShape& shape = wb.shape;
   const int64_t call_cols = shape.vecs * shape.lanes;
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  float* dy_chunk = scratch(Scratch::kPackedDy, chunk * wb.sample_dy);
-  float* cols_chunk = scratch(Scratch::kUnfolded, chunk * wb.sample_cols);
+  const int64_t rows_floats = unfold_block_floats(p);
+  const auto buffers =
+      pass_scratch<3>({chunk * wb.sample_dy, chunk * wb.sample_cols, at::get_num_threads() * rows_floats});
+  float* dy_chunk = buffers[0];
+  float* cols_chunk = buffers[1];
+  float* workers = buffers[2];
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
-  const int64_t rows_floats = unfold_block_floats(p);
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
-    float* workers = worker_scratch(rows_floats);
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
       float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
@@ -2001,7 +2059,7 @@ TORCH_LIBRARY_FRAGMENT(chanflex, m) {
   // Frees the calling thread's scratch buffers and the pooled weight
   // gradients no tensor holds (both are kept between calls).
   m.def("cpu_release_scratch() -> ()", []() {
-    for (at::Tensor& buffer : scratch_buffers()) buffer = at::Tensor();
+    scratch_buffer() = at::Tensor();
     grad_pool().clear();
   });
   m.def("cpu_packed_isa() -> str", []() -> std::string {
