@@ -485,7 +485,8 @@ at::Tensor& scratch_buffer() {
 }
 
 // One pass's buffers of floats[i] floats each (null where 0), carved out of
-// the calling thread's scratch buffer, each 64-byte aligned. Valid until the next pass_scratch.
+// the calling thread's scratch buffer, each 64-byte aligned; valid until the
+// next pass_scratch on this thread.
 template <size_t N>
 std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats) {
   constexpr int64_t kAlign = 64 / sizeof(float);
@@ -505,7 +506,6 @@ std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats) {
   for (size_t i = 0; i < N; ++i) out[i] = floats[i] > 0 ? base + offsets[i] : nullptr;
   return out;
 }
-
 
 constexpr int64_t kMR = 16;   // rows per A panel (two AVX registers, one AVX-512 register)
 constexpr int64_t kNR = 6;    // pixels per B panel
@@ -1667,13 +1667,14 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
   const int64_t taps = g.kernel_h * g.kernel_w;
   const int64_t width = wb.shape.lanes;
   unfold_channel_block(x, p, c0, c1, rows);
-  // A block of 8 channels of one group, starting at a multiple of 8 of its
+  // A full block of one group's channels, starting at a multiple of 8 of its
   // columns: its rows go 8 at a time into 8 adjacent lanes of one panel.
+  static_assert(kUnfoldChannelBlock % 8 == 0, "the block's rows must come in whole transposes of 8");
   const int64_t first_col = (c0 % g.group_in_channels) * taps;
-  if (c1 - c0 == 8 && first_col % 8 == 0 && width % 8 == 0 &&
+  if (c1 - c0 == kUnfoldChannelBlock && first_col % 8 == 0 && width % 8 == 0 &&
       c0 / g.group_in_channels == (c1 - 1) / g.group_in_channels) {
     const int64_t group = c0 / g.group_in_channels;
-    for (int64_t r = 0; r < 8 * taps; r += 8) {
+    for (int64_t r = 0; r < kUnfoldChannelBlock * taps; r += 8) {
       const int64_t col = first_col + r;
       transpose_rows8(rows + r * p.pixels, p.pixels, p.pixels,
                       out + ((group * wb.col_panels + col / width) * p.pixels) * width + col % width, width);
