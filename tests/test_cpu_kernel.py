@@ -137,6 +137,28 @@ def test_tiles_across_chunks(monkeypatch, case, dtype, isa):
     assert_matches_reference(dynamic_conv2d, case, dtype)
 
 
+# Chunks of 16+ samples copy each weight block's W_k and dW_k tiles into a
+# contiguous layout and write dW back (with streaming stores on the last
+# chunk where dW rows are vector-aligned); shorter chunks fold in place.
+# 74 -> 200 channels in 2 groups: 100 rows (a 4-row last call) and 333
+# columns (an 8-column last call) per group, so rows start off the vector
+# grid; 32 -> 288 channels: 288 columns, every dW row aligned.
+BLOCK_LAYOUT_CASES = [Case(34, 74, 200, 6, 6, padding=(1, 1), groups=2),
+                      Case(33, 32, 288, 7, 7, padding=(1, 1), num_kernels=3)]
+
+
+@pytest.mark.parametrize("chunk", [34, 16, 17], ids=lambda n: f"chunk{n}")
+@pytest.mark.parametrize("case", BLOCK_LAYOUT_CASES, ids=lambda c: c.id)
+def test_weight_blocks_across_chunks(monkeypatch, case, chunk, threads, isa):
+    # chunk 34: one chunk; 16: at 34 samples, two block chunks (the second
+    # adds to the first's dW) and an in-place one of 2; 17: a block chunk adding
+    # to an earlier one ends the batch.
+    taps = case.kernel[0] * case.kernel[1]
+    unfolded_bytes = case.in_channels * taps * case.height * case.width * 4  # stride 1, padding 1: same plane
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", str(chunk * unfolded_bytes))
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_half_precision_through_tiles(dtype):
     assert_matches_reference(dynamic_conv2d, TILED_CASES[1], dtype)

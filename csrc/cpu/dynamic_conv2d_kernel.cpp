@@ -1706,6 +1706,97 @@ void zero_padding_columns(float* out, const Plan& p, const WeightGradBlocks& wb)
   }
 }
 
+// A thread block's K weight and dW tiles, copied out of the row-major
+// layout into one contiguous run per call: [call row][call column][k][rows
+// x call columns]. In place, the K kernels lie a multiple of 4 KiB apart and
+// weight rows alternate between two L1 set groups, so a fold call's 96 W and
+// dW lines fought over 4 sets of L1 (perf put half the fold's time on its W
+// loads); contiguous, they spread over all of L1 and L2.
+struct GradBlockLayout {
+  int64_t row_calls, col_calls;  // calls per block
+  int64_t call_cols;             // columns per call (vecs x lanes)
+  int64_t num_kernels;
+  int64_t floats() const { return row_calls * col_calls * num_kernels * kFoldTileFloats; }
+  // Start of kernel k's tile of call (ri, ci); rows call_cols floats apart.
+  int64_t tile(int64_t ri, int64_t ci, int64_t k) const {
+    return ((ri * col_calls + ci) * num_kernels + k) * kFoldTileFloats;
+  }
+};
+
+// The weight entries a thread block task owns: rows [r_begin, r_end) and
+// columns [c_begin, c_end) of one group (starting at `origin` in a kernel).
+// Row blocks fastest: a thread's consecutive blocks share their cols^T panels
+// (~1 MiB at 512@7 for the chunk, kept in L2) and stream the small dy^T
+// panels instead.
+struct GradTask {
+  int64_t group, r_begin, r_end, c_begin, c_end, origin;
+};
+
+GradTask grad_task(const Plan& p, const WeightGradBlocks& wb, int64_t task) {
+  GradTask t;
+  t.group = task / (wb.row_blocks * wb.col_blocks);
+  t.r_begin = task % wb.row_blocks * wb.block_rows;
+  t.c_begin = (task / wb.row_blocks) % wb.col_blocks * wb.block_cols;
+  t.r_end = std::min(p.rows, t.r_begin + wb.block_rows);
+  t.c_end = std::min(p.cols, t.c_begin + wb.block_cols);
+  t.origin = t.group * p.group_size;
+  return t;
+}
+
+// Requests lines [first, first + count) of task t's K weight rows (lines of
+// 16 floats, kernel-major, then row-major) into L2: a thread fetches the next
+// task's W block during this one's arithmetic, not in a stalled copy after it
+// (the rows are runs of 12 lines a page apart, which the hardware
+// prefetchers do not follow).
+void prefetch_grad_block(const float* w, const Plan& p, const GradTask& t, int64_t num_kernels, int64_t first,
+                         int64_t count) {
+  const int64_t row_lines = (t.c_end - t.c_begin + 15) / 16;
+  const int64_t rows = t.r_end - t.r_begin;
+  const int64_t last = std::min(num_kernels * rows * row_lines, first + count);
+  for (int64_t l = first; l < last; ++l) {
+    const int64_t k = l / (rows * row_lines), r = l / row_lines % rows, j = l % row_lines;
+    __builtin_prefetch(w + t.origin + k * p.kernel_size + (t.r_begin + r) * p.cols + t.c_begin + j * 16, 0, 2);
+  }
+}
+
+// Fold groups per chunk from which the block layout pays.
+constexpr int64_t kMinBlockFoldGroups = 2;
+
+// Runs run(at, in_block, n) for every run of n contiguous block entries:
+// `at` into the K row-major kernels (leading dimension ld, kernel_stride
+// apart), `in_block` into the block layout, for rows [r_begin, r_end) and
+// columns [c_begin, c_end) (rows_per_call rows per call).
+template <typename F>
+void for_each_grad_block_run(const GradBlockLayout& l, int64_t rows_per_call, int64_t ld, int64_t kernel_stride,
+                             int64_t r_begin, int64_t r_end, int64_t c_begin, int64_t c_end, const F& run) {
+  for (int64_t k = 0; k < l.num_kernels; ++k) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t ri = (r - r_begin) / rows_per_call, rr = (r - r_begin) % rows_per_call;
+      for (int64_t c0 = c_begin; c0 < c_end; c0 += l.call_cols)
+        run(k * kernel_stride + r * ld + c0, l.tile(ri, (c0 - c_begin) / l.call_cols, k) + rr * l.call_cols,
+            std::min(l.call_cols, c_end - c0));
+    }
+  }
+}
+
+// dst[0, n) = src[0, n), with stores that bypass the caches where dst is
+// vector-aligned: a written line then costs no read for ownership (the K-fold
+// weight gradient is written once, 38 MB at 512@7). Callers fence before
+// other threads read dst.
+__attribute__((target("avx512f,avx2")))
+void copy_streaming(float* dst, const float* src, int64_t n, PackedIsa isa) {
+  const int64_t lanes = isa == PackedIsa::kAvx512 ? 16 : 8;
+  if (reinterpret_cast<uintptr_t>(dst) % (lanes * sizeof(float)) != 0 || n % lanes != 0) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  if (isa == PackedIsa::kAvx512) {
+    for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  } else {
+    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  }
+}
+
 // grad_w (written: the first sample stores, later ones add) and/or
 // grad_attn of dynamic_conv2d.
 void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const at::Tensor& x,
@@ -1717,8 +1808,11 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   const int64_t call_cols = shape.vecs * shape.lanes;
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const int64_t rows_floats = unfold_block_floats(p);
+  const GradBlockLayout layout{kGradBlockRowCalls, kGradBlockColCalls, call_cols, K};
+  // Per thread: the unfold's rows, then the block's W and dW tiles.
+  const int64_t worker_floats = std::max(rows_floats, 2 * layout.floats());
   const auto buffers =
-      pass_scratch<3>({chunk * wb.sample_dy, chunk * wb.sample_cols, at::get_num_threads() * rows_floats});
+      pass_scratch<3>({chunk * wb.sample_dy, chunk * wb.sample_cols, at::get_num_threads() * worker_floats});
   float* dy_chunk = buffers[0];
   float* cols_chunk = buffers[1];
   float* workers = buffers[2];
@@ -1726,10 +1820,16 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
+    const bool last_chunk = b0 + n == g.batch;
+    // Where several fold groups reuse a block's W and dW tiles, they are
+    // copied into the block layout (see GradBlockLayout); with one fold group
+    // per chunk the copies cost more than they save (256@14, chunks of 5:
+    // weight side 37 -> 49 ms).
+    const bool use_blocks = n >= kMinBlockFoldGroups * kFoldSamples;
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
-      float* rows = workers + at::get_thread_num() * rows_floats;
+      float* rows = workers + at::get_thread_num() * worker_floats;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
         if (part == channel_blocks) {
@@ -1745,26 +1845,47 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> lanes(kFoldSamples * K * shape.lanes);
       alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
+      float* const w_block = workers + at::get_thread_num() * worker_floats;
+      float* const dw_block = w_block + layout.floats();
       for (int64_t task = begin; task < end; ++task) {
-        // Row blocks fastest: a thread's consecutive blocks share their cols^T
-        // panels (~1 MiB at 512@7 for the chunk, kept in L2) and stream the
-        // small dy^T panels instead.
-        const int64_t group = task / (wb.row_blocks * wb.col_blocks);
-        const int64_t r_begin = task % wb.row_blocks * wb.block_rows;
-        const int64_t c_begin = (task / wb.row_blocks) % wb.col_blocks * wb.block_cols;
-        const int64_t r_end = std::min(p.rows, r_begin + wb.block_rows);
-        const int64_t c_end = std::min(p.cols, c_begin + wb.block_cols);
-        const int64_t origin = group * p.group_size;
+        const GradTask t = grad_task(p, wb, task);
+        const int64_t group = t.group;
+        const auto block_runs = [&](const auto& run) {
+          for_each_grad_block_run(layout, shape.rows, p.cols, p.kernel_size, t.r_begin, t.r_end, t.c_begin, t.c_end,
+                                  run);
+        };
+        if (use_blocks && grad_attn != nullptr)
+          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+            std::memcpy(w_block + in_block, w + t.origin + at, len * sizeof(float));
+          });
+        // A later chunk adds to what the earlier ones left in grad_w.
+        if (use_blocks && grad_w != nullptr && b0 > 0)
+          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+            std::memcpy(dw_block + in_block, grad_w + t.origin + at, len * sizeof(float));
+          });
+        // The next task's W lines, spread evenly over this task's calls.
+        const bool prefetch_next = use_blocks && grad_attn != nullptr && task + 1 < end;
+        const GradTask next = prefetch_next ? grad_task(p, wb, task + 1) : t;
+        const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
+        const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *
+                                   ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) *
+                                   ((t.c_end - t.c_begin + call_cols - 1) / call_cols);
+        const int64_t lines_per_call = (next_lines + task_calls - 1) / task_calls;
+        int64_t call_index = 0;
         for (int64_t i = 0, ns; i < n; i += ns) {
           ns = std::min(kFoldSamples, n - i);
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
           const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * shape.lanes;
           std::fill(lanes.begin(), lanes.end(), 0.f);
           const WeightGradFold fold = weight_grad_fold(isa, ns);
-          for (int64_t r0 = r_begin; r0 < r_end; r0 += shape.rows) {
-            const int64_t rows = std::min(shape.rows, r_end - r0);
-            for (int64_t c0 = c_begin; c0 < c_end; c0 += call_cols) {
-              const int64_t at = origin + r0 * p.cols + c0;
+          for (int64_t r0 = t.r_begin; r0 < t.r_end; r0 += shape.rows) {
+            const int64_t rows = std::min(shape.rows, t.r_end - r0);
+            for (int64_t c0 = t.c_begin; c0 < t.c_end; c0 += call_cols) {
+              // The call's W_k and dW_k tiles: in the block, or in place.
+              const int64_t at = use_blocks ? layout.tile((r0 - t.r_begin) / shape.rows, (c0 - t.c_begin) / call_cols, 0)
+                                            : t.origin + r0 * p.cols + c0;
+              const float* w_tiles = use_blocks ? w_block : w;
+              float* dw_tiles = use_blocks ? dw_block : grad_w;
               const WeightGradCall call{p.pixels,
                                         dy_group + (r0 / shape.rows) * p.pixels * shape.rows,
                                         shape.rows,
@@ -1773,12 +1894,13 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
                                         p.pixels * shape.lanes,
                                         wb.sample_cols,
                                         std::min(call_cols, p.cols - c0),
-                                        grad_attn != nullptr ? w + at : nullptr,
-                                        grad_w != nullptr ? grad_w + at : nullptr,
-                                        p.cols,
-                                        p.kernel_size,
+                                        grad_attn != nullptr ? w_tiles + at : nullptr,
+                                        grad_w != nullptr ? dw_tiles + at : nullptr,
+                                        use_blocks ? call_cols : p.cols,
+                                        use_blocks ? kFoldTileFloats : p.kernel_size,
                                         /*store=*/b0 == 0 && i == 0};
               prefetch_fold_rows(call, rows, K);
+              if (prefetch_next) prefetch_grad_block(w, p, next, K, call_index++ * lines_per_call, lines_per_call);
               for (int64_t s0 = 0, together; s0 < ns; s0 += together) {
                 together = std::min(shape.samples, ns - s0);
                 weight_grad_accumulate(isa, together, rows)(call, s0, g_tiles + s0 * kFoldTileFloats);
@@ -1793,7 +1915,15 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
             attn_partial[(task * chunk + i) * K + sk] = sum;
           }
         }
+        if (use_blocks && grad_w != nullptr)
+          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+            if (last_chunk)
+              copy_streaming(grad_w + t.origin + at, dw_block + in_block, len, isa);
+            else
+              std::memcpy(grad_w + t.origin + at, dw_block + in_block, len * sizeof(float));
+          });
       }
+      _mm_sfence();
     });
     if (grad_attn != nullptr) {
       for (int64_t i = 0; i < n; ++i)
