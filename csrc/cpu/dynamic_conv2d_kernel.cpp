@@ -786,6 +786,9 @@ void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols,
   }
 }
 
+// Weight rows pack_weight_columns requests ahead of the one it copies.
+constexpr int64_t kPackPrefetchRows = 8;
+
 // Backward-data A = W_k^T: its rows [c0, c0 + nc) are columns of W_k, so
 // out[k][panel][q][i] = W_k[q, c0 + 16 panel + i]: 16 contiguous floats of
 // weight row q (zero past nc). Rows outside, panels inside: each weight row's
@@ -796,6 +799,9 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
   for (int64_t k = 0; k < num_kernels; ++k) {
     for (int64_t q = 0; q < rows; ++q) {
       const float* src = w_group + k * kernel_stride + q * cols + c0;
+      // Rows a page apart are too short a run for the hardware prefetchers.
+      if (q + kPackPrefetchRows < rows)
+        for (int64_t j = 0; j < nc; j += 16) __builtin_prefetch(src + kPackPrefetchRows * cols + j, 0, 3);
       for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t valid = std::min(kMR, nc - panel * kMR);
         float* dst = out + ((k * panels + panel) * rows + q) * kMR;
