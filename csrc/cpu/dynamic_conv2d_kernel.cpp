@@ -757,28 +757,29 @@ MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels) {
   return isa == PackedIsa::kAvx512 ? kMicroKernelsAvx512[row_panels - 1][pixels] : kMicroKernelsAvx2[pixels];
 }
 
-// Forward A: the K kernels' rows [r0, r0 + nr) of a group (W_k, rows x cols)
-// in panel layout out[k][panel][q][16] (rows past nr zero), 8x8 blocks
-// transposed in registers.
+// Forward A: the K kernels' rows [r0, r0 + nr) and columns (reduction
+// steps) [q0, q0 + kc) of a group (W_k, rows x cols) in panel layout
+// out[k][panel][q - q0][16] (rows past nr zero), 8x8 blocks transposed in
+// registers.
 __attribute__((target("avx2,fma")))
 void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols, int64_t num_kernels,
-                      int64_t r0, int64_t nr, float* out) {
+                      int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
   const int64_t panels = (nr + kMR - 1) / kMR;
-  const int64_t cols8 = cols - cols % 8;
+  const int64_t kc8 = kc - kc % 8;
   for (int64_t k = 0; k < num_kernels; ++k) {
     for (int64_t panel = 0; panel < panels; ++panel) {
-      float* panel_out = out + (k * panels + panel) * cols * kMR;
+      float* panel_out = out + (k * panels + panel) * kc * kMR;
       for (int64_t half = 0; half < 2; ++half) {
         const int64_t row0 = panel * kMR + half * 8;
-        const float* src0 = w_group + k * kernel_stride + (r0 + row0) * cols;
-        for (int64_t q = 0; q < cols8; q += 8) {
+        const float* src0 = w_group + k * kernel_stride + (r0 + row0) * cols + q0;
+        for (int64_t q = 0; q < kc8; q += 8) {
           __m256 m[8];
           for (int64_t i = 0; i < 8; ++i)
             m[i] = row0 + i < nr ? _mm256_loadu_ps(src0 + i * cols + q) : _mm256_setzero_ps();
           transpose8x8(m);
           for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel_out + (q + j) * kMR + half * 8, m[j]);
         }
-        for (int64_t q = cols8; q < cols; ++q)
+        for (int64_t q = kc8; q < kc; ++q)
           for (int64_t i = 0; i < 8; ++i)
             panel_out[q * kMR + half * 8 + i] = row0 + i < nr ? src0[i * cols + q] : 0.f;
       }
@@ -789,22 +790,23 @@ void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols,
 // Weight rows pack_weight_columns requests ahead of the one it copies.
 constexpr int64_t kPackPrefetchRows = 8;
 
-// Backward-data A = W_k^T: its rows [c0, c0 + nc) are columns of W_k, so
-// out[k][panel][q][i] = W_k[q, c0 + 16 panel + i]: 16 contiguous floats of
-// weight row q (zero past nc). Rows outside, panels inside: each weight row's
-// run is read once, not once per panel (a run per page at 512@7).
+// Backward-data A = W_k^T: its rows [c0, c0 + nc) are columns of W_k, and
+// its reduction steps [q0, q0 + kc) rows of W_k, so out[k][panel][q - q0][i]
+// = W_k[q, c0 + 16 panel + i]: 16 contiguous floats of weight row q (zero
+// past nc). Rows outside, panels inside: each weight row's run is read once,
+// not once per panel (a run per page at 512@7).
 void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t rows, int64_t cols,
-                         int64_t num_kernels, int64_t c0, int64_t nc, float* out) {
+                         int64_t num_kernels, int64_t c0, int64_t nc, int64_t q0, int64_t kc, float* out) {
   const int64_t panels = (nc + kMR - 1) / kMR;
   for (int64_t k = 0; k < num_kernels; ++k) {
-    for (int64_t q = 0; q < rows; ++q) {
+    for (int64_t q = q0; q < q0 + kc; ++q) {
       const float* src = w_group + k * kernel_stride + q * cols + c0;
       // Rows a page apart are too short a run for the hardware prefetchers.
       if (q + kPackPrefetchRows < rows)
         for (int64_t j = 0; j < nc; j += 16) __builtin_prefetch(src + kPackPrefetchRows * cols + j, 0, 3);
       for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t valid = std::min(kMR, nc - panel * kMR);
-        float* dst = out + ((k * panels + panel) * rows + q) * kMR;
+        float* dst = out + ((k * panels + panel) * kc + q - q0) * kMR;
         if (valid == kMR) {  // a fixed-size copy (one vector), not an element loop
           std::memcpy(dst, src + panel * kMR, kMR * sizeof(float));
           continue;
@@ -900,7 +902,7 @@ const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a, float* ou
   at::parallel_for(0, s.groups * tiles.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t % tiles.count) * tiles.size;
-      pack_a(t / tiles.count, r0, std::min(tiles.size, s.m - r0), out + t * tile_floats);
+      pack_a(t / tiles.count, r0, std::min(tiles.size, s.m - r0), 0, s.depth, out + t * tile_floats);
     }
   });
   return out;
@@ -924,6 +926,7 @@ struct PackedGemmBlocking {
   int64_t depth;         // reduction steps per block
   int64_t block;         // samples mixed per pass
   int64_t mixed_floats;  // one thread's mixed A panels
+  int64_t kernel_floats; // one thread's K packed kernels of a tile's depth block
 };
 
 PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
@@ -941,19 +944,21 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
   q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
                             : kPackedSampleBlock;
   q.mixed_floats = q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+  q.kernel_floats = s.num_kernels * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   return q;
 }
 
 // Floats of run_packed_gemm's per-thread scratch for chunks of up to n
 // samples, all pool threads together (its `workers` argument).
 int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked) {
-  return at::get_num_threads() * ((prepacked ? 0 : packed_tile_floats(s)) + packed_gemm_blocking(s, n).mixed_floats);
+  const PackedGemmBlocking q = packed_gemm_blocking(s, n);
+  return at::get_num_threads() * ((prepacked ? 0 : q.kernel_floats) + q.mixed_floats);
 }
 
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
-// pack_a(group, r0, nr, out) writes the K kernels' rows [r0, r0 + nr) of a
-// group's A in panel layout (see pack_weight_rows), unless `prepacked` (from
-// prepack_kernels) holds them; b_packed holds each sample's packed B
+// pack_a(group, r0, nr, q0, kc, out) writes the K kernels' rows [r0, r0 +
+// nr) and reduction steps [q0, q0 + kc) of a group's A in panel layout (see
+// pack_weight_rows), unless `prepacked` (from prepack_kernels) holds them; b_packed holds each sample's packed B
 // (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
 // row-major (m x pixels) output block for the group; workers holds
 // packed_gemm_worker_floats(s, n, prepacked) floats.
@@ -970,36 +975,34 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t depth = q.depth;
   const int64_t block = q.block;
   const int64_t blocks = (n + block - 1) / block;
-  const int64_t scratch_floats = prepacked != nullptr ? 0 : tile_floats;
+  const int64_t scratch_floats = prepacked != nullptr ? 0 : q.kernel_floats;
   const int64_t mixed_floats = q.mixed_floats;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
     float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats);
     float* const a_mixed = a_scratch + scratch_floats;
-    const float* a_kernels = prepacked;
-    int64_t packed_task = -1;
-    for (int64_t unit = begin; unit < end; ++unit) {
+    // A run of units on one tile: its sample blocks [block_begin, block_end).
+    for (int64_t unit = begin, run_end; unit < end; unit = run_end) {
       const int64_t tile_task = split_samples ? unit / blocks : unit;
+      run_end = split_samples ? std::min(end, (tile_task + 1) * blocks) : unit + 1;
+      const int64_t block_begin = split_samples ? unit % blocks : 0;
+      const int64_t block_end = split_samples ? block_begin + (run_end - unit) : blocks;
       const int64_t group = tile_task / tiles.count;
       const int64_t r0 = (tile_task % tiles.count) * tiles.size;
       const int64_t nr = std::min(tiles.size, s.m - r0);
       const int64_t panels = (nr + kMR - 1) / kMR;
-      if (prepacked != nullptr) {
-        a_kernels = prepacked + tile_task * tile_floats;
-      } else if (tile_task != packed_task) {
-        pack_a(group, r0, nr, a_scratch);
-        a_kernels = a_scratch;
-        packed_task = tile_task;
-      }
-      const int64_t block_begin = split_samples ? unit % blocks : 0;
-      const int64_t block_end = split_samples ? block_begin + 1 : blocks;
       // Depth blocks outside, samples inside: the K kernels' block that every
-      // sample's mixing reads stays in L2.
+      // sample's mixing reads stays in L2. Packed per depth block (not per
+      // tile, 4.7 MB at 512@7): written and reread in L2, not through memory.
       for (int64_t q0 = 0; q0 < s.depth; q0 += depth) {
         const int64_t kc = std::min(depth, s.depth - q0);
+        const bool pack = prepacked == nullptr;
+        if (pack) pack_a(group, r0, nr, q0, kc, a_scratch);
+        const float* a_kernels = pack ? a_scratch : prepacked + tile_task * tile_floats;
+        const int64_t a_depth = pack ? kc : s.depth, a_q0 = pack ? 0 : q0;
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          mix_packed_tile(s.isa, ns)(a_kernels, panels, s.depth, attn + i0 * K, K, q0, kc, a_mixed);
+          mix_packed_tile(s.isa, ns)(a_kernels, panels, a_depth, attn + i0 * K, K, a_q0, kc, a_mixed);
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
@@ -1083,8 +1086,8 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   const auto buffers = pass_scratch<3>({chunk * s.sample_b, prepack ? prepacked_floats(s) : 0, worker_floats});
   float* b_chunk = buffers[0];
   float* workers = buffers[2];
-  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, float* out) {
-    pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, out);
+  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
+    pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, q0, kc, out);
   };
   const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[1]) : nullptr;
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
@@ -1139,8 +1142,9 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
                                         packed_gemm_worker_floats(s, chunk, prepack)});
   float* packed_b = buffers[0];
   float* dcols_buffer = buffers[1];
-  auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, float* out) {
-    pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, out);
+  auto pack_a = [&](int64_t group, int64_t c0, int64_t nc, int64_t q0, int64_t kc, float* out) {
+    pack_weight_columns(w + group * p.group_size, p.kernel_size, p.rows, p.cols, g.num_kernels, c0, nc, q0, kc,
+                        out);
   };
   const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[2]) : nullptr;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
