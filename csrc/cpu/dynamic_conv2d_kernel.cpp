@@ -396,7 +396,8 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 // the tile plus BLAS's own repacking of both operands, for each sample; with
 // few output pixels that dominates. Here B_b is written once per sample in
 // packed panels (shared by all tiles), each thread packs the K kernels' rows
-// of its A tile once per chunk, mixes them into packed A panels, and a
+// of its A tile once per chunk (a reduction block at a time, in L2), mixes
+// them into packed A panels, and a
 // register-blocked FMA micro-kernel (16x6 AVX2, 32x12 AVX-512) consumes them:
 //   A panel: 16 rows x kc reduction steps, step by step (16 floats each);
 //   B panel: kc reduction steps x 6 pixels, step by step (6 floats each).
@@ -958,8 +959,8 @@ int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, q0, kc, out) writes the K kernels' rows [r0, r0 +
 // nr) and reduction steps [q0, q0 + kc) of a group's A in panel layout (see
-// pack_weight_rows), unless `prepacked` (from prepack_kernels) holds them; b_packed holds each sample's packed B
-// (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
+// pack_weight_rows), unless `prepacked` (from prepack_kernels) holds them;
+// b_packed holds each sample's packed B (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
 // row-major (m x pixels) output block for the group; workers holds
 // packed_gemm_worker_floats(s, n, prepacked) floats.
 template <typename PackA, typename OutBlock>
