@@ -1791,21 +1791,31 @@ void for_each_grad_block_run(const GradBlockLayout& l, int64_t rows_per_call, in
   }
 }
 
+// Streaming copies of n floats (n a multiple of the vector width, dst
+// vector-aligned), one function per ISA so that an AVX2 CPU never runs code
+// compiled for AVX-512.
+__attribute__((target("avx512f")))
+void copy_streaming_avx512(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+}
+
+__attribute__((target("avx2")))
+void copy_streaming_avx2(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+}
+
 // dst[0, n) = src[0, n), with stores that bypass the caches where dst is
 // vector-aligned: a written line then costs no read for ownership (the K-fold
 // weight gradient is written once, 38 MB at 512@7). Callers fence before
 // other threads read dst.
-__attribute__((target("avx512f,avx2")))
 void copy_streaming(float* dst, const float* src, int64_t n, PackedIsa isa) {
   const int64_t lanes = isa == PackedIsa::kAvx512 ? 16 : 8;
   if (reinterpret_cast<uintptr_t>(dst) % (lanes * sizeof(float)) != 0 || n % lanes != 0) {
     std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  if (isa == PackedIsa::kAvx512) {
-    for (int64_t i = 0; i < n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  } else if (isa == PackedIsa::kAvx512) {
+    copy_streaming_avx512(dst, src, n);
   } else {
-    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    copy_streaming_avx2(dst, src, n);
   }
 }
 
