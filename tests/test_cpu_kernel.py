@@ -6,8 +6,8 @@ side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 48x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 784 pixels
-(forward) or 1024 (backward) with 16+ input channels per group run the
-library's conv one sample at a time. The cases below cover all."""
+(forward and weight side) or 441 (grad_x, stride 1) with 16+ input channels
+per group run the library's conv on chunks of samples. The cases below cover all."""
 import os
 
 import pytest
@@ -45,18 +45,30 @@ TILED_CASES = [
 ]
 
 
-# Large output planes: one library conv (and conv backward) per sample with its mixed kernel.
+# Large output planes: the library's conv (and conv backward) on chunks of up
+# to 4 samples as one grouped conv, each sample with its mixed kernel: the
+# forward and the weight side from 784 output pixels, grad_x from 441 at
+# stride 1; the other parts of the same call take the kernel's own paths.
 LIBRARY_CASES = [
-    Case(3, 16, 8, 32, 32, padding=(1, 1)),                                 # 1024 pixels: forward and backward
-    Case(2, 32, 12, 28, 28, padding=(1, 1), groups=2, num_kernels=3),        # 784: forward only, groups
-    Case(3, 16, 6, 57, 56, stride=(2, 2), padding=(1, 1), layout="channels_last"),  # strided, 784 pixels
+    Case(3, 16, 8, 32, 32, padding=(1, 1)),                                 # 1024 pixels: all three, one chunk
+    Case(9, 16, 8, 28, 28, padding=(1, 1), num_kernels=3),                   # 784: chunks of 4, 4 and 1
+    Case(6, 32, 12, 28, 28, padding=(1, 1), groups=2, num_kernels=3),        # 784 with groups: 4 and 2
+    Case(5, 16, 6, 57, 56, stride=(2, 2), padding=(1, 1), layout="channels_last"),  # strided 784: grad_x by the kernel
     Case(2, 17, 5, 33, 35, kernel=(3, 1), dilation=(2, 1), padding=(2, 0), bias=False, layout="sliced"),
+    Case(5, 16, 10, 21, 21, padding=(1, 1)),                                 # 441: grad_x only
 ]
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2], ids=lambda n: f"chunk{n or 'default'}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", LIBRARY_CASES, ids=lambda c: c.id)
-def test_library_per_sample_path(case, dtype):
+def test_library_chunked_path(monkeypatch, case, dtype, chunk):
+    if chunk is not None:
+        # Samples per library call = budget / (one sample's input and output bytes).
+        out_h = (case.height + 2 * case.padding[0] - case.dilation[0] * (case.kernel[0] - 1) - 1) // case.stride[0] + 1
+        out_w = (case.width + 2 * case.padding[1] - case.dilation[1] * (case.kernel[1] - 1) - 1) // case.stride[1] + 1
+        sample = case.in_channels * case.height * case.width + case.out_channels * out_h * out_w
+        monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", str(chunk * sample * dtype.itemsize))
     assert_matches_reference(dynamic_conv2d, case, dtype)
 
 
@@ -108,11 +120,12 @@ def test_tiles_and_blocks_match_reference(case, threads, isa):
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
                                   (False, True, True), (True, False, True)], ids=str)
 @pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], RAGGED_COLUMN_PANEL, PIXEL_TAIL_14,
-                                  GROUP_CROSSING_BLOCK], ids=lambda c: c.id)
+                                  GROUP_CROSSING_BLOCK, LIBRARY_CASES[3], LIBRARY_CASES[5]], ids=lambda c: c.id)
 def test_backward_output_masks(case, mask, threads, isa):
     # Each gradient alone and in pairs: the packed grad_x, the packed weight
-    # side with and without dattn, and the BLAS fallbacks (3 threads leave
-    # too few weight blocks) must not depend on what else was requested.
+    # side with and without dattn, the BLAS fallbacks (3 threads leave too
+    # few weight blocks), and the library for one part with the kernel for
+    # the other must not depend on what else was requested.
     from comparison import make_inputs
     x, weight, attn, bias = make_inputs(case)
     args = [t.clone().requires_grad_() for t in (x, weight, attn)]

@@ -1221,77 +1221,111 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
   }
 }
 
-// Large output planes: the library's direct convolution (oneDNN), run on one
-// sample at a time with that sample's mixed kernel, beats unfold + GEMM there.
-// Measured (2-core AVX2 Zen 3 VM, fp32, batch 32, time / static conv): forward at 56x56
-// 1.31 vs 1.78, at 84x84 0.82 vs 1.21, at 42x42 0.83-0.89 vs 1.03-1.17, at
-// 28x28 about even, at 14x14 worse (1.43 vs 1.14); backward at 56x56 1.50 vs
-// 1.68, at 84x84 1.10 vs 1.41, at 42x42 1.08-1.20 vs 1.24-1.33, at 28x28 worse.
+// Large output planes: the library's direct convolution (oneDNN) on a chunk
+// of samples at a time, as one grouped conv whose groups are the chunk's
+// samples (times the layer's groups), each with its own mixed kernel. It
+// beats unfold + GEMM there, and a few samples per call beat one. Measured on
+// the benchmark machine (2-core AVX-512 Xeon VM, fp32, batch 32, K = 4, ms,
+// the previous path -> chunks of 4, in one interleaved run):
+//   forward, one sample per call before: 128@28 36.0 -> 32.7, 64@56 36.2 ->
+//     34.9, 64->128@42 37.4 -> 35.6, 128@42 62.7 -> 59.3;
+//   grad_x, unfold + GEMM before: 128@28 35.1 -> 32.1, 128->256@21 41.1 ->
+//     35.9, 256@21 80.5 -> 67.2; but 256@14 30.6 vs 42.6 (packed path), and
+//     strided convs lose (64->128 stride 2 at 56x56: 21.0 vs 44.9);
+//   weight side, unfold + GEMM before: 128@28 43.6 -> 36.9, 64->128 stride 2
+//     at 56x56 24.6 -> 21.9; but the packed path keeps 21x21 (256@21: 78.9
+//     vs 95.2) and below.
+// Chunks of 2 to 8 samples were measured: 4 is within 5% of the best on
+// every shape, 8 up to 20% slower at 56x56 and 21x21.
 // Stems (few input channels per group) and 1x1 kernels (no unfold, or a cheap
 // strided one) stay on the unfold path, which is faster there (a 1x1 stride-2
-// 64->128 layer at 56x56: 1.60 per sample vs 0.99). Only one mixed kernel
-// exists at a time: O(|W|) extra memory.
+// 64->128 layer at 56x56: 1.60 per sample vs 0.99). Extra memory: one chunk's
+// mixed kernels (and, backward, their gradients), O(chunk |W|).
 constexpr int64_t kLibraryForwardMinPixels = 784;
-constexpr int64_t kLibraryBackwardMinPixels = 1024;
+constexpr int64_t kLibraryGradXMinPixels = 441;  // and stride 1
+constexpr int64_t kLibraryWeightGradMinPixels = 784;
 constexpr int64_t kLibraryMinGroupChannels = 16;
+constexpr int64_t kLibraryChunkSamples = 4;
+// Fewer samples per call where their input and output planes together pass
+// this (large images).
+constexpr int64_t kLibraryChunkBytes = int64_t{16} << 20;
 
-bool use_library_per_sample(const ConvGeometry& g, int64_t min_pixels) {
+bool use_library(const ConvGeometry& g, int64_t min_pixels) {
   return g.out_h * g.out_w >= min_pixels && g.in_channels / g.groups >= kLibraryMinGroupChannels &&
          g.kernel_h * g.kernel_w > 1;
 }
 
-// Sample b's kernel (C_out, C_in/groups, kh, kw): attn[b] @ W viewed as (K, |W|).
-at::Tensor mixed_kernel(const at::Tensor& attn_c, const at::Tensor& w_flat, int64_t b,
-                        at::IntArrayRef kernel_shape) {
-  return at::mm(attn_c.narrow(0, b, 1), w_flat).view(kernel_shape);
+// Samples per library call: kLibraryChunkSamples, fewer where they pass
+// kLibraryChunkBytes (or CHANFLEX_CPU_CHUNK_BYTES, which tests use to cross
+// chunk boundaries), at least one.
+int64_t library_chunk(const ConvGeometry& g, size_t elem) {
+  const int64_t sample_bytes =
+      (g.in_channels * g.height * g.width + g.out_channels * g.out_h * g.out_w) * static_cast<int64_t>(elem);
+  const int64_t fit = chunk_budget_bytes(kLibraryChunkBytes) / sample_bytes;
+  return std::clamp<int64_t>(std::min(fit, kLibraryChunkSamples), 1, g.batch);
 }
 
-at::Tensor forward_library_per_sample(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
-                                      const at::Tensor& attn_c, const at::Tensor& bias_mixed,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype) {
+// The mixed kernels of samples [b0, b0 + n) as one grouped conv's weight
+// (n * C_out, C_in / groups, kh, kw): attn[b0:b0+n] @ W viewed as (K, |W|).
+at::Tensor mixed_kernels(const at::Tensor& attn_c, const at::Tensor& w_flat, int64_t b0, int64_t n,
+                         const at::Tensor& weight) {
+  return at::mm(attn_c.narrow(0, b0, n), w_flat)
+      .view({n * weight.size(1), weight.size(2), weight.size(3), weight.size(4)});
+}
+
+// Samples [b0, b0 + n) of a contiguous (B, C, H, W) tensor as one sample of n * C channels.
+at::Tensor as_one_sample(const at::Tensor& t, int64_t b0, int64_t n) {
+  return t.narrow(0, b0, n).view({1, n * t.size(1), t.size(2), t.size(3)});
+}
+
+at::Tensor forward_library(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                           const at::Tensor& attn_c, const at::Tensor& bias_mixed, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype) {
   const at::Tensor w_flat = weight.to(dtype).reshape({g.num_kernels, -1});
-  const at::Tensor x_c = x.to(dtype);
-  at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
-  for (int64_t b = 0; b < g.batch; ++b) {
-    const c10::optional<at::Tensor> bias_b =
-        bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed[b]) : c10::nullopt;
-    y.narrow(0, b, 1).copy_(at::conv2d(x_c.narrow(0, b, 1), mixed_kernel(attn_c, w_flat, b, weight.sizes().slice(1)),
-                                       bias_b, stride, padding, dilation, groups));
+  const at::Tensor x_c = x.to(dtype).contiguous();
+  const int64_t chunk = library_chunk(g, c10::elementSize(dtype));
+  at::Tensor y;
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
+    const c10::optional<at::Tensor> bias_n =
+        bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed.narrow(0, b0, n).reshape({-1})) : c10::nullopt;
+    at::Tensor y_n = at::conv2d(as_one_sample(x_c, b0, n), mixed_kernels(attn_c, w_flat, b0, n, weight), bias_n,
+                                stride, padding, dilation, n * groups)
+                         .view({n, g.out_channels, g.out_h, g.out_w});
+    if (n == g.batch) return y_n;  // one chunk: the library's output is the result
+    if (!y.defined()) y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x_c.options());
+    y.narrow(0, b0, n).copy_(y_n);
   }
   return y;
 }
 
-// dx_b and G_b from the library's convolution backward, one sample at a time;
-// dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> as G_b is produced.
-void backward_library_per_sample(const ConvGeometry& g, const at::Tensor& grad_out, const at::Tensor& x,
-                                 const at::Tensor& weight, const at::Tensor& attn_c,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, at::ScalarType dtype, bool need_x, bool need_w,
-                                 bool need_attn, at::Tensor& grad_x, at::Tensor& grad_w, at::Tensor& grad_attn) {
+// grad_x (need_x) and the weight side (need_w, need_attn) from the library's
+// convolution backward, a chunk of samples at a time: G_b, the gradient of
+// sample b's mixed kernel, gives dW_k += attn[b,k] G_b and dattn[b,k] =
+// <G_b, W_k> as each chunk's G is produced. grad_w must be zeroed.
+void backward_library(const ConvGeometry& g, const at::Tensor& grad_out, const at::Tensor& x,
+                      const at::Tensor& weight, const at::Tensor& attn_c, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
+                      bool need_x, bool need_w, bool need_attn, at::Tensor& grad_x, at::Tensor& grad_w,
+                      at::Tensor& grad_attn) {
   const at::Tensor w_flat = weight.to(dtype).reshape({g.num_kernels, -1});
-  const at::Tensor x_c = x.to(dtype);
-  const at::Tensor go = grad_out.to(dtype);
+  const at::Tensor x_c = x.to(dtype).contiguous();
+  const at::Tensor go = grad_out.to(dtype).contiguous();
   at::Tensor grad_w_flat = need_w ? grad_w.view({g.num_kernels, -1}) : at::Tensor();
+  const bool need_g = need_w || need_attn;
+  const int64_t chunk = library_chunk(g, c10::elementSize(dtype));
   const std::vector<int64_t> no_output_padding(2, 0);
-  for (int64_t b = 0; b < g.batch; ++b) {
-    const at::Tensor x_b = x_c.narrow(0, b, 1);
+  for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, g.batch - b0);
     const auto grads = at::convolution_backward(
-        go.narrow(0, b, 1), x_b, mixed_kernel(attn_c, w_flat, b, weight.sizes().slice(1)),
-        c10::nullopt, stride, padding, dilation, /*transposed=*/false, no_output_padding, groups,
-        {need_x, need_w || need_attn, false});
-    if (need_x) {
-      grad_x.narrow(0, b, 1).copy_(std::get<0>(grads));
-    }
-    if (need_w || need_attn) {
-      const at::Tensor g_b = std::get<1>(grads).reshape({1, -1});
-      if (need_w) {
-        grad_w_flat.addmm_(attn_c.narrow(0, b, 1).t(), g_b);
-      }
-      if (need_attn) {
-        grad_attn.narrow(0, b, 1).copy_(at::mm(g_b, w_flat.t()));
-      }
-    }
+        as_one_sample(go, b0, n), as_one_sample(x_c, b0, n), mixed_kernels(attn_c, w_flat, b0, n, weight),
+        c10::nullopt, stride, padding, dilation, /*transposed=*/false, no_output_padding, n * groups,
+        {need_x, need_g, false});
+    if (need_x) grad_x.narrow(0, b0, n).copy_(std::get<0>(grads).view({n, g.in_channels, g.height, g.width}));
+    if (!need_g) continue;
+    const at::Tensor g_n = std::get<1>(grads).view({n, -1});
+    if (need_w) grad_w_flat.addmm_(attn_c.narrow(0, b0, n).t(), g_n);
+    if (need_attn) grad_attn.narrow(0, b0, n).copy_(at::mm(g_n, w_flat.t()));
   }
 }
 
@@ -1324,8 +1358,8 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
                       stride, padding, dilation, groups)
         .to(x.scalar_type());
   }
-  if (use_library_per_sample(g, kLibraryForwardMinPixels)) {
-    return forward_library_per_sample(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
+  if (use_library(g, kLibraryForwardMinPixels)) {
+    return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
         .to(x.scalar_type());
   }
   const Plan p = make_plan(g);
@@ -2154,44 +2188,54 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   if (need_bias || (need_attn && bias.has_value())) {
     grad_sum = grad_out.to(dtype).sum({2, 3});
   }
-  if (g.batch > 0 && (need_x || need_w || need_attn) && use_library_per_sample(g, kLibraryBackwardMinPixels)) {
+  if (g.batch == 0) {
+    // No samples: every gradient but grad_x (which is empty) is zero.
     if (need_w) grad_w.zero_();
-    backward_library_per_sample(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, dtype,
-                                need_x, need_w, need_attn, grad_x, grad_w, grad_attn);
-  } else if (g.batch > 0 && (need_x || need_w || need_attn)) {
+    if (need_attn) grad_attn.zero_();
+  }
+  // Large planes: grad_x and the weight side each through the library's
+  // convolution backward where it wins (see use_library), the rest below.
+  const bool stride_one = g.stride[0] == 1 && g.stride[1] == 1;
+  const bool library_x = g.batch > 0 && need_x && stride_one && use_library(g, kLibraryGradXMinPixels);
+  const bool library_g = g.batch > 0 && (need_w || need_attn) && use_library(g, kLibraryWeightGradMinPixels);
+  if (library_x || library_g) {
+    if (need_w && library_g) grad_w.zero_();
+    backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, dtype, library_x,
+                     library_g && need_w, library_g && need_attn, grad_x, grad_w, grad_attn);
+  }
+  const bool kernel_x = g.batch > 0 && need_x && !library_x;
+  const bool kernel_w = g.batch > 0 && need_w && !library_g;
+  const bool kernel_attn = g.batch > 0 && need_attn && !library_g;
+  if (kernel_x || kernel_w || kernel_attn) {
     const Plan p = make_plan(g);
     const at::Tensor go = grad_out.to(dtype).contiguous();
-    const at::Tensor w_c = (need_x || need_attn) ? weight.to(dtype).contiguous() : at::Tensor();
-    const at::Tensor x_c = (need_w || need_attn) ? x.to(dtype).contiguous() : at::Tensor();
+    const at::Tensor w_c = (kernel_x || kernel_attn) ? weight.to(dtype).contiguous() : at::Tensor();
+    const at::Tensor x_c = (kernel_w || kernel_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.
     const PackedIsa isa = packed_isa();
-    const bool packed_x = need_x && use_packed(p, dtype, isa);
-    const bool packed_g = (need_w || need_attn) && use_packed_weight_grad(p, dtype, isa);
+    const bool packed_x = kernel_x && use_packed(p, dtype, isa);
+    const bool packed_g = (kernel_w || kernel_attn) && use_packed_weight_grad(p, dtype, isa);
     if (packed_x) {
       backward_data_packed(isa, p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
                            grad_x.data_ptr<float>());
     }
     if (packed_g) {
-      weight_grad_packed(isa, p, go, x_c, need_attn ? w_c.const_data_ptr<float>() : nullptr,
-                         attn_c.const_data_ptr<float>(), need_w ? grad_w.data_ptr<float>() : nullptr,
-                         need_attn ? grad_attn.data_ptr<float>() : nullptr);
+      weight_grad_packed(isa, p, go, x_c, kernel_attn ? w_c.const_data_ptr<float>() : nullptr,
+                         attn_c.const_data_ptr<float>(), kernel_w ? grad_w.data_ptr<float>() : nullptr,
+                         kernel_attn ? grad_attn.data_ptr<float>() : nullptr);
     }
-    const bool blas_x = need_x && !packed_x;
-    const bool blas_g = (need_w || need_attn) && !packed_g;
-    if (blas_g && need_w) grad_w.zero_();
+    const bool blas_x = kernel_x && !packed_x;
+    const bool blas_g = (kernel_w || kernel_attn) && !packed_g;
+    if (blas_g && kernel_w) grad_w.zero_();
     if (blas_x || blas_g) {
       AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {
         backward_impl<scalar_t>(p, go, x_c, w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr,
                                 attn_c.const_data_ptr<scalar_t>(), blas_x ? grad_x.data_ptr<scalar_t>() : nullptr,
-                                blas_g && need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
-                                blas_g && need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
+                                blas_g && kernel_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                                blas_g && kernel_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
       });
     }
-  } else {
-    // No samples: every gradient but grad_x (which is empty) is zero.
-    if (need_w) grad_w.zero_();
-    if (need_attn) grad_attn.zero_();
   }
   if (need_attn && bias.has_value()) {
     grad_attn.add_(at::mm(grad_sum, bias->to(dtype).t()));
