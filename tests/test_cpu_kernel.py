@@ -42,6 +42,9 @@ TILED_CASES = [
     PIXEL_TAIL_14,
     GROUP_CROSSING_BLOCK,
     Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, AVX-512 packed weight side
+    # 1080-deep forward: partial sums carried over 3 (AVX-512) or 5 (AVX2)
+    # reduction blocks, for 2-panel and ragged 8-row calls of 12 and 13 pixels.
+    Case(4, 120, 40, 5, 5, padding=(1, 1)),
 ]
 
 

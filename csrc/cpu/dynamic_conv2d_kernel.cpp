@@ -629,10 +629,26 @@ void transpose_rows8(const float* src, int64_t ld, int64_t pixels, float* dst, i
     for (int64_t i = 0; i < 8; ++i) dst[q * width + i] = src[i * ld + q];
 }
 
-// C (mr x NR corner of a row-major block, ldc) = or += A panels (kc x 16
-// each, a_panel_stride floats apart) times the first NR pixels of B panels
-// (kc x 6 each, b_panel_stride floats apart). Accumulators hold C's columns,
-// stored back transposed. A short NR serves the last pixels without
+// Where one micro-kernel call's sums start and end. A product deeper than
+// one reduction block carries partial sums from block to block in `partial`,
+// pixel-major (pixel j's rows at partial + j * partial_ld, 64-byte aligned),
+// so that carrying them is a vector load and store per register; only the
+// last block writes the mr x NR corner of row-major C (ldc), transposed.
+// (Read-modify-writes of C itself, element by element, took up to 10% of
+// the forward at 256@14, 5 reduction blocks deep.)
+struct MicroOut {
+  float* c;
+  int64_t ldc;
+  int64_t mr;             // valid rows
+  float* partial;
+  int64_t partial_ld;
+  bool load_partial;      // not the first reduction block
+  bool store_partial;     // not the last one
+};
+
+// A panels (kc x 16 each, a_panel_stride floats apart) times the first NR
+// pixels of B panels (kc x 6 each, b_panel_stride floats apart), into `out`.
+// Accumulators hold C's columns. A short NR serves the last pixels without
 // computing the padding (a 7x7 plane is 8 panels of 6 and one of 1). AVX2:
 // one panel of 16 rows and one of 6 pixels, two registers per pixel.
 // AVX-512: RP row panels (16 or 32 rows) and up to 12 pixels, one register
@@ -640,10 +656,13 @@ void transpose_rows8(const float* src, int64_t ld, int64_t pixels, float* dst, i
 template <int NR>
 __attribute__((target("avx2,fma")))
 void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b,
-                       int64_t /*b_panel_stride*/, float* c, int64_t ldc, int64_t mr, bool accumulate) {
+                       int64_t /*b_panel_stride*/, const MicroOut& out) {
   __m256 lo[NR], hi[NR];
 #pragma GCC unroll 6
-  for (int j = 0; j < NR; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
+  for (int j = 0; j < NR; ++j) {
+    lo[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld) : _mm256_setzero_ps();
+    hi[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld + 8) : _mm256_setzero_ps();
+  }
   for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR) {
     const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
 #pragma GCC unroll 6
@@ -653,15 +672,23 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
       hi[j] = _mm256_fmadd_ps(a1, bj, hi[j]);
     }
   }
+  if (out.store_partial) {
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) {
+      _mm256_store_ps(out.partial + j * out.partial_ld, lo[j]);
+      _mm256_store_ps(out.partial + j * out.partial_ld + 8, hi[j]);
+    }
+    return;
+  }
   alignas(32) float tile[NR][kMR];
 #pragma GCC unroll 6
   for (int j = 0; j < NR; ++j) {
     _mm256_store_ps(tile[j], lo[j]);
     _mm256_store_ps(tile[j] + 8, hi[j]);
   }
-  for (int64_t i = 0; i < mr; ++i) {
-    float* row = c + i * ldc;
-    for (int j = 0; j < NR; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
+  for (int64_t i = 0; i < out.mr; ++i) {
+    float* row = out.c + i * out.ldc;
+    for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
   }
 }
 
@@ -671,12 +698,13 @@ constexpr int64_t kPrefetchSteps = 16;
 template <int RP, int NR>
 __attribute__((target("avx512f,avx2,fma")))
 void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
-                         int64_t b_panel_stride, float* c, int64_t ldc, int64_t mr, bool accumulate) {
+                         int64_t b_panel_stride, const MicroOut& out) {
   __m512 acc[RP][NR];
 #pragma GCC unroll 2
   for (int r = 0; r < RP; ++r)
 #pragma GCC unroll 14
-    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NR; ++j)
+      acc[r][j] = out.load_partial ? _mm512_load_ps(out.partial + j * out.partial_ld + r * kMR) : _mm512_setzero_ps();
   // One pointer per A and B panel, each advanced by a step: indexing off a
   // single base made GCC keep one offset register per pixel and spill them.
   constexpr int kBPanels = (NR + kNR - 1) / kNR;
@@ -708,20 +736,26 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
       for (int r = 0; r < RP; ++r) acc[r][j] = _mm512_fmadd_ps(ar[r], bj, acc[r][j]);
     }
   }
+  if (out.store_partial) {
+#pragma GCC unroll 14
+    for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+      for (int r = 0; r < RP; ++r) _mm512_store_ps(out.partial + j * out.partial_ld + r * kMR, acc[r][j]);
+    return;
+  }
   alignas(64) float tile[NR][RP * kMR];
 #pragma GCC unroll 14
   for (int j = 0; j < NR; ++j)
 #pragma GCC unroll 2
     for (int r = 0; r < RP; ++r) _mm512_store_ps(tile[j] + r * kMR, acc[r][j]);
-  for (int64_t i = 0; i < mr; ++i) {
-    float* row = c + i * ldc;
-    for (int j = 0; j < NR; ++j) row[j] = accumulate ? row[j] + tile[j][i] : tile[j][i];
+  for (int64_t i = 0; i < out.mr; ++i) {
+    float* row = out.c + i * out.ldc;
+    for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
   }
 }
 
-// (kc, A, A panel stride, B, B panel stride, C, ldc, valid rows, accumulate).
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                             bool);
+// (kc, A, A panel stride, B, B panel stride, where the sums go).
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, const MicroOut&);
 // Row panels (of 16) and pixels one call of each ISA's micro-kernel covers:
 // 16 x 6 on AVX2 (12 of its 16 registers); 32 x 12 on AVX-512 (24 of 32;
 // it loads 14 values per 24 vector FMAs), and up to 32 x 14 for the last
@@ -928,6 +962,8 @@ struct PackedGemmBlocking {
   int64_t block;         // samples mixed per pass
   int64_t mixed_floats;  // one thread's mixed A panels
   int64_t kernel_floats; // one thread's K packed kernels of a tile's depth block
+  int64_t partial_ld;    // floats per pixel of a tile's partial sums (see MicroOut)
+  int64_t partial_floats;// one thread's partial sums: every sample's tile, if more than one depth block
 };
 
 PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
@@ -946,6 +982,8 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
                             : kPackedSampleBlock;
   q.mixed_floats = q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   q.kernel_floats = s.num_kernels * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+  q.partial_ld = (q.tiles.size + kMR - 1) / kMR * kMR;
+  q.partial_floats = depth_blocks > 1 ? n * s.pixels * q.partial_ld : 0;
   return q;
 }
 
@@ -953,7 +991,7 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
 // samples, all pool threads together (its `workers` argument).
 int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked) {
   const PackedGemmBlocking q = packed_gemm_blocking(s, n);
-  return at::get_num_threads() * ((prepacked ? 0 : q.kernel_floats) + q.mixed_floats);
+  return at::get_num_threads() * ((prepacked ? 0 : q.kernel_floats) + q.mixed_floats + q.partial_floats);
 }
 
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
@@ -979,8 +1017,9 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t scratch_floats = prepacked != nullptr ? 0 : q.kernel_floats;
   const int64_t mixed_floats = q.mixed_floats;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
-    float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats);
+    float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats + q.partial_floats);
     float* const a_mixed = a_scratch + scratch_floats;
+    float* const partials = a_mixed + mixed_floats;  // sample i's tile at i * pixels * partial_ld
     // A run of units on one tile: its sample blocks [block_begin, block_end).
     for (int64_t unit = begin, run_end; unit < end; unit = run_end) {
       const int64_t tile_task = split_samples ? unit / blocks : unit;
@@ -1007,6 +1046,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
+            float* partial = partials + (i0 + si) * s.pixels * q.partial_ld;
             // Row panels outside, pixels inside: the mixed A panels of a call
             // stay in L1 while the (narrower) B panels stream from L2.
             for (int64_t panel = 0; panel < panels; panel += rows_per_call) {
@@ -1014,10 +1054,15 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
               for (int64_t first = 0, valid; first < s.pixels; first += valid) {
                 valid = call_pixels(s.isa, first, s.pixels);
                 const int64_t lp = first / kNR;
+                const MicroOut out{c_tile + panel * kMR * s.pixels + first,
+                                   s.pixels,
+                                   std::min(np * kMR, nr - panel * kMR),
+                                   partial + first * q.partial_ld + panel * kMR,
+                                   q.partial_ld,
+                                   /*load_partial=*/q0 > 0,
+                                   /*store_partial=*/q0 + kc < s.depth};
                 micro_kernel(s.isa, np, valid)(kc, a_mixed + (si * panels + panel) * kc * kMR, kc * kMR,
-                                               b_group + packed_b_offset(s, lp, q0), s.depth * kNR,
-                                               c_tile + panel * kMR * s.pixels + lp * kNR, s.pixels,
-                                               std::min(np * kMR, nr - panel * kMR), /*accumulate=*/q0 > 0);
+                                               b_group + packed_b_offset(s, lp, q0), s.depth * kNR, out);
               }
             }
           }
