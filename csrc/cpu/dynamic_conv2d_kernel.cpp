@@ -1273,20 +1273,23 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
 // the benchmark machine (2-core AVX-512 Xeon VM, fp32, batch 32, K = 4, ms,
 // the previous path -> chunks of 4, in one interleaved run):
 //   forward, one sample per call before: 128@28 36.0 -> 32.7, 64@56 36.2 ->
-//     34.9, 64->128@42 37.4 -> 35.6, 128@42 62.7 -> 59.3;
+//     34.9, 64->128@42 37.4 -> 35.6, 128@42 62.7 -> 59.3; packed or BLAS
+//     path before (another run): 128->256@21 38.6 -> 36.4, 256@21 75.6 -> 75.1;
 //   grad_x, unfold + GEMM before: 128@28 35.1 -> 32.1, 128->256@21 41.1 ->
 //     35.9, 256@21 80.5 -> 67.2; but 256@14 30.6 vs 42.6 (packed path), and
 //     strided convs lose (64->128 stride 2 at 56x56: 21.0 vs 44.9);
 //   weight side, unfold + GEMM before: 128@28 43.6 -> 36.9, 64->128 stride 2
 //     at 56x56 24.6 -> 21.9; but the packed path keeps 21x21 (256@21: 78.9
 //     vs 95.2) and below.
+// (Below 441 pixels the kernel's packed paths win every part: at 256@14 the
+// library's forward 40.2 vs 34.4, its weight side 71.6 vs 37.1.)
 // Chunks of 2 to 8 samples were measured: 4 is within 5% of the best on
 // every shape, 8 up to 20% slower at 56x56 and 21x21.
 // Stems (few input channels per group) and 1x1 kernels (no unfold, or a cheap
 // strided one) stay on the unfold path, which is faster there (a 1x1 stride-2
 // 64->128 layer at 56x56: 1.60 per sample vs 0.99). Extra memory: one chunk's
 // mixed kernels (and, backward, their gradients), O(chunk |W|).
-constexpr int64_t kLibraryForwardMinPixels = 784;
+constexpr int64_t kLibraryForwardMinPixels = 441;
 constexpr int64_t kLibraryGradXMinPixels = 441;  // and stride 1
 constexpr int64_t kLibraryWeightGradMinPixels = 784;
 constexpr int64_t kLibraryMinGroupChannels = 16;
