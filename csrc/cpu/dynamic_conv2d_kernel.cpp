@@ -14,7 +14,9 @@
 // For float32 on AVX2 or AVX-512 CPUs and small outputs, the forward and the
 // backward-data product instead mix into packed GEMM panels for their own
 // micro-kernel (see "Packed mixed GEMMs"), and the weight side keeps each G_b
-// tile in registers (see "Packed weight gradient").
+// tile in registers (see "Packed weight gradient"). Large output planes run
+// the library's direct conv on chunks of samples instead (see "Large output
+// planes").
 // Half and bfloat16 run in float32 and are rounded once at the end.
 #include "../dynamic_conv2d.h"
 
