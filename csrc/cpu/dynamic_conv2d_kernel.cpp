@@ -1405,17 +1405,8 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
-  if (g.batch == 1) {
-    // One sample: mix its kernel once and run the library's static conv.
-    const at::Tensor w_mixed = at::mm(attn_c, weight.to(dtype).reshape({g.num_kernels, -1}))
-                                   .view(weight.sizes().slice(1));
-    return at::conv2d(x.to(dtype), w_mixed,
-                      bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed.view(-1))
-                                           : c10::nullopt,
-                      stride, padding, dilation, groups)
-        .to(x.scalar_type());
-  }
-  if (use_library(g, kLibraryForwardMinPixels)) {
+  // One sample (any shape): mix its kernel once and run the library's conv.
+  if (g.batch == 1 || use_library(g, kLibraryForwardMinPixels)) {
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
         .to(x.scalar_type());
   }
