@@ -45,6 +45,11 @@ TILED_CASES = [
     # 1080-deep forward: partial sums carried over 3 (AVX-512) or 5 (AVX2)
     # reduction blocks, for 2-panel and ragged 8-row calls of 12 and 13 pixels.
     Case(4, 120, 40, 5, 5, padding=(1, 1)),
+    # AVX-512 micro-kernels mix A themselves for 1 to 8 kernels (one
+    # instantiation per count); more take the separate mixing pass.
+    Case(5, 40, 70, 6, 6, padding=(1, 1), num_kernels=1),
+    Case(6, 36, 72, 7, 5, padding=(1, 1), num_kernels=8),
+    Case(5, 36, 50, 6, 5, padding=(1, 1), num_kernels=9),
 ]
 
 

@@ -648,6 +648,20 @@ struct MicroOut {
   bool store_partial;     // not the last one
 };
 
+// A call that mixes its own A panels (AVX-512): the first pixel call of a
+// row panel pair computes each A vector as sum_k attn[k] A_k from the K
+// packed kernels while it multiplies, and writes it to `mixed` (the A the
+// pair's later calls read). A separate mixing pass wrote every mixed panel
+// to L2 and the micro-kernel read it back: 13% of the forward at 512@7.
+struct MicroMix {
+  const float* kernels;   // kernel 0's first A panel, at the call's first reduction step
+  int64_t panel_stride;   // floats between one kernel's adjacent A panels
+  int64_t kernel_stride;  // floats between kernels
+  const float* attn;      // the sample's num_kernels weights
+  int64_t num_kernels;
+  float* mixed;           // the mixed A panels (kc x 16 each, the call's a_panel_stride apart)
+};
+
 // A panels (kc x 16 each, a_panel_stride floats apart) times the first NR
 // pixels of B panels (kc x 6 each, b_panel_stride floats apart), into `out`.
 // Accumulators hold C's columns. A short NR serves the last pixels without
@@ -658,7 +672,7 @@ struct MicroOut {
 template <int NR>
 __attribute__((target("avx2,fma")))
 void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b,
-                       int64_t /*b_panel_stride*/, const MicroOut& out) {
+                       int64_t /*b_panel_stride*/, const MicroOut& out, const MicroMix* /*mix: AVX-512 only*/) {
   __m256 lo[NR], hi[NR];
 #pragma GCC unroll 6
   for (int j = 0; j < NR; ++j) {
@@ -697,10 +711,10 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
 // A panels are prefetched this many steps ahead: a row panel pair's first
 // pixel call reads them from L2 (later calls find them in L1).
 constexpr int64_t kPrefetchSteps = 16;
-template <int RP, int NR>
+template <int RP, int NR, int MIX>
 __attribute__((target("avx512f,avx2,fma")))
 void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
-                         int64_t b_panel_stride, const MicroOut& out) {
+                         int64_t b_panel_stride, const MicroOut& out, const MicroMix* mix) {
   __m512 acc[RP][NR];
 #pragma GCC unroll 2
   for (int r = 0; r < RP; ++r)
@@ -716,13 +730,54 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   for (int r = 0; r < RP; ++r) ap[r] = a + r * a_panel_stride;
 #pragma GCC unroll 3
   for (int i = 0; i < kBPanels; ++i) bp[i] = b + i * b_panel_stride;
-  for (int64_t q = 0; q < kc; ++q) {
-    __m512 ar[RP];
+  // MIX: ap walks kernel 0's panels, mp the mixed panels it writes.
+  float* mp[RP];
+  const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
+  __m512 attn_v[MIX > 0 ? MIX : 1];
+#pragma GCC unroll 8
+  for (int k = 0; k < MIX; ++k) attn_v[k] = _mm512_set1_ps(mix->attn[k]);
+  if constexpr (MIX) {
 #pragma GCC unroll 2
     for (int r = 0; r < RP; ++r) {
-      ar[r] = _mm512_loadu_ps(ap[r]);
-      _mm_prefetch(reinterpret_cast<const char*>(ap[r] + kPrefetchSteps * kMR), _MM_HINT_T0);
-      ap[r] += kMR;
+      ap[r] = mix->kernels + r * mix->panel_stride;
+      mp[r] = mix->mixed + r * a_panel_stride;
+    }
+  }
+  for (int64_t q = 0; q < kc; ++q) {
+    __m512 ar[RP];
+    if constexpr (MIX) {
+      // Kernels in pairs (a tree, not one chain of K dependent FMAs), both
+      // row panels interleaved.
+      __m512 part[RP][(MIX + 1) / 2];
+#pragma GCC unroll 2
+      for (int r = 0; r < RP; ++r) {
+#pragma GCC unroll 8
+        for (int k = 0; k < MIX; k += 2) {
+          part[r][k / 2] = _mm512_mul_ps(attn_v[k], _mm512_loadu_ps(ap[r] + k * mix_stride));
+          if (k + 1 < MIX)
+            part[r][k / 2] = _mm512_fmadd_ps(attn_v[k + 1], _mm512_loadu_ps(ap[r] + (k + 1) * mix_stride),
+                                             part[r][k / 2]);
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < MIX; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(ap[r] + k * mix_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < RP; ++r) {
+        ar[r] = part[r][0];
+#pragma GCC unroll 4
+        for (int k = 1; k < (MIX + 1) / 2; ++k) ar[r] = _mm512_add_ps(ar[r], part[r][k]);
+        _mm512_storeu_ps(mp[r], ar[r]);
+        mp[r] += kMR;
+        ap[r] += kMR;
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int r = 0; r < RP; ++r) {
+        ar[r] = _mm512_loadu_ps(ap[r]);
+        _mm_prefetch(reinterpret_cast<const char*>(ap[r] + kPrefetchSteps * kMR), _MM_HINT_T0);
+        ap[r] += kMR;
+      }
     }
     const float* bq[kBPanels];
 #pragma GCC unroll 3
@@ -757,7 +812,8 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
 }
 
 // (kc, A, A panel stride, B, B panel stride, where the sums go).
-using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, const MicroOut&);
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, const MicroOut&,
+                             const MicroMix*);
 // Row panels (of 16) and pixels one call of each ISA's micro-kernel covers:
 // 16 x 6 on AVX2 (12 of its 16 registers); 32 x 12 on AVX-512 (24 of 32;
 // it loads 14 values per 24 vector FMAs), and up to 32 x 14 for the last
@@ -776,22 +832,44 @@ inline int64_t call_pixels(PackedIsa isa, int64_t first, int64_t pixels) {
   return left <= kMaxCallPixels ? left : std::min<int64_t>(2 * kNR, left);
 }
 
-// [row panels - 1][valid pixels]: valid pixels up to 6 per pixel panel.
-template <int RP, size_t... NR>
+// [valid pixels]: up to 6 per pixel panel.
+// MIX: kernels the row's micro-kernels mix (0: they read mixed A).
+template <int RP, int MIX, size_t... NR>
 constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::index_sequence<NR...>) {
-  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1>...};
+  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX>...};
 }
 template <size_t... NR>
 constexpr std::array<MicroKernel, kNR + 1> avx2_kernel_row(std::index_sequence<NR...>) {
   return {nullptr, micro_kernel_avx2<static_cast<int>(NR) + 1>...};
 }
 constexpr std::array<MicroKernel, kNR + 1> kMicroKernelsAvx2 = avx2_kernel_row(std::make_index_sequence<kNR>{});
-constexpr std::array<MicroKernel, kMaxCallPixels + 1> kMicroKernelsAvx512[kMaxRowPanels] = {
-    avx512_kernel_row<1>(std::make_index_sequence<kMaxCallPixels>{}),
-    avx512_kernel_row<2>(std::make_index_sequence<kMaxCallPixels>{})};
+// The most kernels a micro-kernel mixes itself (MicroMix; one instantiation
+// per count). Layers with more mix in a pass of their own (mix_packed_tile).
+constexpr int kMaxMicroMixKernels = 8;
+template <int RP, size_t... MIX>
+constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1> avx512_kernel_table(
+    std::index_sequence<MIX...>) {
+  return {avx512_kernel_row<RP, static_cast<int>(MIX)>(std::make_index_sequence<kMaxCallPixels>{})...};
+}
+// [row panels - 1][kernels it mixes, 0: none][valid pixels].
+constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1>
+    kMicroKernelsAvx512[kMaxRowPanels] = {
+        avx512_kernel_table<1>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
+        avx512_kernel_table<2>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
 
-MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels) {
-  return isa == PackedIsa::kAvx512 ? kMicroKernelsAvx512[row_panels - 1][pixels] : kMicroKernelsAvx2[pixels];
+// The micro-kernel of one call; it mixes `mix_kernels` packed kernels into
+// its A panels (MicroMix, AVX-512 only) unless that is 0.
+MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int64_t mix_kernels = 0) {
+  return isa == PackedIsa::kAvx512 ? kMicroKernelsAvx512[row_panels - 1][mix_kernels][pixels]
+                                   : kMicroKernelsAvx2[pixels];
+}
+// Whether run_packed_gemm's micro-kernels mix A themselves rather than a pass
+// of its own for blocks of samples (AVX-512 A/B, ms, separate -> in the
+// micro-kernel, K = 4: fwd 512@7 35.3 -> 33.8, 512@10 68.6 -> 64.1, 512@5
+// 22.4 -> 20.4, 256@14 31.0 -> 30.9; grad_x 37.6 -> 35.5, 68.5 -> 67.9,
+// 22.4 -> 21.9, 32.2 -> 31.2).
+inline bool mixes_in_micro_kernel(PackedIsa isa, int64_t num_kernels) {
+  return isa == PackedIsa::kAvx512 && num_kernels >= 1 && num_kernels <= kMaxMicroMixKernels;
 }
 
 // Forward A: the K kernels' rows [r0, r0 + nr) and columns (reduction
@@ -968,8 +1046,9 @@ struct PackedGemmBlocking {
   int64_t tile_tasks;    // groups * tiles.count
   bool split_samples;    // threads split the samples (too few tiles for them all)
   int64_t depth;         // reduction steps per block
+  bool fused_mix;        // the micro-kernels mix A (mixes_in_micro_kernel)
   int64_t block;         // samples mixed per pass
-  int64_t mixed_floats;  // one thread's mixed A panels
+  int64_t mixed_floats;  // one thread's mixed A panels: a block of samples' tiles, or one call's panels if fused_mix
   int64_t kernel_floats; // one thread's K packed kernels of a tile's depth block
   int64_t partial_ld;    // floats per pixel of a tile's partial sums (see MicroOut)
   int64_t partial_floats;// one thread's partial sums: every sample's tile, if more than one depth block
@@ -989,7 +1068,8 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
   q.depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
   q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
                             : kPackedSampleBlock;
-  q.mixed_floats = q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+  q.fused_mix = mixes_in_micro_kernel(s.isa, s.num_kernels);
+  q.mixed_floats = q.fused_mix ? kMaxRowPanels * q.depth * kMR : q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   q.kernel_floats = s.num_kernels * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   q.partial_ld = (q.tiles.size + kMR - 1) / kMR * kMR;
   q.partial_floats = depth_blocks > 1 ? n * s.pixels * q.partial_ld : 0;
@@ -1025,6 +1105,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t blocks = (n + block - 1) / block;
   const int64_t scratch_floats = prepacked != nullptr ? 0 : q.kernel_floats;
   const int64_t mixed_floats = q.mixed_floats;
+  const bool fused_mix = q.fused_mix;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
     float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats + q.partial_floats);
     float* const a_mixed = a_scratch + scratch_floats;
@@ -1051,7 +1132,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
-          mix_packed_tile(s.isa, ns)(a_kernels, panels, a_depth, attn + i0 * K, K, a_q0, kc, a_mixed);
+          if (!fused_mix) mix_packed_tile(s.isa, ns)(a_kernels, panels, a_depth, attn + i0 * K, K, a_q0, kc, a_mixed);
           for (int64_t si = 0; si < ns; ++si) {
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
@@ -1070,8 +1151,14 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                                    q.partial_ld,
                                    /*load_partial=*/q0 > 0,
                                    /*store_partial=*/q0 + kc < s.depth};
-                micro_kernel(s.isa, np, valid)(kc, a_mixed + (si * panels + panel) * kc * kMR, kc * kMR,
-                                               b_group + packed_b_offset(s, lp, q0), s.depth * kNR, out);
+                // Mixed in the micro-kernel, a row panel pair's A is used up
+                // before the next pair's: every pair reuses the same buffer.
+                float* a_call = a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
+                const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
+                                   attn + (i0 + si) * K, K, a_call};
+                const bool mixes = fused_mix && first == 0;
+                micro_kernel(s.isa, np, valid, mixes ? K : 0)(kc, a_call, kc * kMR, b_group + packed_b_offset(s, lp, q0),
+                                                              s.depth * kNR, out, mixes ? &mix : nullptr);
               }
             }
           }
