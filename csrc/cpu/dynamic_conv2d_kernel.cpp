@@ -399,8 +399,8 @@ at::ScalarType compute_dtype(at::ScalarType t) {
 // few output pixels that dominates. Here B_b is written once per sample in
 // packed panels (shared by all tiles), each thread packs the K kernels' rows
 // of its A tile once per chunk (a reduction block at a time, in L2), mixes
-// them into packed A panels, and a
-// register-blocked FMA micro-kernel (16x6 AVX2, 32x12 AVX-512) consumes them:
+// them into packed A panels (AVX-512: inside the micro-kernel, see MicroMix),
+// and a register-blocked FMA micro-kernel (16x6 AVX2, 32x12 AVX-512) consumes them:
 //   A panel: 16 rows x kc reduction steps, step by step (16 floats each);
 //   B panel: kc reduction steps x 6 pixels, step by step (6 floats each).
 
@@ -937,7 +937,8 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
 // from L2 serves all of them.
 constexpr int64_t kPackedSampleBlock = 4;
 
-// Mixed A panels for NS samples from K packed kernel tiles (panels x depth x
+// The separate mixing pass (AVX2, and AVX-512 with more than
+// kMaxMicroMixKernels kernels). Mixed A panels for NS samples from K packed kernel tiles (panels x depth x
 // 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16]. A panel's
 // kc x 16 floats are whole vectors of W floats. GCC vector types rather than
 // intrinsics: the body compiles to the ISA of the function it is inlined into.
