@@ -938,8 +938,8 @@ void pack_weight_columns(const float* w_group, int64_t kernel_stride, int64_t ro
 constexpr int64_t kPackedSampleBlock = 4;
 
 // The separate mixing pass (AVX2, and AVX-512 with more than
-// kMaxMicroMixKernels kernels). Mixed A panels for NS samples from K packed kernel tiles (panels x depth x
-// 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16]. A panel's
+// kMaxMicroMixKernels kernels): mixed A panels for NS samples from K packed
+// kernel tiles (panels x depth x 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16]. A panel's
 // kc x 16 floats are whole vectors of W floats. GCC vector types rather than
 // intrinsics: the body compiles to the ISA of the function it is inlined into.
 template <int W, int NS>
