@@ -939,8 +939,8 @@ constexpr int64_t kPackedSampleBlock = 4;
 
 // The separate mixing pass (AVX2, and AVX-512 with more than
 // kMaxMicroMixKernels kernels): mixed A panels for NS samples from K packed
-// kernel tiles (panels x depth x 16 each), reduction steps [q0, q0 + kc): out[s][panel][q][16]. A panel's
-// kc x 16 floats are whole vectors of W floats. GCC vector types rather than
+// kernel tiles (panels x depth x 16 each), reduction steps [q0, q0 + kc):
+// out[s][panel][q][16]. A panel's kc x 16 floats are whole vectors of W floats. GCC vector types rather than
 // intrinsics: the body compiles to the ISA of the function it is inlined into.
 template <int W, int NS>
 CHANFLEX_INLINE void mix_packed_tile_body(const float* packed, int64_t panels, int64_t depth, const float* attn,
