@@ -1,13 +1,14 @@
 """The fused CPU kernel's own paths: weight tiles, sample blocks, chunking, thread
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
-float32 layers with at most 256 output pixels (512 for the AVX-512 weight
-side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
+float32 layers with at most 256 output pixels (on AVX-512: 441 for the
+forward and grad_x, 512 for the weight side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 48x192 weight blocks number at least 4 per thread; larger
 planes and float64 take the BLAS path; output planes of at least 441 pixels
-(forward, and grad_x at stride 1) or 784 (weight side) with 16+ input channels
-per group run the library's conv on chunks of samples. The cases below cover all."""
+(forward, and grad_x at stride 1; above the packed limit in float32) or 784
+(weight side) with 16+ input channels per group run the library's conv on
+chunks of samples. The cases below cover all."""
 import os
 
 import pytest
@@ -55,15 +56,16 @@ TILED_CASES = [
 
 # Large output planes: the library's conv (and conv backward) on chunks of up
 # to 4 samples as one grouped conv, each sample with its mixed kernel: the
-# forward from 441 output pixels, grad_x from 441 at stride 1, the weight side
-# from 784; the other parts of the same call take the kernel's own paths.
+# forward from 441 output pixels, grad_x from 441 at stride 1 (both from 442
+# in float32 on AVX-512), the weight side from 784; the other parts of the
+# same call take the kernel's own paths.
 LIBRARY_CASES = [
     Case(3, 16, 8, 32, 32, padding=(1, 1)),                                 # 1024 pixels: all three, one chunk
     Case(9, 16, 8, 28, 28, padding=(1, 1), num_kernels=3),                   # 784: chunks of 4, 4 and 1
     Case(6, 32, 12, 28, 28, padding=(1, 1), groups=2, num_kernels=3),        # 784 with groups: 4 and 2
     Case(5, 16, 6, 57, 56, stride=(2, 2), padding=(1, 1), layout="channels_last"),  # strided 784: grad_x by the kernel
     Case(2, 17, 5, 33, 35, kernel=(3, 1), dilation=(2, 1), padding=(2, 0), bias=False, layout="sliced"),
-    Case(5, 16, 10, 21, 21, padding=(1, 1)),                                 # 441: weight side by the kernel
+    Case(5, 16, 10, 21, 21, padding=(1, 1)),  # 441: weight side by the kernel, and all parts in float32 on AVX-512
 ]
 
 

@@ -546,11 +546,20 @@ PackedIsa packed_isa() {
 }
 
 // The packed path wins where the per-sample GEMMs are small (few output
-// pixels), BLAS where they are large enough to amortise a separate mixing.
-// At 441 pixels (VGG19's 21x21 stage) a chunk holds only 2 unfolded samples,
-// and packing the K kernels per chunk cost more than the BLAS path (one full
-// benchmark run: fwd 1.61 vs 1.38, fwd+bwd 1.76 vs 1.50 of the static conv).
-constexpr int64_t kPackedMaxPixels = 256;
+// pixels); above its limit the library's conv (use_library) takes the
+// forward and grad_x. AVX2: at 441 pixels (VGG19's 21x21 stage) a chunk holds
+// only 2 unfolded samples, and packing the K kernels per chunk cost more
+// than the BLAS path (one full benchmark run: fwd 1.61 vs 1.38, fwd+bwd 1.76
+// vs 1.50 of the static conv). AVX-512, since its micro-kernel prefetches B
+// (AMD Zen 5, in-process A/B against the library path, ms): 441 pixels,
+// forward 256@21 58.0 -> 50.3, 128->256@21 28.5 -> 25.5, grad_x 51.7 ->
+// 47.0, 26.8 -> 26.1; but 784 pixels (128@28) grad_x 20.5 vs 23.2, and
+// 1764 (64->128@42) forward 23.7 vs 26.7.
+constexpr int64_t kPackedMaxPixelsAvx2 = 256;
+constexpr int64_t kPackedMaxPixelsAvx512 = 441;
+inline int64_t packed_max_pixels(PackedIsa isa) {
+  return isa == PackedIsa::kAvx512 ? kPackedMaxPixelsAvx512 : isa == PackedIsa::kAvx2 ? kPackedMaxPixelsAvx2 : 0;
+}
 
 // Most reduction depth per block, per ISA: B panels stay in L1, the mixed A
 // panels in L2; a deeper block halves the output read-modify-writes
@@ -558,7 +567,7 @@ constexpr int64_t kPackedMaxPixels = 256;
 inline int64_t packed_depth_block(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : 256; }
 
 bool use_packed(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
-  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= kPackedMaxPixels;
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_max_pixels(isa);
 }
 
 struct PackedGemm {
@@ -1388,7 +1397,8 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
 //     at 56x56 24.6 -> 21.9; but the packed path keeps 21x21 (256@21: 78.9
 //     vs 95.2) and below.
 // (Below 441 pixels the kernel's packed paths win every part: at 256@14 the
-// library's forward 40.2 vs 34.4, its weight side 71.6 vs 37.1.)
+// library's forward 40.2 vs 34.4, its weight side 71.6 vs 37.1; on AVX-512
+// they also take the forward and grad_x at 441, see packed_max_pixels.)
 // Chunks of 2 to 8 samples were measured: 4 is within 5% of the best on
 // every shape, 8 up to 20% slower at 56x56 and 21x21.
 // Stems (few input channels per group) and 1x1 kernels (no unfold, or a cheap
@@ -1407,6 +1417,13 @@ constexpr int64_t kLibraryChunkBytes = int64_t{16} << 20;
 bool use_library(const ConvGeometry& g, int64_t min_pixels) {
   return g.out_h * g.out_w >= min_pixels && g.in_channels / g.groups >= kLibraryMinGroupChannels &&
          g.kernel_h * g.kernel_w > 1;
+}
+
+// The forward's and grad_x's threshold: from min_pixels, but not where the
+// packed paths take the plane (see packed_max_pixels). Only float32 has
+// packed paths.
+int64_t library_min_pixels(int64_t min_pixels, at::ScalarType dtype) {
+  return dtype == at::kFloat ? std::max(min_pixels, packed_max_pixels(packed_isa()) + 1) : min_pixels;
 }
 
 // Samples per library call: kLibraryChunkSamples, fewer where they pass
@@ -1503,7 +1520,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
   // One sample (any shape): mix its kernel once and run the library's conv.
-  if (g.batch == 1 || use_library(g, kLibraryForwardMinPixels)) {
+  if (g.batch == 1 || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype))) {
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
         .to(x.scalar_type());
   }
@@ -1593,7 +1610,7 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa) {
 // (weight side alone, 441 pixels: 70 vs 97-107 ms at 256->256, 37 vs 41-45
 // at 128->256), not at 28x28 (784 pixels: 41 vs 37 ms); AVX2 keeps the
 // forward's limit, which is where it was measured.
-int64_t packed_weight_grad_max_pixels(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : kPackedMaxPixels; }
+int64_t packed_weight_grad_max_pixels(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : kPackedMaxPixelsAvx2; }
 
 bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
   return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_weight_grad_max_pixels(isa) &&
@@ -2341,7 +2358,8 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   // Large planes: grad_x and the weight side each through the library's
   // convolution backward where it wins (see use_library), the rest below.
   const bool stride_one = g.stride[0] == 1 && g.stride[1] == 1;
-  const bool library_x = g.batch > 0 && need_x && stride_one && use_library(g, kLibraryGradXMinPixels);
+  const bool library_x = g.batch > 0 && need_x && stride_one &&
+                         use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype));
   const bool library_g = g.batch > 0 && (need_w || need_attn) && use_library(g, kLibraryWeightGradMinPixels);
   if (library_x || library_g) {
     if (need_w && library_g) grad_w.zero_();
