@@ -662,6 +662,8 @@ struct MicroOut {
 // packed kernels while it multiplies, and writes it to `mixed` (the A the
 // pair's later calls read). A separate mixing pass wrote every mixed panel
 // to L2 and the micro-kernel read it back: 13% of the forward at 512@7.
+// Pair kernels (PAIR) also mix the next sample's A from the same kernel
+// vectors, with attn_next, into mixed_next (see run_packed_gemm).
 struct MicroMix {
   const float* kernels;   // kernel 0's first A panel, at the call's first reduction step
   int64_t panel_stride;   // floats between one kernel's adjacent A panels
@@ -669,6 +671,8 @@ struct MicroMix {
   const float* attn;      // the sample's num_kernels weights
   int64_t num_kernels;
   float* mixed;           // the mixed A panels (kc x 16 each, the call's a_panel_stride apart)
+  const float* attn_next = nullptr;  // pair kernels: the next sample's weights
+  float* mixed_next = nullptr;       // and where its mixed A panels go
 };
 
 // B panels are prefetched this many steps ahead (1.5 KB of a 6-pixel
@@ -728,7 +732,7 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
 // A panels are prefetched this many steps ahead: a row panel pair's first
 // pixel call reads them from L2 (later calls find them in L1).
 constexpr int64_t kPrefetchSteps = 16;
-template <int RP, int NR, int MIX>
+template <int RP, int NR, int MIX, bool PAIR = false>
 __attribute__((target("avx512f,avx2,fma")))
 void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
                          int64_t b_panel_stride, const MicroOut& out, const MicroMix* mix) {
@@ -749,15 +753,22 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   for (int i = 0; i < kBPanels; ++i) bp[i] = b + i * b_panel_stride;
   // MIX: ap walks kernel 0's panels, mp the mixed panels it writes.
   float* mp[RP];
+  float* np[RP];
   const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
   __m512 attn_v[MIX > 0 ? MIX : 1];
+  __m512 attn_w[PAIR ? MIX : 1];
 #pragma GCC unroll 8
   for (int k = 0; k < MIX; ++k) attn_v[k] = _mm512_set1_ps(mix->attn[k]);
+  if constexpr (PAIR) {
+#pragma GCC unroll 8
+    for (int k = 0; k < MIX; ++k) attn_w[k] = _mm512_set1_ps(mix->attn_next[k]);
+  }
   if constexpr (MIX) {
 #pragma GCC unroll 2
     for (int r = 0; r < RP; ++r) {
       ap[r] = mix->kernels + r * mix->panel_stride;
       mp[r] = mix->mixed + r * a_panel_stride;
+      if constexpr (PAIR) np[r] = mix->mixed_next + r * a_panel_stride;
     }
   }
   for (int64_t q = 0; q < kc; ++q) {
@@ -766,14 +777,19 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
       // Kernels in pairs (a tree, not one chain of K dependent FMAs), both
       // row panels interleaved.
       __m512 part[RP][(MIX + 1) / 2];
+      __m512 part2[RP][PAIR ? (MIX + 1) / 2 : 1];
 #pragma GCC unroll 2
       for (int r = 0; r < RP; ++r) {
 #pragma GCC unroll 8
         for (int k = 0; k < MIX; k += 2) {
-          part[r][k / 2] = _mm512_mul_ps(attn_v[k], _mm512_loadu_ps(ap[r] + k * mix_stride));
-          if (k + 1 < MIX)
-            part[r][k / 2] = _mm512_fmadd_ps(attn_v[k + 1], _mm512_loadu_ps(ap[r] + (k + 1) * mix_stride),
-                                             part[r][k / 2]);
+          const __m512 k0 = _mm512_loadu_ps(ap[r] + k * mix_stride);
+          part[r][k / 2] = _mm512_mul_ps(attn_v[k], k0);
+          if constexpr (PAIR) part2[r][k / 2] = _mm512_mul_ps(attn_w[k], k0);
+          if (k + 1 < MIX) {
+            const __m512 k1 = _mm512_loadu_ps(ap[r] + (k + 1) * mix_stride);
+            part[r][k / 2] = _mm512_fmadd_ps(attn_v[k + 1], k1, part[r][k / 2]);
+            if constexpr (PAIR) part2[r][k / 2] = _mm512_fmadd_ps(attn_w[k + 1], k1, part2[r][k / 2]);
+          }
         }
 #pragma GCC unroll 8
         for (int k = 0; k < MIX; ++k)
@@ -787,6 +803,13 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
         _mm512_storeu_ps(mp[r], ar[r]);
         mp[r] += kMR;
         ap[r] += kMR;
+        if constexpr (PAIR) {
+          __m512 an = part2[r][0];
+#pragma GCC unroll 4
+          for (int k = 1; k < (MIX + 1) / 2; ++k) an = _mm512_add_ps(an, part2[r][k]);
+          _mm512_storeu_ps(np[r], an);
+          np[r] += kMR;
+        }
       }
     } else {
 #pragma GCC unroll 2
@@ -875,11 +898,29 @@ constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKe
         avx512_kernel_table<1>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
         avx512_kernel_table<2>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
 
+template <int RP, int MIX, size_t... NR>
+constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_pair_row(std::index_sequence<NR...>) {
+  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX, true>...};
+}
+template <int RP, size_t... MIX>
+constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1> avx512_pair_table(
+    std::index_sequence<MIX...>) {
+  return {std::array<MicroKernel, kMaxCallPixels + 1>{},
+          avx512_pair_row<RP, static_cast<int>(MIX) + 1>(std::make_index_sequence<kMaxCallPixels>{})...};
+}
+// The pair kernels (MicroMix::mixed_next), indexed likewise (1-8 kernels).
+constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1>
+    kPairMicroKernelsAvx512[kMaxRowPanels] = {
+        avx512_pair_table<1>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+        avx512_pair_table<2>(std::make_index_sequence<kMaxMicroMixKernels>{})};
+
 // The micro-kernel of one call; it mixes `mix_kernels` packed kernels into
-// its A panels (MicroMix, AVX-512 only) unless that is 0.
-MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int64_t mix_kernels = 0) {
-  return isa == PackedIsa::kAvx512 ? kMicroKernelsAvx512[row_panels - 1][mix_kernels][pixels]
-                                   : kMicroKernelsAvx2[pixels];
+// its A panels (MicroMix, AVX-512 only) unless that is 0, and with `pair`
+// the next sample's too.
+MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int64_t mix_kernels = 0,
+                         bool pair = false) {
+  if (isa != PackedIsa::kAvx512) return kMicroKernelsAvx2[pixels];
+  return (pair ? kPairMicroKernelsAvx512 : kMicroKernelsAvx512)[row_panels - 1][mix_kernels][pixels];
 }
 // Whether run_packed_gemm's micro-kernels mix A themselves rather than a pass
 // of its own for blocks of samples (AVX-512 A/B, ms, separate -> in the
@@ -1067,7 +1108,8 @@ struct PackedGemmBlocking {
   int64_t depth;         // reduction steps per block
   bool fused_mix;        // the micro-kernels mix A (mixes_in_micro_kernel)
   int64_t block;         // samples mixed per pass
-  int64_t mixed_floats;  // one thread's mixed A panels: a block of samples' tiles, or one call's panels if fused_mix
+  int64_t mixed_floats;  // one thread's mixed A panels: a block of samples' tiles, or if fused_mix one call's
+                         // panels and the next sample's tile (pair mixing)
   int64_t kernel_floats; // one thread's K packed kernels of a tile's depth block
   int64_t partial_ld;    // floats per pixel of a tile's partial sums (see MicroOut)
   int64_t partial_floats;// one thread's partial sums: every sample's tile, if more than one depth block
@@ -1088,7 +1130,8 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
   q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
                             : kPackedSampleBlock;
   q.fused_mix = mixes_in_micro_kernel(s.isa, s.num_kernels);
-  q.mixed_floats = q.fused_mix ? kMaxRowPanels * q.depth * kMR : q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+  q.mixed_floats = q.fused_mix ? (kMaxRowPanels + (q.tiles.size + kMR - 1) / kMR) * q.depth * kMR
+                                : q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   q.kernel_floats = s.num_kernels * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
   q.partial_ld = (q.tiles.size + kMR - 1) / kMR * kMR;
   q.partial_floats = depth_blocks > 1 ? n * s.pixels * q.partial_ld : 0;
@@ -1125,9 +1168,17 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t scratch_floats = prepacked != nullptr ? 0 : q.kernel_floats;
   const int64_t mixed_floats = q.mixed_floats;
   const bool fused_mix = q.fused_mix;
+  // Samples in pairs: the first one's mixing calls also mix the second's A
+  // (each K-kernel vector loaded once for both) into a_next, where the
+  // second's calls read it. The mixing calls are L2-bound on the kernel
+  // reads; in-process A/B on AMD Zen 5 (K = 4), unpaired -> paired: forward
+  // 512@5 0.93-0.99x, 512@7 0.97, 512@10 0.98, 256->512@10 0.99, 256@14
+  // 0.98; grad_x 0.91-0.93, 0.98, (512@10 not measured), 0.97, 0.98.
+  const bool pair_mix = fused_mix;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
     float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats + q.partial_floats);
     float* const a_mixed = a_scratch + scratch_floats;
+    float* const a_next = a_mixed + kMaxRowPanels * depth * kMR;  // pair mixing: the next sample's tile
     float* const partials = a_mixed + mixed_floats;  // sample i's tile at i * pixels * partial_ld
     // A run of units on one tile: its sample blocks [block_begin, block_end).
     for (int64_t unit = begin, run_end; unit < end; unit = run_end) {
@@ -1153,6 +1204,8 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
           const int64_t ns = std::min(block, n - i0);
           if (!fused_mix) mix_packed_tile(s.isa, ns)(a_kernels, panels, a_depth, attn + i0 * K, K, a_q0, kc, a_mixed);
           for (int64_t si = 0; si < ns; ++si) {
+            const bool pair_first = pair_mix && si % 2 == 0 && si + 1 < ns;
+            const bool pair_second = pair_mix && si % 2 == 1;
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
             float* partial = partials + (i0 + si) * s.pixels * q.partial_ld;
@@ -1172,12 +1225,16 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                                    /*store_partial=*/q0 + kc < s.depth};
                 // Mixed in the micro-kernel, a row panel pair's A is used up
                 // before the next pair's: every pair reuses the same buffer.
-                float* a_call = a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
+                float* a_call = pair_second ? a_next + panel * kc * kMR
+                                            : a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
                 const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
-                                   attn + (i0 + si) * K, K, a_call};
-                const bool mixes = fused_mix && first == 0;
-                micro_kernel(s.isa, np, valid, mixes ? K : 0)(kc, a_call, kc * kMR, b_group + packed_b_offset(s, lp, q0),
-                                                              s.depth * kNR, out, mixes ? &mix : nullptr);
+                                   attn + (i0 + si) * K, K, a_call,
+                                   pair_first ? attn + (i0 + si + 1) * K : nullptr,
+                                   pair_first ? a_next + panel * kc * kMR : nullptr};
+                const bool mixes = fused_mix && first == 0 && !pair_second;
+                micro_kernel(s.isa, np, valid, mixes ? K : 0, mixes && pair_first)(
+                    kc, a_call, kc * kMR, b_group + packed_b_offset(s, lp, q0), s.depth * kNR, out,
+                    mixes ? &mix : nullptr);
               }
             }
           }
