@@ -875,9 +875,11 @@ inline int64_t call_pixels(PackedIsa isa, int64_t first, int64_t pixels) {
 
 // [valid pixels]: up to 6 per pixel panel.
 // MIX: kernels the row's micro-kernels mix (0: they read mixed A).
-template <int RP, int MIX, size_t... NR>
+// PAIR rows exist only for the kernels that mix (MIX > 0).
+template <int RP, int MIX, bool PAIR, size_t... NR>
 constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::index_sequence<NR...>) {
-  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX>...};
+  if constexpr (PAIR && MIX == 0) return {};
+  else return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX, PAIR>...};
 }
 template <size_t... NR>
 constexpr std::array<MicroKernel, kNR + 1> avx2_kernel_row(std::index_sequence<NR...>) {
@@ -887,32 +889,21 @@ constexpr std::array<MicroKernel, kNR + 1> kMicroKernelsAvx2 = avx2_kernel_row(s
 // The most kernels a micro-kernel mixes itself (MicroMix; one instantiation
 // per count). Layers with more mix in a pass of their own (mix_packed_tile).
 constexpr int kMaxMicroMixKernels = 8;
-template <int RP, size_t... MIX>
+template <int RP, bool PAIR, size_t... MIX>
 constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1> avx512_kernel_table(
     std::index_sequence<MIX...>) {
-  return {avx512_kernel_row<RP, static_cast<int>(MIX)>(std::make_index_sequence<kMaxCallPixels>{})...};
+  return {avx512_kernel_row<RP, static_cast<int>(MIX), PAIR>(std::make_index_sequence<kMaxCallPixels>{})...};
 }
 // [row panels - 1][kernels it mixes, 0: none][valid pixels].
 constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1>
     kMicroKernelsAvx512[kMaxRowPanels] = {
-        avx512_kernel_table<1>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
-        avx512_kernel_table<2>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
-
-template <int RP, int MIX, size_t... NR>
-constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_pair_row(std::index_sequence<NR...>) {
-  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX, true>...};
-}
-template <int RP, size_t... MIX>
-constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1> avx512_pair_table(
-    std::index_sequence<MIX...>) {
-  return {std::array<MicroKernel, kMaxCallPixels + 1>{},
-          avx512_pair_row<RP, static_cast<int>(MIX) + 1>(std::make_index_sequence<kMaxCallPixels>{})...};
-}
+        avx512_kernel_table<1, false>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
+        avx512_kernel_table<2, false>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
 // The pair kernels (MicroMix::mixed_next), indexed likewise (1-8 kernels).
 constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKernels + 1>
     kPairMicroKernelsAvx512[kMaxRowPanels] = {
-        avx512_pair_table<1>(std::make_index_sequence<kMaxMicroMixKernels>{}),
-        avx512_pair_table<2>(std::make_index_sequence<kMaxMicroMixKernels>{})};
+        avx512_kernel_table<1, true>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
+        avx512_kernel_table<2, true>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
 
 // The micro-kernel of one call; it mixes `mix_kernels` packed kernels into
 // its A panels (MicroMix, AVX-512 only) unless that is 0, and with `pair`
@@ -1174,7 +1165,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   // reads; in-process A/B on AMD Zen 5 (K = 4), unpaired -> paired: forward
   // 512@5 0.93-0.99x, 512@7 0.97, 512@10 0.98, 256->512@10 0.99, 256@14
   // 0.98; grad_x 0.91-0.93, 0.98, (512@10 not measured), 0.97, 0.98.
-  const bool pair_mix = fused_mix;
   for_each_range(split_samples ? tile_tasks * blocks : tile_tasks, [&](int64_t begin, int64_t end) {
     float* const a_scratch = workers + at::get_thread_num() * (scratch_floats + mixed_floats + q.partial_floats);
     float* const a_mixed = a_scratch + scratch_floats;
@@ -1204,8 +1194,8 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
           const int64_t ns = std::min(block, n - i0);
           if (!fused_mix) mix_packed_tile(s.isa, ns)(a_kernels, panels, a_depth, attn + i0 * K, K, a_q0, kc, a_mixed);
           for (int64_t si = 0; si < ns; ++si) {
-            const bool pair_first = pair_mix && si % 2 == 0 && si + 1 < ns;
-            const bool pair_second = pair_mix && si % 2 == 1;
+            const bool pair_first = fused_mix && si % 2 == 0 && si + 1 < ns;
+            const bool pair_second = fused_mix && si % 2 == 1;
             const float* b_group = b_packed + (i0 + si) * s.sample_b + group * s.group_b;
             float* c_tile = out_block(i0 + si, group) + r0 * s.pixels;
             float* partial = partials + (i0 + si) * s.pixels * q.partial_ld;
