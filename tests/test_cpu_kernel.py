@@ -5,7 +5,9 @@ float32 layers with at most 256 output pixels (on AVX-512: 441 for the
 forward and grad_x, 512 for the weight side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 48x192 weight blocks number at least 4 per thread; larger
-planes and float64 take the BLAS path; output planes of at least 441 pixels
+planes at most 256 deep (C_in/groups * kh * kw) stream their forward
+through the same micro-kernel a block of output rows at a time; other
+larger planes and float64 take the BLAS path; output planes of at least 441 pixels
 (forward, and grad_x at stride 1; above the packed limit in float32) or 784
 (weight side) with 16+ input channels per group run the library's conv on
 chunks of samples. The cases below cover all."""
@@ -37,7 +39,7 @@ TILED_CASES = [
     Case(5, 70, 66, 6, 6, kernel=(1, 1), bias=False),               # 1x1 stride 1: unfold is the identity
     Case(5, 70, 66, 7, 7, kernel=(1, 1), stride=(2, 2)),            # 1x1 strided: a real unfold
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
-    Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels: the BLAS forward in float32
+    Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels, 180 deep: the streamed forward
     Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
     RAGGED_COLUMN_PANEL,
     PIXEL_TAIL_14,
@@ -51,6 +53,12 @@ TILED_CASES = [
     Case(5, 40, 70, 6, 6, padding=(1, 1), num_kernels=1),
     Case(6, 36, 72, 7, 5, padding=(1, 1), num_kernels=8),
     Case(5, 36, 50, 6, 5, padding=(1, 1), num_kernels=9),
+    # Wide, shallow layers (above the packed paths' pixels, at most 256
+    # deep): the streamed forward, in blocks of whole output rows.
+    Case(3, 3, 64, 45, 45, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a stem: 23x23, blocks of 8, 8, 7 rows
+    Case(5, 6, 40, 25, 23, padding=(2, 1), dilation=(2, 1), groups=2, bias=False),
+    Case(4, 64, 70, 40, 40, kernel=(1, 1), stride=(2, 2), num_kernels=9),  # 5 row panels, the last 6 rows
+    Case(2, 3, 20, 3, 203, padding=(1, 1), stride=(1, 2)),           # 102-pixel rows: a ragged last pixel panel
 ]
 
 
