@@ -108,6 +108,17 @@ def isa(request, monkeypatch):
     return request.param
 
 
+def test_grad_block_switch_rejects_other_values(monkeypatch):
+    from comparison import make_inputs
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("the switch belongs to the packed weight side (AVX2 or AVX-512)")
+    x, weight, attn = (t.float().requires_grad_() for t in make_inputs(BLOCK_LAYOUT_CASES[1])[:3])
+    monkeypatch.setenv("CHANFLEX_CPU_GRAD_BLOCKS", "yes")
+    y = dynamic_conv2d(x, weight, attn, padding=1)
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_GRAD_BLOCKS: expected '0' or '1', got 'yes'"):
+        y.sum().backward()
+
+
 def test_isa_cap_rejects_unknown_names(monkeypatch):
     from comparison import make_inputs
     x, weight, attn, _ = make_inputs(TILED_CASES[0])
@@ -178,12 +189,15 @@ BLOCK_LAYOUT_CASES = [Case(34, 74, 200, 6, 6, padding=(1, 1), groups=2),
                       Case(33, 32, 288, 7, 7, padding=(1, 1), num_kernels=3)]
 
 
+@pytest.mark.parametrize("blocks", ["", "1", "0"], ids=lambda v: f"blocks-{v or 'default'}")
 @pytest.mark.parametrize("chunk", [34, 16, 17], ids=lambda n: f"chunk{n}")
 @pytest.mark.parametrize("case", BLOCK_LAYOUT_CASES, ids=lambda c: c.id)
-def test_weight_blocks_across_chunks(monkeypatch, case, chunk, threads, isa):
+def test_weight_blocks_across_chunks(monkeypatch, case, chunk, blocks, threads, isa):
     # chunk 34: one chunk; 16: at 34 samples, two block chunks (the second
     # adds to the first's dW) and an in-place one of 2; 17: a block chunk adding
-    # to an earlier one ends the batch.
+    # to an earlier one ends the batch. The layout is the default on AVX-512
+    # only; CHANFLEX_CPU_GRAD_BLOCKS forces it on or off for either ISA.
+    monkeypatch.setenv("CHANFLEX_CPU_GRAD_BLOCKS", blocks)
     taps = case.kernel[0] * case.kernel[1]
     unfolded_bytes = case.in_channels * taps * case.height * case.width * 4  # stride 1, padding 1: same plane
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", str(chunk * unfolded_bytes))

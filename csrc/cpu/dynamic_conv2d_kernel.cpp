@@ -2149,6 +2149,17 @@ void prefetch_grad_block(const float* w, const Plan& p, const GradTask& t, int64
 // Fold groups per chunk from which the block layout pays.
 constexpr int64_t kMinBlockFoldGroups = 2;
 
+// Whether the weight side may use the block layout (see weight_grad_packed):
+// on AVX-512, or as CHANFLEX_CPU_GRAD_BLOCKS says ("1": wherever a chunk has
+// the fold groups, "0": never; tests use it to cover the layout on AVX2).
+bool grad_block_layout_enabled(PackedIsa isa) {
+  const char* env = std::getenv("CHANFLEX_CPU_GRAD_BLOCKS");
+  if (env == nullptr || *env == '\0') return isa == PackedIsa::kAvx512;
+  const std::string value(env);
+  TORCH_CHECK(value == "0" || value == "1", "CHANFLEX_CPU_GRAD_BLOCKS: expected '0' or '1', got '", value, "'");
+  return value == "1";
+}
+
 // Runs run(at, in_block, n) for every run of n contiguous block entries:
 // `at` into the K row-major kernels (leading dimension ld, kernel_stride
 // apart), `in_block` into the block layout, for rows [r_begin, r_end) and
@@ -2221,8 +2232,12 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     // Where several fold groups reuse a block's W and dW tiles, they are
     // copied into the block layout (see GradBlockLayout); with one fold group
     // per chunk the copies cost more than they save (256@14, chunks of 5:
-    // weight side 37 -> 49 ms).
-    const bool use_blocks = n >= kMinBlockFoldGroups * kFoldSamples;
+    // weight side 37 -> 49 ms). AVX-512 only: on AMD Zen 3 (AVX2, 512 KB of
+    // L2, where the chunk's panels for a block do not fit next to its W and
+    // dW tiles) folding in place was faster (in-process A/B, weight side,
+    // block layout -> in place: 512@5 0.81-1.01x, 512@7 0.84-0.90x, 512@10
+    // 0.94x, 256->512@10 0.95x).
+    const bool use_blocks = grad_block_layout_enabled(isa) && n >= kMinBlockFoldGroups * kFoldSamples;
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
