@@ -46,7 +46,8 @@ TILED_CASES = [
     GROUP_CROSSING_BLOCK,
     Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, AVX-512 packed weight side
     # 1080-deep forward: partial sums carried over 3 (AVX-512) or 5 (AVX2)
-    # reduction blocks, for 2-panel and ragged 8-row calls of 12 and 13 pixels.
+    # reduction blocks, for 2-panel and ragged 8-row calls of 12 and 13 pixels
+    # (AVX2: 6, 6, 6 and a 7-pixel last call, as on 7x7 planes).
     Case(4, 120, 40, 5, 5, padding=(1, 1)),
     # AVX-512 micro-kernels mix A themselves for 1 to 8 kernels (one
     # instantiation per count); more take the separate mixing pass.

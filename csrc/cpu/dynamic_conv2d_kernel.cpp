@@ -727,15 +727,35 @@ constexpr int64_t kBPrefetchSteps = 64;
 template <int NR>
 __attribute__((target("avx2,fma")))
 void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b,
-                       int64_t /*b_panel_stride*/, const MicroOut& out, const MicroMix* /*mix: AVX-512 only*/) {
+                       int64_t b_panel_stride, const MicroOut& out, const MicroMix* /*mix: AVX-512 only*/) {
   __m256 lo[NR], hi[NR];
-#pragma GCC unroll 6
+#pragma GCC unroll 7
   for (int j = 0; j < NR; ++j) {
     lo[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld) : _mm256_setzero_ps();
     hi[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld + 8) : _mm256_setzero_ps();
   }
-  for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR) {
+  // A 7-pixel call (a plane's last, see call_pixels) takes its 7th pixel
+  // from the next B panel; its 14 accumulators leave no register for A's
+  // second half, which the FMAs read from L1 instead.
+  const float* b_next = b + b_panel_stride;
+  for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR, b_next += kNR) {
     _mm_prefetch(reinterpret_cast<const char*>(b + kBPrefetchSteps * kNR), _MM_HINT_T0);
+    if constexpr (NR > kNR) {
+      _mm_prefetch(reinterpret_cast<const char*>(b_next + kBPrefetchSteps * kNR), _MM_HINT_T0);
+      const __m256 a0 = _mm256_loadu_ps(a);
+#pragma GCC unroll 7
+      for (int j = 0; j < NR; ++j) {
+        const __m256 bj = _mm256_broadcast_ss(j < kNR ? b + j : b_next + (j - kNR));
+        lo[j] = _mm256_fmadd_ps(a0, bj, lo[j]);
+        // hi[j] += A[8:16] * bj with A as the FMA's memory operand: as an
+        // intrinsic GCC hoists the load into a register and spills an
+        // accumulator instead (a store-load chain through every step).
+        asm("vfmadd231ps %[a], %[b], %[acc]"
+            : [acc] "+x"(hi[j])
+            : [b] "x"(bj), [a] "m"(*reinterpret_cast<const __m256_u*>(a + 8)));
+      }
+      continue;
+    }
     const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
 #pragma GCC unroll 6
     for (int j = 0; j < NR; ++j) {
@@ -745,7 +765,7 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
     }
   }
   if (out.store_partial) {
-#pragma GCC unroll 6
+#pragma GCC unroll 7
     for (int j = 0; j < NR; ++j) {
       _mm256_store_ps(out.partial + j * out.partial_ld, lo[j]);
       _mm256_store_ps(out.partial + j * out.partial_ld + 8, hi[j]);
@@ -753,7 +773,7 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
     return;
   }
   alignas(32) float tile[NR][kMR];
-#pragma GCC unroll 6
+#pragma GCC unroll 7
   for (int j = 0; j < NR; ++j) {
     _mm256_store_ps(tile[j], lo[j]);
     _mm256_store_ps(tile[j] + 8, hi[j]);
@@ -891,20 +911,25 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
 using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, int64_t, const MicroOut&,
                              const MicroMix*);
 // Row panels (of 16) and pixels one call of each ISA's micro-kernel covers:
-// 16 x 6 on AVX2 (12 of its 16 registers); 32 x 12 on AVX-512 (24 of 32;
+// 16 x 6 on AVX2 (12 of its 16 registers), and 16 x 7 for a plane's last
+// call where 7 pixels are left (a 7x7 plane is 7 x 6 + 7 pixels, a 5x5 one
+// 3 x 6 + 7: no 1-pixel call, which did 2 FMAs per 2 A loads and took 7%
+// of the micro-kernel time at 512@7 on AMD Zen 3; in-process A/B there,
+// forward 512@7 0.98-1.0x, 512@5 0.95-0.98x, grad_x 0.98x, 0.96x); 32 x 12 on AVX-512 (24 of 32;
 // it loads 14 values per 24 vector FMAs), and up to 32 x 14 for the last
 // call of a plane, so that no call is left with 1 or 2 pixels (a 7x7 plane
 // is 12 + 12 + 12 + 13 pixels, not 4 x 12 + 1: the A panels are streamed
 // once per call, whatever its width).
 constexpr int64_t kMaxRowPanels = 2;
 constexpr int64_t kMaxCallPixels = 14;
+constexpr int64_t kMaxCallPixelsAvx2 = 7;
 inline int64_t row_panels_per_call(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 2 : 1; }
 
 // Pixels of the call that starts at pixel `first` of a `pixels`-wide plane
 // (a multiple of 6 as long as more remain).
 inline int64_t call_pixels(PackedIsa isa, int64_t first, int64_t pixels) {
   const int64_t left = pixels - first;
-  if (isa != PackedIsa::kAvx512) return std::min(kNR, left);
+  if (isa != PackedIsa::kAvx512) return left <= kMaxCallPixelsAvx2 ? left : std::min(kNR, left);
   return left <= kMaxCallPixels ? left : std::min<int64_t>(2 * kNR, left);
 }
 
@@ -917,10 +942,11 @@ constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_kernel_row(std::ind
   else return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, MIX, PAIR>...};
 }
 template <size_t... NR>
-constexpr std::array<MicroKernel, kNR + 1> avx2_kernel_row(std::index_sequence<NR...>) {
+constexpr std::array<MicroKernel, kMaxCallPixelsAvx2 + 1> avx2_kernel_row(std::index_sequence<NR...>) {
   return {nullptr, micro_kernel_avx2<static_cast<int>(NR) + 1>...};
 }
-constexpr std::array<MicroKernel, kNR + 1> kMicroKernelsAvx2 = avx2_kernel_row(std::make_index_sequence<kNR>{});
+constexpr std::array<MicroKernel, kMaxCallPixelsAvx2 + 1> kMicroKernelsAvx2 =
+    avx2_kernel_row(std::make_index_sequence<kMaxCallPixelsAvx2>{});
 // The most kernels a micro-kernel mixes itself (MicroMix; one instantiation
 // per count). Layers with more mix in a pass of their own (mix_packed_tile).
 constexpr int kMaxMicroMixKernels = 8;
