@@ -279,7 +279,8 @@ def test_scratch_buffers_reused_across_shapes(isa):
     y = torch.ops.chanflex.dynamic_conv2d(x.fill_(nan), weight.fill_(nan), attn.fill_(nan), None,
                                           [1, 1], [1, 1], [1, 1], 1)
     _backward(big, x, weight, attn, torch.full_like(y, nan))
-    for case in (TILED_CASES[0], RAGGED_COLUMN_PANEL, GROUP_CROSSING_BLOCK, Case(7, 72, 200, 13, 13, padding=(1, 1))):
+    for case in (TILED_CASES[0], RAGGED_COLUMN_PANEL, GROUP_CROSSING_BLOCK, Case(7, 72, 200, 13, 13, padding=(1, 1)),
+                 Case(3, 3, 20, 30, 31, padding=(1, 1))):  # the last: the streamed forward
         assert_matches_reference(dynamic_conv2d, case, torch.float32)
     torch.ops.chanflex.cpu_release_scratch()
     assert_matches_reference(dynamic_conv2d, TILED_CASES[0], torch.float32)
