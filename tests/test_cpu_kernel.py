@@ -10,7 +10,11 @@ through the same micro-kernel a block of output rows at a time; other
 larger planes and float64 take the BLAS path; output planes of at least 441 pixels
 (forward, and grad_x at stride 1; above the packed limit in float32) or 784
 (weight side) with 16+ input channels per group run the library's conv on
-chunks of samples. The cases below cover all."""
+chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
+Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
+to 42x42 whose scratch fits in their activations): the direct-path tests here
+switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
+on. The cases below cover all."""
 import os
 
 import pytest
@@ -20,6 +24,13 @@ from chanflex_kernels import dynamic_conv2d
 from chanflex_kernels.bench import ConvShape, peak_memory_bytes
 from chanflex_kernels.reference import dynamic_conv2d_reference
 from comparison import Case, assert_close_scaled, assert_matches_reference
+
+
+@pytest.fixture(autouse=True)
+def direct_paths(monkeypatch):
+    # These tests target the direct paths, some of whose cases Winograd
+    # would take by default; its own tests below set the switch themselves.
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "0")
 
 # Row tiles (C_out/groups) and column tiles (C_in/groups * kh * kw) are ~64
 # wide, so these cross tile boundaries at ragged offsets; batches are not
@@ -310,3 +321,131 @@ def test_large_weight_gradients_come_from_a_pool():
     assert_close_scaled(third, expected, torch.float32, "grad of weight")
     del second, third
     torch.ops.chanflex.cpu_release_scratch()
+
+
+# Winograd F(2x2, 3x3): 2x2 output tiles from 4x4 input patches, 16 GEMMs
+# (one per transform position) through the packed micro-kernels, for the
+# forward and grad_x (the transposed, flipped kernels; pad 2 - padding, which
+# crops where padding > 2). Odd planes end in half-used tiles; 130 rows end
+# in a ragged row panel; 520 deep carries partial sums over two reduction
+# blocks (the forward of the first, grad_x of the second).
+WINOGRAD_CASES = [
+    Case(3, 16, 16, 7, 7, padding=(1, 1)),                             # 16 tiles, the last row and column half-used
+    Case(4, 20, 18, 5, 6, padding=(1, 1), num_kernels=3),
+    Case(3, 12, 10, 9, 11, padding=(0, 0), num_kernels=1, bias=False),  # 7x9 output; grad_x pads 2
+    Case(3, 8, 12, 4, 4, padding=(2, 2), groups=2, num_kernels=8),      # 6x6 output; grad_x pads 0
+    Case(5, 6, 10, 2, 2, padding=(3, 3), num_kernels=9),                # grad_x crops a pixel each side
+    Case(2, 6, 8, 1, 3, padding=(1, 1)),                                # a 1x3 plane
+    Case(3, 64, 130, 13, 13, padding=(1, 1), num_kernels=3),
+    Case(2, 520, 24, 6, 6, padding=(1, 1), bias=False),
+    Case(2, 24, 520, 5, 5, padding=(1, 1)),
+    Case(4, 16, 32, 12, 12, padding=(1, 1), layout="channels_last"),
+]
+
+
+@pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
+def winograd_isa(request, monkeypatch):
+    # Winograd runs on the packed ISAs only (their micro-kernels and kernel
+    # transforms differ); a cap above the CPU's own set runs its best one.
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "1")
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("Winograd needs the packed paths (AVX2 or AVX-512)")
+    return request.param
+
+
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: c.id)
+def test_winograd_matches_reference(case, threads, winograd_isa):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "300000"], ids=["chunk-threads", "chunk-300k"])
+@pytest.mark.parametrize("case", [Case(9, 24, 40, 8, 9, padding=(1, 1)), WINOGRAD_CASES[6]], ids=lambda c: c.id)
+def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winograd_isa):
+    # A tiny budget: one sample per thread per chunk, the last chunk short;
+    # 300 kB: a few samples (an even number where more than 2) per chunk.
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (True, False, True)], ids=str)
+@pytest.mark.parametrize("case", [WINOGRAD_CASES[3], WINOGRAD_CASES[4]], ids=lambda c: c.id)
+def test_winograd_backward_output_masks(case, mask, winograd_isa):
+    # grad_x by Winograd, the weight side by the direct paths, in any combination.
+    from comparison import make_inputs
+    x, weight, attn, bias = make_inputs(case)
+    args = [t.clone().requires_grad_() for t in (x, weight, attn)]
+    reference_output = dynamic_conv2d_reference(*args, bias, **case.conv_args)
+    grad_out = torch.randn(reference_output.shape, dtype=reference_output.dtype)
+    expected = torch.autograd.grad(reference_output, args, grad_out)
+    conv = case.conv_args
+    got = torch.ops.chanflex.dynamic_conv2d_backward(
+        grad_out.float(), x.float(), weight.float(), attn.float(), None if bias is None else bias.float(),
+        list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], [*mask, False])
+    for name, wanted, want, have in zip(("x", "weight", "attn"), mask, expected, got[:3]):
+        if wanted:
+            assert_close_scaled(have, want, torch.float32, f"grad of {name}")
+
+
+def _run(case, inputs):
+    x, weight, attn, bias = (None if t is None else t.float().requires_grad_() for t in inputs)
+    y = dynamic_conv2d(x, weight, attn, bias, **case.conv_args)
+    grads = torch.autograd.grad(y, (x, weight, attn), torch.ones_like(y))
+    return (y, *grads)
+
+
+def test_winograd_default_range(monkeypatch):
+    # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels whose
+    # Winograd scratch fits in the activations (here with one sample per
+    # chunk). The two kinds of result differ in rounding, so the default's
+    # must equal bit for bit the one forced on or the one forced off.
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("Winograd needs the packed paths (AVX2 or AVX-512)")
+    from comparison import make_inputs
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "1")
+    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): True,     # 100 pixels
+             Case(24, 8, 8, 9, 9, padding=(1, 1)): False,      # 81 pixels: below the range
+             Case(24, 8, 8, 43, 43, padding=(1, 1)): False,    # 1849 pixels: above it
+             Case(2, 8, 8, 10, 10, padding=(1, 1)): False,     # scratch above the activations
+             Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): False}
+    for case, expected in cases.items():
+        inputs = make_inputs(case)
+        monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")
+        default = _run(case, inputs)
+        monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "1")
+        forced_on = _run(case, inputs)
+        monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "0")
+        forced_off = _run(case, inputs)
+        assert_matches_reference(dynamic_conv2d, case, torch.float32, inputs=inputs)
+        differs = any(not torch.equal(a, b) for a, b in zip(forced_on, forced_off))
+        if expected:
+            assert differs, f"{case.id}: Winograd and the direct path agreed bit for bit; the test cannot tell them apart"
+        takes = all(torch.equal(a, b) for a, b in zip(default, forced_on if expected else forced_off))
+        assert takes, f"{case.id}: the default should {'' if expected else 'not '}take Winograd"
+
+
+def test_winograd_scratch_reuse(monkeypatch):
+    # Tiles past a plane's last one and the padding between groups' panels
+    # are never written: NaN left there by a larger call must not leak in.
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("Winograd needs the packed paths (AVX2 or AVX-512)")
+    from comparison import make_inputs
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "1")
+    big = Case(6, 64, 160, 12, 12, padding=(1, 1))
+    x, weight, attn = (t.float() for t in make_inputs(big)[:3])
+    nan = float("nan")
+    y = torch.ops.chanflex.dynamic_conv2d(x.fill_(nan), weight.fill_(nan), attn.fill_(nan), None,
+                                          [1, 1], [1, 1], [1, 1], 1)
+    _backward(big, x, weight, attn, torch.full_like(y, nan))
+    for case in WINOGRAD_CASES[:3]:
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+def test_winograd_switch_rejects_other_values(monkeypatch):
+    from comparison import make_inputs
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("the switch belongs to the packed paths (AVX2 or AVX-512)")
+    x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(WINOGRAD_CASES[0]))
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "yes")
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_WINOGRAD: expected '0' or '1', got 'yes'"):
+        dynamic_conv2d(x, weight, attn, padding=1)

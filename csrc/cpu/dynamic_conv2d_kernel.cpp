@@ -1524,6 +1524,340 @@ void backward_data_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_o
 }
 
 // ---------------------------------------------------------------------------
+// Winograd F(2x2, 3x3): 3x3, stride-1, undilated convs in float32 on the
+// packed ISAs, the forward and grad_x.
+//
+// Each 2x2 block of output pixels (a tile) comes from a 4x4 input patch d as
+// Y = A^T [(G g G^T) .* (B^T d B)] A: per tile and channel pair the direct
+// conv's 36 multiply-adds become 16. A sample's conv is 16 GEMMs, one per
+// position of the 4x4 transform, M_pos = U_pos @ V_pos, with U_pos (out x in
+// channels) the transformed kernel and V_pos (in channels x tiles) the
+// transformed input. The kernel transform is linear, so mixing commutes with
+// it: the K kernels are transformed once per call, and run_packed_gemm mixes
+// them per sample as on the direct path, with the 16 positions (times the
+// conv's groups) as its groups. GEMM FLOPs over the direct conv's: 16 tiles
+// / (9 pixels): 0.44 at 14x14, 0.50 at 10x10, 0.58 at 7x7 (16 tiles for 49
+// pixels), 0.64 at 5x5; the mixing's grow by 16/9. In exact arithmetic the
+// same conv; in float32 the transforms add rounding of the order of the
+// direct conv's own (the tests hold it to the same tolerance).
+
+// One 3x3 conv, out[b][r][h][w] = sum_{q,i,j} in[b][q][h + i - pad_h][w + j - pad_w] * A[r][q][i][j]
+// per group. Forward: in = x, A = W. grad_x: in = grad_out, A[c][o][i][j] =
+// W[o][c][2-i][2-j] (transposed, flipped), pad = 2 - padding (negative pads
+// crop).
+struct WinogradConv {
+  int64_t batch, groups;
+  int64_t rows, depth;          // out and in channels per group (A's rows and reduction)
+  int64_t in_h, in_w, out_h, out_w, pad_h, pad_w;
+  int64_t tiles_w, tiles;       // 2x2 output tiles per row and per plane
+  bool transposed;              // A = W transposed and flipped (grad_x)
+};
+
+constexpr int64_t kWinogradPositions = 16;
+constexpr int64_t kWinogradPad = 64 / sizeof(float);
+
+WinogradConv winograd_forward_conv(const Plan& p) {
+  const ConvGeometry& g = p.g;
+  WinogradConv c{g.batch, g.groups, p.rows, g.group_in_channels, g.height, g.width, g.out_h, g.out_w,
+                 g.padding[0], g.padding[1], (g.out_w + 1) / 2, 0, false};
+  c.tiles = (g.out_h + 1) / 2 * c.tiles_w;
+  return c;
+}
+
+WinogradConv winograd_grad_x_conv(const Plan& p) {
+  const ConvGeometry& g = p.g;
+  WinogradConv c{g.batch, g.groups, g.group_in_channels, p.rows, g.out_h, g.out_w, g.height, g.width,
+                 2 - g.padding[0], 2 - g.padding[1], (g.width + 1) / 2, 0, true};
+  c.tiles = (g.height + 1) / 2 * c.tiles_w;
+  return c;
+}
+
+PackedGemm winograd_gemm(PackedIsa isa, const WinogradConv& c, int64_t num_kernels) {
+  PackedGemm s;
+  s.isa = isa;
+  s.m = c.rows;
+  s.depth = c.depth;
+  s.groups = kWinogradPositions * c.groups;  // group pos * groups + conv group
+  s.pixels = c.tiles;
+  s.num_kernels = num_kernels;
+  s.pixel_panels = (c.tiles + kNR - 1) / kNR;
+  // One cache line past each group's panels: the input transform writes a
+  // tile's 16 positions one group apart, and at 4 KiB multiples (512@7:
+  // 36 KiB) they all fell into one L1 set.
+  s.group_b = s.pixel_panels * s.depth * kNR + kWinogradPad;
+  s.sample_b = s.groups * s.group_b;
+  return s;
+}
+
+// Floats of one group's GEMM output (rows x tiles), one cache line more, as
+// for group_b.
+int64_t winograd_m_group(const WinogradConv& c) { return c.rows * c.tiles + kWinogradPad; }
+
+// The 16 positions of U = G g G^T for one vector of lanes (rows of A): g
+// the 9 taps (row-major), u the 16 positions' vectors (any vector type: the
+// body compiles to the ISA of its caller). G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+template <typename V>
+CHANFLEX_INLINE void winograd_kernel_transform(const V* g, V* u) {
+  V h[4][3];
+  for (int j = 0; j < 3; ++j) {
+    const V g0 = g[j], g1 = g[3 + j], g2 = g[6 + j];
+    h[0][j] = g0;
+    h[1][j] = 0.5f * (g0 + g1 + g2);
+    h[2][j] = 0.5f * (g0 - g1 + g2);
+    h[3][j] = g2;
+  }
+  for (int a = 0; a < 4; ++a) {
+    u[a * 4 + 0] = h[a][0];
+    u[a * 4 + 1] = 0.5f * (h[a][0] + h[a][1] + h[a][2]);
+    u[a * 4 + 2] = 0.5f * (h[a][0] - h[a][1] + h[a][2]);
+    u[a * 4 + 3] = h[a][2];
+  }
+}
+
+typedef float WinogradVec __attribute__((vector_size(kMR * sizeof(float)), aligned(4)));
+
+// Transforms one reduction step's taps (g, 16 rows as lanes) and writes the
+// 16 positions' panel vectors, pos_stride floats apart.
+CHANFLEX_INLINE void winograd_store_step(const WinogradVec* g, float* dst, int64_t pos_stride) {
+  WinogradVec u[kWinogradPositions];
+  winograd_kernel_transform(g, u);
+  for (int64_t pos = 0; pos < kWinogradPositions; ++pos) std::memcpy(dst + pos * pos_stride, &u[pos], sizeof(u[pos]));
+}
+
+// One 16-row panel of A (`valid` rows, row_stride floats apart in W; step q
+// at q * step_stride; taps flipped for grad_x) for every reduction step.
+struct WinogradPanel {
+  const float* w;
+  int64_t row_stride, step_stride, valid, depth;
+  bool flipped;
+  float* dst;  // position 0's panel
+  int64_t pos_stride;
+};
+
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_prepack_panel_avx512(const WinogradPanel& pn) {
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(static_cast<int>(pn.row_stride)));
+  const __mmask16 mask = static_cast<__mmask16>((1u << pn.valid) - 1);
+  for (int64_t q = 0; q < pn.depth; ++q) {
+    const float* src = pn.w + q * pn.step_stride;
+    WinogradVec g[9];
+    for (int t = 0; t < 9; ++t)
+      g[t] = reinterpret_cast<WinogradVec>(
+          _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, src + (pn.flipped ? 8 - t : t), 4));
+    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride);
+  }
+}
+
+__attribute__((target("avx2,fma")))
+void winograd_prepack_panel_avx2(const WinogradPanel& pn) {
+  for (int64_t q = 0; q < pn.depth; ++q) {
+    const float* src = pn.w + q * pn.step_stride;
+    alignas(64) float taps[9][kMR] = {};
+    for (int64_t l = 0; l < pn.valid; ++l)
+      for (int t = 0; t < 9; ++t) taps[t][l] = src[l * pn.row_stride + (pn.flipped ? 8 - t : t)];
+    WinogradVec g[9];
+    std::memcpy(g, taps, sizeof(g));
+    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride);
+  }
+}
+
+// The K transformed kernels in run_packed_gemm's prepacked layout (see
+// prepack_kernels): for every row tile of group pos * groups + g, the K
+// kernels' panels of U_pos. A task takes a 16-row panel of one kernel: per
+// reduction step it gathers the 9 taps of its 16 rows (one vector each),
+// transforms them and writes the 16 positions' panel vectors.
+void winograd_prepack_kernels(const WinogradConv& c, const PackedGemm& s, const float* w, int64_t kernel_size,
+                              float* out) {
+  const Tiling tiles = packed_row_tiles(s);
+  const int64_t tile_floats = packed_tile_floats(s);
+  const int64_t max_panels = (tiles.size + kMR - 1) / kMR;
+  const int64_t K = s.num_kernels;
+  // W per kernel: (groups * out channels) x (in channels / groups) x 9; A's
+  // rows and reduction steps are its out and in channels (forward) or the
+  // reverse (grad_x).
+  const int64_t w_rows = c.transposed ? c.depth : c.rows;  // W's out channels per group
+  const int64_t w_cols = (c.transposed ? c.rows : c.depth) * 9;
+  const int64_t row_stride = c.transposed ? 9 : w_cols;
+  const int64_t step_stride = c.transposed ? w_cols : 9;
+  at::parallel_for(0, c.groups * tiles.count * max_panels * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t k = task % K;
+      const int64_t lp = task / K % max_panels;
+      const int64_t tile = task / (K * max_panels) % tiles.count;
+      const int64_t group = task / (K * max_panels * tiles.count);
+      const int64_t r0 = tile * tiles.size;
+      const int64_t nr = std::min(tiles.size, s.m - r0);
+      const int64_t panels = (nr + kMR - 1) / kMR;
+      if (lp >= panels) continue;
+      const WinogradPanel pn{w + k * kernel_size + group * w_rows * w_cols + (r0 + lp * kMR) * row_stride,
+                             row_stride, step_stride, std::min(kMR, nr - lp * kMR), s.depth, c.transposed,
+                             out + (group * tiles.count + tile) * tile_floats + (k * panels + lp) * s.depth * kMR,
+                             c.groups * tiles.count * tile_floats};
+      (s.isa == PackedIsa::kAvx512 ? winograd_prepack_panel_avx512 : winograd_prepack_panel_avx2)(pn);
+    }
+  });
+}
+
+// V = B^T d B of every tile of samples [0, n) of `in` (n x groups * depth
+// planes of in_h x in_w), into run_packed_gemm's B panels (position pos of
+// conv group g is its group pos * groups + g; tiles are its pixels). Each
+// plane is first copied into a zero-bordered one that covers every tile's
+// patch, so the patches load without bounds checks.
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+void winograd_input_transform(const WinogradConv& c, const PackedGemm& s, const float* in, int64_t n, float* b) {
+  const int64_t channels = c.groups * c.depth;
+  const int64_t plane = c.in_h * c.in_w;
+  const int64_t tiles_h = c.tiles / c.tiles_w;
+  const int64_t padded_h = 2 * tiles_h + 2, padded_w = 2 * c.tiles_w + 2;  // rows from -pad_h, columns from -pad_w
+  const int64_t pos_stride = c.groups * s.group_b;
+  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> padded(padded_h * padded_w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / channels, ch = task % channels;
+      const int64_t group = ch / c.depth, q = ch % c.depth;
+      const float* src = in + task * plane;
+      for (int64_t r = 0; r < padded_h; ++r) {
+        const int64_t h = r - c.pad_h;
+        float* row = padded.data() + r * padded_w;
+        for (int64_t j = 0; j < padded_w; ++j) {
+          const int64_t x = j - c.pad_w;
+          row[j] = h >= 0 && h < c.in_h && x >= 0 && x < c.in_w ? src[h * c.in_w + x] : 0.f;
+        }
+      }
+      float* dst = b + i * s.sample_b + group * s.group_b;
+      for (int64_t t = 0; t < c.tiles; ++t) {
+        const float* p0 = padded.data() + 2 * (t / c.tiles_w) * padded_w + 2 * (t % c.tiles_w);
+        float e[4][4];
+        for (int j = 0; j < 4; ++j) {
+          const float d0 = p0[j], d1 = p0[padded_w + j], d2 = p0[2 * padded_w + j], d3 = p0[3 * padded_w + j];
+          e[0][j] = d0 - d2;
+          e[1][j] = d1 + d2;
+          e[2][j] = d2 - d1;
+          e[3][j] = d1 - d3;
+        }
+        float* at = dst + packed_b_offset(s, t / kNR, q) + t % kNR;
+        for (int a = 0; a < 4; ++a) {
+          at[(a * 4 + 0) * pos_stride] = e[a][0] - e[a][2];
+          at[(a * 4 + 1) * pos_stride] = e[a][1] + e[a][2];
+          at[(a * 4 + 2) * pos_stride] = e[a][2] - e[a][1];
+          at[(a * 4 + 3) * pos_stride] = e[a][1] - e[a][3];
+        }
+      }
+    }
+  });
+}
+
+// Y = A^T M A of every tile of samples [0, n): m holds each sample's 16 *
+// groups (rows x tiles) GEMM outputs, out is n x groups * rows planes of
+// out_h x out_w. A^T = [1 1 1 0; 0 1 -1 -1].
+void winograd_output_transform(const WinogradConv& c, const float* m, int64_t n, float* out) {
+  const int64_t channels = c.groups * c.rows;
+  const int64_t plane = c.out_h * c.out_w;
+  const int64_t m_group = winograd_m_group(c);
+  const int64_t pos_stride = c.groups * m_group;
+  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / channels, ch = task % channels;
+      const float* src = m + i * kWinogradPositions * pos_stride + ch / c.rows * m_group + ch % c.rows * c.tiles;
+      float* dst = out + task * plane;
+      for (int64_t t = 0; t < c.tiles; ++t) {
+        float v[16];
+        for (int pos = 0; pos < 16; ++pos) v[pos] = src[pos * pos_stride + t];
+        float r[2][4];
+        for (int j = 0; j < 4; ++j) {
+          r[0][j] = v[j] + v[4 + j] + v[8 + j];
+          r[1][j] = v[4 + j] - v[8 + j] - v[12 + j];
+        }
+        const int64_t h = 2 * (t / c.tiles_w), x = 2 * (t % c.tiles_w);
+        for (int a = 0; a < 2 && h + a < c.out_h; ++a) {
+          float* row = dst + (h + a) * c.out_w + x;
+          row[0] = r[a][0] + r[a][1] + r[a][2];
+          if (x + 1 < c.out_w) row[1] = r[a][1] - r[a][2] - r[a][3];
+        }
+      }
+    }
+  });
+}
+
+// Samples per chunk: their B panels and GEMM outputs in the budget (the
+// packed paths' kernel-sized one), at least one per thread, even where more
+// than one fits (run_packed_gemm mixes samples in pairs).
+int64_t winograd_chunk(const WinogradConv& c, const PackedGemm& s) {
+  const int64_t per_sample = (s.sample_b + kWinogradPositions * c.groups * winograd_m_group(c)) * sizeof(float);
+  const int64_t kernels = s.num_kernels * c.groups * c.rows * c.depth * 9 * sizeof(float);
+  const int64_t budget = chunk_budget_bytes(std::max(kForwardChunkBytes, kernels));
+  int64_t chunk = std::clamp<int64_t>(budget / per_sample, at::get_num_threads(), c.batch);
+  if (chunk > 2 && chunk < c.batch) chunk -= chunk % 2;
+  return chunk;
+}
+
+// The pass's buffers (floats): the K transformed kernels, a chunk's B
+// panels and GEMM outputs, run_packed_gemm's per-thread scratch.
+std::array<int64_t, 4> winograd_scratch(const PackedGemm& s, const WinogradConv& c, int64_t chunk) {
+  return {prepacked_floats(s), chunk * s.sample_b, chunk * kWinogradPositions * c.groups * winograd_m_group(c),
+          packed_gemm_worker_floats(s, chunk, /*prepacked=*/true)};
+}
+
+// out = the conv `c` of `in` with sample b's kernel sum_k attn[b,k] A_k (A
+// from w as `c` says), without bias.
+void winograd_conv(PackedIsa isa, const WinogradConv& c, const float* in, const float* w, int64_t kernel_size,
+                   const float* attn, int64_t num_kernels, float* out) {
+  const PackedGemm s = winograd_gemm(isa, c, num_kernels);
+  const int64_t chunk = winograd_chunk(c, s);
+  const int64_t m_group = winograd_m_group(c);
+  const int64_t m_sample = kWinogradPositions * c.groups * m_group;
+  const auto buffers = pass_scratch<4>(winograd_scratch(s, c, chunk));
+  winograd_prepack_kernels(c, s, w, kernel_size, buffers[0]);
+  const int64_t in_sample = c.groups * c.depth * c.in_h * c.in_w;
+  const int64_t out_sample = c.groups * c.rows * c.out_h * c.out_w;
+  auto no_packing = [](int64_t, int64_t, int64_t, int64_t, int64_t, float*) {};
+  for (int64_t b0 = 0; b0 < c.batch; b0 += chunk) {
+    const int64_t n = std::min(chunk, c.batch - b0);
+    winograd_input_transform(c, s, in + b0 * in_sample, n, buffers[1]);
+    run_packed_gemm(s, buffers[1], attn + b0 * num_kernels, n, no_packing, buffers[0], buffers[3],
+                    [&](int64_t i, int64_t group) { return buffers[2] + i * m_sample + group * m_group; });
+    winograd_output_transform(c, buffers[2], n, out + b0 * out_sample);
+  }
+}
+
+// Which convs take it: 3x3, stride 1, undilated float32 on a packed ISA, as
+// CHANFLEX_CPU_WINOGRAD says ("0": never, "1": every such conv, tests use it
+// for planes outside the default range), by default those with 100 to 1764
+// output pixels (10x10 to 42x42) whose pass scratch fits in their
+// activations' size. In-process A/B on AMD Zen 5, K = 4, ms, direct ->
+// Winograd: forward 256@14 22.9 -> 14.4, 512@10 49.0 -> 32.1, 256@21 51.2
+// -> 36.4, 128@28 36.0 -> 21.3, 64->128@42 28.6 -> 24.1; fwd+bwd 256@21
+// 162 -> 136, 128@21 50.9 -> 43.1, 256@28 321 -> 240; but forward 512@7 25.9
+// vs 24.3, 512@5 20.4 vs 22.7, 64@56 21.6 vs 21.4 (too few tiles to pay for
+// the transforms, or the library's conv as fast). The transformed kernels
+// are 16/9 K |W| and a sample's buffers 9x its activations: at 256@14 the
+// fwd+bwd peak rose from 1.32 to 1.70 of the static conv's, at 512@10 from
+// 2.62 to 4.52, past the 1.5 that the activations bound keeps (256@21: 0.91
+// -> 1.04).
+constexpr int64_t kWinogradMinPixels = 100;
+constexpr int64_t kWinogradMaxPixels = 1764;
+
+bool use_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, const WinogradConv& c) {
+  const ConvGeometry& g = p.g;
+  const bool eligible = dtype == at::kFloat && isa != PackedIsa::kGeneric && g.kernel_h == 3 && g.kernel_w == 3 &&
+                        g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 && g.dilation[1] == 1 &&
+                        g.batch > 0;
+  const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD");
+  if (env != nullptr && *env != '\0') {
+    const std::string value(env);
+    TORCH_CHECK(value == "0" || value == "1", "CHANFLEX_CPU_WINOGRAD: expected '0' or '1', got '", value, "'");
+    return eligible && value == "1";
+  }
+  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > kWinogradMaxPixels) return false;
+  const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
+  int64_t scratch = 0;
+  for (const int64_t floats : winograd_scratch(s, c, winograd_chunk(c, s))) scratch += floats;
+  const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
+  return scratch <= activations;
+}
+
+// ---------------------------------------------------------------------------
 // Forward.
 
 template <typename T>
@@ -1722,20 +2056,26 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
+  const Plan p = make_plan(g);
+  const PackedIsa isa = packed_isa();
+  const bool winograd = g.batch > 1 && use_winograd(p, dtype, isa, winograd_forward_conv(p));
   // One sample (any shape): mix its kernel once and run the library's conv.
-  if (g.batch == 1 || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype))) {
+  if (!winograd && (g.batch == 1 || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype)))) {
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
         .to(x.scalar_type());
   }
-  const Plan p = make_plan(g);
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor w_c = weight.to(dtype).contiguous();
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
-  const PackedIsa isa = packed_isa();
   const bool packed = use_packed(p, dtype, isa);
-  if (packed || use_stream_forward(p, dtype, isa)) {
-    (packed ? forward_packed : forward_streamed)(isa, p, x_c, w_c.const_data_ptr<float>(),
-                                                 attn_c.const_data_ptr<float>(), y.data_ptr<float>());
+  if (winograd || packed || use_stream_forward(p, dtype, isa)) {
+    if (winograd) {
+      winograd_conv(isa, winograd_forward_conv(p), x_c.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
+                    p.kernel_size, attn_c.const_data_ptr<float>(), g.num_kernels, y.data_ptr<float>());
+    } else {
+      (packed ? forward_packed : forward_streamed)(isa, p, x_c, w_c.const_data_ptr<float>(),
+                                                   attn_c.const_data_ptr<float>(), y.data_ptr<float>());
+    }
     if (bias_mixed.defined()) {
       y.add_(bias_mixed.view({g.batch, g.out_channels, 1, 1}));
     }
@@ -2577,8 +2917,11 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   }
   // Large planes: grad_x and the weight side each through the library's
   // convolution backward where it wins (see use_library), the rest below.
+  const Plan p = make_plan(g);
+  const PackedIsa isa = packed_isa();
+  const bool winograd_x = need_x && use_winograd(p, dtype, isa, winograd_grad_x_conv(p));
   const bool stride_one = g.stride[0] == 1 && g.stride[1] == 1;
-  const bool library_x = g.batch > 0 && need_x && stride_one &&
+  const bool library_x = g.batch > 0 && need_x && !winograd_x && stride_one &&
                          use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype));
   const bool library_g = g.batch > 0 && (need_w || need_attn) && use_library(g, kLibraryWeightGradMinPixels);
   if (library_x || library_g) {
@@ -2586,17 +2929,20 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, dtype, library_x,
                      library_g && need_w, library_g && need_attn, grad_x, grad_w, grad_attn);
   }
-  const bool kernel_x = g.batch > 0 && need_x && !library_x;
+  if (winograd_x) {
+    winograd_conv(isa, winograd_grad_x_conv(p), grad_out.to(dtype).contiguous().const_data_ptr<float>(),
+                  weight.to(dtype).contiguous().const_data_ptr<float>(), p.kernel_size,
+                  attn_c.const_data_ptr<float>(), g.num_kernels, grad_x.data_ptr<float>());
+  }
+  const bool kernel_x = g.batch > 0 && need_x && !library_x && !winograd_x;
   const bool kernel_w = g.batch > 0 && need_w && !library_g;
   const bool kernel_attn = g.batch > 0 && need_attn && !library_g;
   if (kernel_x || kernel_w || kernel_attn) {
-    const Plan p = make_plan(g);
     const at::Tensor go = grad_out.to(dtype).contiguous();
     const at::Tensor w_c = (kernel_x || kernel_attn) ? weight.to(dtype).contiguous() : at::Tensor();
     const at::Tensor x_c = (kernel_w || kernel_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.
-    const PackedIsa isa = packed_isa();
     const bool packed_x = kernel_x && use_packed(p, dtype, isa);
     const bool packed_g = (kernel_w || kernel_attn) && use_packed_weight_grad(p, dtype, isa);
     if (packed_x) {
