@@ -12,7 +12,7 @@ larger planes and float64 take the BLAS path; output planes of at least 441 pixe
 (weight side) with 16+ input channels per group run the library's conv on
 chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
 Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
-to 42x42 whose scratch fits in their activations): the direct-path tests here
+to 42x42, 21x21 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. The cases below cover all."""
 import os
@@ -394,19 +394,22 @@ def _run(case, inputs):
     return (y, *grads)
 
 
-def test_winograd_default_range(monkeypatch):
-    # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels whose
-    # Winograd scratch fits in the activations (here with one sample per
-    # chunk). The two kinds of result differ in rounding, so the default's
-    # must equal bit for bit the one forced on or the one forced off.
-    if torch.ops.chanflex.cpu_packed_isa() == "generic":
-        pytest.skip("Winograd needs the packed paths (AVX2 or AVX-512)")
+@pytest.mark.parametrize("cap", ["avx512", "avx2"])
+def test_winograd_default_range(monkeypatch, cap):
+    # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
+    # on AVX2) whose Winograd scratch fits in the activations (here with one
+    # sample per chunk). The two kinds of result differ in rounding, so the
+    # default's must equal bit for bit the one forced on or the one forced off.
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", cap)
+    if torch.ops.chanflex.cpu_packed_isa() != cap:
+        pytest.skip(f"this CPU has no {cap}")
     from comparison import make_inputs
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "1")
-    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): True,     # 100 pixels
-             Case(24, 8, 8, 9, 9, padding=(1, 1)): False,      # 81 pixels: below the range
-             Case(24, 8, 8, 43, 43, padding=(1, 1)): False,    # 1849 pixels: above it
-             Case(2, 8, 8, 10, 10, padding=(1, 1)): False,     # scratch above the activations
+    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): True,             # 100 pixels
+             Case(24, 8, 8, 9, 9, padding=(1, 1)): False,              # 81 pixels: below the range
+             Case(12, 8, 8, 22, 22, padding=(1, 1)): cap == "avx512",  # 484 pixels: above AVX2's range
+             Case(24, 8, 8, 43, 43, padding=(1, 1)): False,            # 1849 pixels: above AVX-512's
+             Case(2, 8, 8, 10, 10, padding=(1, 1)): False,             # scratch above the activations
              Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): False}
     for case, expected in cases.items():
         inputs = make_inputs(case)

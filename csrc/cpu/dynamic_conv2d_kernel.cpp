@@ -1824,19 +1824,23 @@ void winograd_conv(PackedIsa isa, const WinogradConv& c, const float* in, const 
 // Which convs take it: 3x3, stride 1, undilated float32 on a packed ISA, as
 // CHANFLEX_CPU_WINOGRAD says ("0": never, "1": every such conv, tests use it
 // for planes outside the default range), by default those with 100 to 1764
-// output pixels (10x10 to 42x42) whose pass scratch fits in their
+// output pixels (10x10 to 42x42; on AVX2 to 441, 21x21) whose pass scratch fits in their
 // activations' size. In-process A/B on AMD Zen 5, K = 4, ms, direct ->
 // Winograd: forward 256@14 22.9 -> 14.4, 512@10 49.0 -> 32.1, 256@21 51.2
 // -> 36.4, 128@28 36.0 -> 21.3, 64->128@42 28.6 -> 24.1; fwd+bwd 256@21
 // 162 -> 136, 128@21 50.9 -> 43.1, 256@28 321 -> 240; but forward 512@7 25.9
 // vs 24.3, 512@5 20.4 vs 22.7, 64@56 21.6 vs 21.4 (too few tiles to pay for
-// the transforms, or the library's conv as fast). The transformed kernels
+// the transforms, or the library's conv as fast). AVX2 (the cap on the
+// same machine): forward 256@21 107.9 -> 60.1, 512@10 92.5 -> 54.2, but
+// 128@28 21.5 vs 23.1 and 64->128@42 25.9 vs 30.2 against the library's
+// conv, so there only up to 441 pixels. The transformed kernels
 // are 16/9 K |W| and a sample's buffers 9x its activations: at 256@14 the
 // fwd+bwd peak rose from 1.32 to 1.70 of the static conv's, at 512@10 from
 // 2.62 to 4.52, past the 1.5 that the activations bound keeps (256@21: 0.91
 // -> 1.04).
 constexpr int64_t kWinogradMinPixels = 100;
-constexpr int64_t kWinogradMaxPixels = 1764;
+constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
+constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
 
 bool use_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, const WinogradConv& c) {
   const ConvGeometry& g = p.g;
@@ -1849,7 +1853,8 @@ bool use_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, const Wino
     TORCH_CHECK(value == "0" || value == "1", "CHANFLEX_CPU_WINOGRAD: expected '0' or '1', got '", value, "'");
     return eligible && value == "1";
   }
-  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > kWinogradMaxPixels) return false;
+  const int64_t max_pixels = isa == PackedIsa::kAvx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
+  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels) return false;
   const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
   int64_t scratch = 0;
   for (const int64_t floats : winograd_scratch(s, c, winograd_chunk(c, s))) scratch += floats;
