@@ -345,7 +345,7 @@ WINOGRAD_CASES = [
 
 @pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
 def winograd_isa(request, monkeypatch):
-    # Winograd runs on the packed ISAs only (their micro-kernels and kernel
+    # Winograd runs on the packed ISAs only (their micro-kernels and
     # transforms differ); a cap above the CPU's own set runs its best one.
     monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
     monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "1")
@@ -354,14 +354,22 @@ def winograd_isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["1", "2", "4"], ids=lambda n: f"passes{n}")
+def winograd_passes(request, monkeypatch, winograd_isa):
+    # All 16 transform positions in one pass over the batch, or 8 or 4 per
+    # pass (less scratch; later passes add to the output).
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: c.id)
-def test_winograd_matches_reference(case, threads, winograd_isa):
+def test_winograd_matches_reference(case, threads, winograd_passes):
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
 @pytest.mark.parametrize("chunk_bytes", ["1", "300000"], ids=["chunk-threads", "chunk-300k"])
 @pytest.mark.parametrize("case", [Case(9, 24, 40, 8, 9, padding=(1, 1)), WINOGRAD_CASES[6]], ids=lambda c: c.id)
-def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winograd_isa):
+def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winograd_passes):
     # A tiny budget: one sample per thread per chunk, the last chunk short;
     # 300 kB: a few samples (an even number where more than 2) per chunk.
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
@@ -370,7 +378,7 @@ def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winogra
 
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (True, False, True)], ids=str)
 @pytest.mark.parametrize("case", [WINOGRAD_CASES[3], WINOGRAD_CASES[4]], ids=lambda c: c.id)
-def test_winograd_backward_output_masks(case, mask, winograd_isa):
+def test_winograd_backward_output_masks(case, mask, winograd_passes):
     # grad_x by Winograd, the weight side by the direct paths, in any combination.
     from comparison import make_inputs
     x, weight, attn, bias = make_inputs(case)
@@ -397,34 +405,43 @@ def _run(case, inputs):
 @pytest.mark.parametrize("cap", ["avx512", "avx2"])
 def test_winograd_default_range(monkeypatch, cap):
     # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
-    # on AVX2) whose Winograd scratch fits in the activations (here with one
-    # sample per chunk). The two kinds of result differ in rounding, so the
-    # default's must equal bit for bit the one forced on or the one forced off.
+    # on AVX2) whose Winograd scratch fits in the activations (or the K
+    # kernels' size), in the fewest passes (1 or 2) for which it does. Each kind of result differs from
+    # the others in rounding, so the default's must equal bit for bit the
+    # one forced for the expected path ("0": the direct one).
     monkeypatch.setenv("CHANFLEX_CPU_ISA", cap)
     if torch.ops.chanflex.cpu_packed_isa() != cap:
         pytest.skip(f"this CPU has no {cap}")
     from comparison import make_inputs
-    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "1")
-    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): True,             # 100 pixels
-             Case(24, 8, 8, 9, 9, padding=(1, 1)): False,              # 81 pixels: below the range
-             Case(12, 8, 8, 22, 22, padding=(1, 1)): cap == "avx512",  # 484 pixels: above AVX2's range
-             Case(24, 8, 8, 43, 43, padding=(1, 1)): False,            # 1849 pixels: above AVX-512's
-             Case(2, 8, 8, 10, 10, padding=(1, 1)): False,             # scratch above the activations
-             Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): False}
-    for case, expected in cases.items():
-        inputs = make_inputs(case)
-        monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")
-        default = _run(case, inputs)
-        monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "1")
-        forced_on = _run(case, inputs)
-        monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "0")
-        forced_off = _run(case, inputs)
-        assert_matches_reference(dynamic_conv2d, case, torch.float32, inputs=inputs)
-        differs = any(not torch.equal(a, b) for a, b in zip(forced_on, forced_off))
-        if expected:
-            assert differs, f"{case.id}: Winograd and the direct path agreed bit for bit; the test cannot tell them apart"
-        takes = all(torch.equal(a, b) for a, b in zip(default, forced_on if expected else forced_off))
-        assert takes, f"{case.id}: the default should {'' if expected else 'not '}take Winograd"
+    torch.set_num_threads(2)  # the chunks, hence the scratch, follow the thread count
+    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): "1",                               # 100 pixels
+             Case(24, 8, 8, 9, 9, padding=(1, 1)): "0",                                 # 81 pixels: below the range
+             Case(12, 8, 8, 22, 22, padding=(1, 1)): "1" if cap == "avx512" else "0",   # 484: above AVX2's range
+             Case(24, 8, 8, 43, 43, padding=(1, 1)): "0",                               # 1849: above AVX-512's
+             Case(2, 8, 8, 10, 10, padding=(1, 1)): "0",                                # scratch above the activations
+             Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): "0",                # stride 2: not eligible
+             Case(16, 32, 32, 10, 10, padding=(1, 1)): "2",   # K |W| large against the batch's planes
+             Case(16, 64, 64, 10, 10, padding=(1, 1)): "0",   # larger still: 4 passes would fit, but lose
+             Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "2"}  # ResNet18's layer3
+    before = torch.get_num_threads()
+    try:
+        for case, expected in cases.items():
+            inputs = make_inputs(case)
+            monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")
+            default = _run(case, inputs)
+            forced = {}
+            for value in ("0", "1", "2", "4"):
+                monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", value)
+                forced[value] = _run(case, inputs)
+            if expected != "0":
+                assert any(not torch.equal(a, b) for a, b in zip(forced[expected], forced["0"])), \
+                    f"{case.id}: Winograd and the direct path agreed bit for bit; the test cannot tell them apart"
+            taken = [v for v, run in forced.items() if all(torch.equal(a, b) for a, b in zip(default, run))]
+            # Ineligible convs (stride 2) take the direct path whatever the switch says.
+            assert expected in taken and (expected == "0" or len(taken) == 1), \
+                f"{case.id}: expected the default to take {expected!r}, it matches {taken}"
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_winograd_scratch_reuse(monkeypatch):
@@ -450,5 +467,5 @@ def test_winograd_switch_rejects_other_values(monkeypatch):
         pytest.skip("the switch belongs to the packed paths (AVX2 or AVX-512)")
     x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(WINOGRAD_CASES[0]))
     monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "yes")
-    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_WINOGRAD: expected '0' or '1', got 'yes'"):
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)

@@ -1551,6 +1551,12 @@ struct WinogradConv {
   int64_t in_h, in_w, out_h, out_w, pad_h, pad_w;
   int64_t tiles_w, tiles;       // 2x2 output tiles per row and per plane
   bool transposed;              // A = W transposed and flipped (grad_x)
+  // Set by plan_winograd: the transform positions per pass over the batch
+  // (16, or 8 or 4 to bound the scratch: fewer transformed kernels and
+  // buffers per sample at once, for passes that each redo the input
+  // transform and add to the output), the first one of the current pass,
+  // and the samples per chunk.
+  int64_t positions = 16, first = 0, chunk = 1;
 };
 
 constexpr int64_t kWinogradPositions = 16;
@@ -1577,7 +1583,7 @@ PackedGemm winograd_gemm(PackedIsa isa, const WinogradConv& c, int64_t num_kerne
   s.isa = isa;
   s.m = c.rows;
   s.depth = c.depth;
-  s.groups = kWinogradPositions * c.groups;  // group pos * groups + conv group
+  s.groups = c.positions * c.groups;  // group (pos - first) * groups + conv group
   s.pixels = c.tiles;
   s.num_kernels = num_kernels;
   s.pixel_panels = (c.tiles + kNR - 1) / kNR;
@@ -1616,12 +1622,13 @@ CHANFLEX_INLINE void winograd_kernel_transform(const V* g, V* u) {
 
 typedef float WinogradVec __attribute__((vector_size(kMR * sizeof(float)), aligned(4)));
 
-// Transforms one reduction step's taps (g, 16 rows as lanes) and writes the
-// 16 positions' panel vectors, pos_stride floats apart.
-CHANFLEX_INLINE void winograd_store_step(const WinogradVec* g, float* dst, int64_t pos_stride) {
+// Transforms one reduction step's taps (g, 16 rows as lanes) and writes
+// positions [first, first + positions)' panel vectors, pos_stride floats apart.
+CHANFLEX_INLINE void winograd_store_step(const WinogradVec* g, float* dst, int64_t pos_stride, int64_t first,
+                                         int64_t positions) {
   WinogradVec u[kWinogradPositions];
   winograd_kernel_transform(g, u);
-  for (int64_t pos = 0; pos < kWinogradPositions; ++pos) std::memcpy(dst + pos * pos_stride, &u[pos], sizeof(u[pos]));
+  for (int64_t pos = 0; pos < positions; ++pos) std::memcpy(dst + pos * pos_stride, &u[first + pos], sizeof(u[0]));
 }
 
 // One 16-row panel of A (`valid` rows, row_stride floats apart in W; step q
@@ -1630,8 +1637,8 @@ struct WinogradPanel {
   const float* w;
   int64_t row_stride, step_stride, valid, depth;
   bool flipped;
-  float* dst;  // position 0's panel
-  int64_t pos_stride;
+  float* dst;  // position `first`'s panel
+  int64_t pos_stride, first, positions;
 };
 
 __attribute__((target("avx512f,avx2,fma")))
@@ -1645,7 +1652,7 @@ void winograd_prepack_panel_avx512(const WinogradPanel& pn) {
     for (int t = 0; t < 9; ++t)
       g[t] = reinterpret_cast<WinogradVec>(
           _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, src + (pn.flipped ? 8 - t : t), 4));
-    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride);
+    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride, pn.first, pn.positions);
   }
 }
 
@@ -1658,13 +1665,13 @@ void winograd_prepack_panel_avx2(const WinogradPanel& pn) {
       for (int t = 0; t < 9; ++t) taps[t][l] = src[l * pn.row_stride + (pn.flipped ? 8 - t : t)];
     WinogradVec g[9];
     std::memcpy(g, taps, sizeof(g));
-    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride);
+    winograd_store_step(g, pn.dst + q * kMR, pn.pos_stride, pn.first, pn.positions);
   }
 }
 
 // The K transformed kernels in run_packed_gemm's prepacked layout (see
-// prepack_kernels): for every row tile of group pos * groups + g, the K
-// kernels' panels of U_pos. A task takes a 16-row panel of one kernel: per
+// prepack_kernels): for every row tile of group (pos - c.first) * groups +
+// g, the K kernels' panels of U_pos, for the pass's positions. A task takes a 16-row panel of one kernel: per
 // reduction step it gathers the 9 taps of its 16 rows (one vector each),
 // transforms them and writes the 16 positions' panel vectors.
 void winograd_prepack_kernels(const WinogradConv& c, const PackedGemm& s, const float* w, int64_t kernel_size,
@@ -1693,173 +1700,317 @@ void winograd_prepack_kernels(const WinogradConv& c, const PackedGemm& s, const 
       const WinogradPanel pn{w + k * kernel_size + group * w_rows * w_cols + (r0 + lp * kMR) * row_stride,
                              row_stride, step_stride, std::min(kMR, nr - lp * kMR), s.depth, c.transposed,
                              out + (group * tiles.count + tile) * tile_floats + (k * panels + lp) * s.depth * kMR,
-                             c.groups * tiles.count * tile_floats};
+                             c.groups * tiles.count * tile_floats, c.first, c.positions};
       (s.isa == PackedIsa::kAvx512 ? winograd_prepack_panel_avx512 : winograd_prepack_panel_avx2)(pn);
     }
   });
 }
 
+// One plane's V = B^T d B, vectorised over the tiles of a tile row: the
+// zero-bordered plane is split into its even and odd columns (`even`,
+// `odd`: rows of `cols` floats), so that a tile's 4x4 patch columns 2x ..
+// 2x + 3 are even[x], odd[x], even[x + 1], odd[x + 1], contiguous in x.
+// Writes position pos of tile t at v[pos * v_ld + t], whole vectors (up to
+// a vector past the last tile). B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+template <typename V>
+CHANFLEX_INLINE void winograd_input_tiles(const float* even, const float* odd, int64_t cols, int64_t tiles_h,
+                                          int64_t tiles_w, float* v, int64_t v_ld) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(float);
+  auto load = [](const float* at) {
+    V x;
+    std::memcpy(&x, at, sizeof(V));
+    return x;
+  };
+  for (int64_t y = 0; y < tiles_h; ++y) {
+    for (int64_t x0 = 0; x0 < tiles_w; x0 += lanes) {
+      V d[4][4];
+      for (int i = 0; i < 4; ++i) {
+        const float* e = even + (2 * y + i) * cols + x0;
+        const float* o = odd + (2 * y + i) * cols + x0;
+        d[i][0] = load(e);
+        d[i][1] = load(o);
+        d[i][2] = load(e + 1);
+        d[i][3] = load(o + 1);
+      }
+      float* out = v + y * tiles_w + x0;
+      for (int j = 0; j < 4; ++j) {  // columns of B^T d: rows combined
+        const V e0 = d[0][j] - d[2][j], e1 = d[1][j] + d[2][j], e2 = d[2][j] - d[1][j], e3 = d[1][j] - d[3][j];
+        d[0][j] = e0;
+        d[1][j] = e1;
+        d[2][j] = e2;
+        d[3][j] = e3;
+      }
+      for (int a = 0; a < 4; ++a) {
+        const V u[4] = {d[a][0] - d[a][2], d[a][1] + d[a][2], d[a][2] - d[a][1], d[a][1] - d[a][3]};
+        for (int b = 0; b < 4; ++b) std::memcpy(out + (a * 4 + b) * v_ld, &u[b], sizeof(V));
+      }
+    }
+  }
+}
+
+typedef float WinogradVec8 __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
+
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_input_tiles_avx512(const float* even, const float* odd, int64_t cols, int64_t tiles_h,
+                                 int64_t tiles_w, float* v, int64_t v_ld) {
+  winograd_input_tiles<WinogradVec>(even, odd, cols, tiles_h, tiles_w, v, v_ld);
+}
+
+__attribute__((target("avx2,fma")))
+void winograd_input_tiles_avx2(const float* even, const float* odd, int64_t cols, int64_t tiles_h,
+                               int64_t tiles_w, float* v, int64_t v_ld) {
+  winograd_input_tiles<WinogradVec8>(even, odd, cols, tiles_h, tiles_w, v, v_ld);
+}
+
 // V = B^T d B of every tile of samples [0, n) of `in` (n x groups * depth
-// planes of in_h x in_w), into run_packed_gemm's B panels (position pos of
-// conv group g is its group pos * groups + g; tiles are its pixels). Each
-// plane is first copied into a zero-bordered one that covers every tile's
-// patch, so the patches load without bounds checks.
-// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+// planes of in_h x in_w), into run_packed_gemm's B panels for the pass's
+// positions (position pos of conv group g is its group (pos - c.first) *
+// groups + g; tiles are its pixels). Per
+// (sample, channel) plane: the zero-bordered plane that covers every tile's
+// patch, split into even and odd columns; the transform, vectorised (see
+// winograd_input_tiles) into a scratch of the 16 positions' rows of tiles;
+// then each position's row goes to its pixel panels, 6 tiles at a time.
 void winograd_input_transform(const WinogradConv& c, const PackedGemm& s, const float* in, int64_t n, float* b) {
   const int64_t channels = c.groups * c.depth;
   const int64_t plane = c.in_h * c.in_w;
   const int64_t tiles_h = c.tiles / c.tiles_w;
   const int64_t padded_h = 2 * tiles_h + 2, padded_w = 2 * c.tiles_w + 2;  // rows from -pad_h, columns from -pad_w
+  constexpr int64_t kMaxLanes = kMR;
+  const int64_t cols = c.tiles_w + 1 + kMaxLanes;  // a vector's loads past the last tile stay inside
+  const int64_t v_ld = c.tiles + kMaxLanes;        // and so do its stores
   const int64_t pos_stride = c.groups * s.group_b;
+  const auto tiles_fn = s.isa == PackedIsa::kAvx512 ? winograd_input_tiles_avx512 : winograd_input_tiles_avx2;
+  // Columns [j0, j1) of the padded rows hold the plane's (negative pads crop
+  // it), the rest are zero.
+  const int64_t j0 = std::clamp<int64_t>(c.pad_w, 0, padded_w);
+  const int64_t j1 = std::clamp<int64_t>(c.in_w + c.pad_w, j0, padded_w);
   at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(padded_h * padded_w);
+    std::vector<float> split(2 * padded_h * cols, 0.f);  // even columns' rows, then odd columns'
+    std::vector<float> v(kWinogradPositions * v_ld);
+    float* const even = split.data();
+    float* const odd = even + padded_h * cols;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / channels, ch = task % channels;
       const int64_t group = ch / c.depth, q = ch % c.depth;
       const float* src = in + task * plane;
       for (int64_t r = 0; r < padded_h; ++r) {
         const int64_t h = r - c.pad_h;
-        float* row = padded.data() + r * padded_w;
-        for (int64_t j = 0; j < padded_w; ++j) {
-          const int64_t x = j - c.pad_w;
-          row[j] = h >= 0 && h < c.in_h && x >= 0 && x < c.in_w ? src[h * c.in_w + x] : 0.f;
+        float* e = even + r * cols;
+        float* o = odd + r * cols;
+        std::fill(e, e + c.tiles_w + 1, 0.f);
+        std::fill(o, o + c.tiles_w + 1, 0.f);
+        if (h < 0 || h >= c.in_h) continue;
+        const float* row = src + h * c.in_w;  // padded column j is row[j - pad_w]
+        int64_t j = j0;
+        if (j % 2 == 1 && j < j1) o[j++ / 2] = row[j0 - c.pad_w];
+        for (; j + 1 < j1; j += 2) {
+          e[j / 2] = row[j - c.pad_w];
+          o[j / 2] = row[j + 1 - c.pad_w];
         }
+        if (j < j1) e[j / 2] = row[j - c.pad_w];
       }
+      tiles_fn(even, odd, cols, tiles_h, c.tiles_w, v.data(), v_ld);
       float* dst = b + i * s.sample_b + group * s.group_b;
-      for (int64_t t = 0; t < c.tiles; ++t) {
-        const float* p0 = padded.data() + 2 * (t / c.tiles_w) * padded_w + 2 * (t % c.tiles_w);
-        float e[4][4];
-        for (int j = 0; j < 4; ++j) {
-          const float d0 = p0[j], d1 = p0[padded_w + j], d2 = p0[2 * padded_w + j], d3 = p0[3 * padded_w + j];
-          e[0][j] = d0 - d2;
-          e[1][j] = d1 + d2;
-          e[2][j] = d2 - d1;
-          e[3][j] = d1 - d3;
-        }
-        float* at = dst + packed_b_offset(s, t / kNR, q) + t % kNR;
-        for (int a = 0; a < 4; ++a) {
-          at[(a * 4 + 0) * pos_stride] = e[a][0] - e[a][2];
-          at[(a * 4 + 1) * pos_stride] = e[a][1] + e[a][2];
-          at[(a * 4 + 2) * pos_stride] = e[a][2] - e[a][1];
-          at[(a * 4 + 3) * pos_stride] = e[a][1] - e[a][3];
+      for (int64_t pos = 0; pos < c.positions; ++pos) {
+        const float* from = v.data() + (c.first + pos) * v_ld;
+        for (int64_t lp = 0; lp < s.pixel_panels; ++lp) {
+          float* to = dst + pos * pos_stride + packed_b_offset(s, lp, q);
+          const int64_t valid = std::min(kNR, c.tiles - lp * kNR);
+          if (valid == kNR) {
+            std::memcpy(to, from + lp * kNR, kNR * sizeof(float));  // fixed size: inlined, not a libc call
+          } else {
+            for (int64_t l = 0; l < valid; ++l) to[l] = from[lp * kNR + l];
+          }
         }
       }
     }
   });
 }
 
-// Y = A^T M A of every tile of samples [0, n): m holds each sample's 16 *
-// groups (rows x tiles) GEMM outputs, out is n x groups * rows planes of
-// out_h x out_w. A^T = [1 1 1 0; 0 1 -1 -1].
-void winograd_output_transform(const WinogradConv& c, const float* m, int64_t n, float* out) {
+// One plane's Y = A^T M A for the pass's positions, vectorised over the
+// tiles of a tile row: v[pos * pos_stride + t] is position first + pos of
+// tile t (contiguous in t), y[a][b][t] receives output pixel (2 ty + a, 2 tx
+// + b) of tile t (whole vectors, up to one past the last tile; y_ld floats
+// per (a, b)). A^T = [1 1 1 0; 0 1 -1 -1].
+template <typename V>
+CHANFLEX_INLINE void winograd_output_tiles(const float* v, int64_t pos_stride, int64_t first, int64_t positions,
+                                           int64_t tiles, float* y, int64_t y_ld) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(float);
+  for (int64_t t0 = 0; t0 < tiles; t0 += lanes) {
+    V m[kWinogradPositions];
+    for (int64_t pos = 0; pos < kWinogradPositions; ++pos) m[pos] = V{} ;
+    for (int64_t pos = 0; pos < positions; ++pos) std::memcpy(&m[first + pos], v + pos * pos_stride + t0, sizeof(V));
+    V r[2][4];
+    for (int j = 0; j < 4; ++j) {
+      r[0][j] = m[j] + m[4 + j] + m[8 + j];
+      r[1][j] = m[4 + j] - m[8 + j] - m[12 + j];
+    }
+    for (int a = 0; a < 2; ++a) {
+      const V y0 = r[a][0] + r[a][1] + r[a][2], y1 = r[a][1] - r[a][2] - r[a][3];
+      std::memcpy(y + (a * 2 + 0) * y_ld + t0, &y0, sizeof(V));
+      std::memcpy(y + (a * 2 + 1) * y_ld + t0, &y1, sizeof(V));
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_output_tiles_avx512(const float* v, int64_t pos_stride, int64_t first, int64_t positions,
+                                  int64_t tiles, float* y, int64_t y_ld) {
+  winograd_output_tiles<WinogradVec>(v, pos_stride, first, positions, tiles, y, y_ld);
+}
+
+__attribute__((target("avx2,fma")))
+void winograd_output_tiles_avx2(const float* v, int64_t pos_stride, int64_t first, int64_t positions,
+                                int64_t tiles, float* y, int64_t y_ld) {
+  winograd_output_tiles<WinogradVec8>(v, pos_stride, first, positions, tiles, y, y_ld);
+}
+
+// Y = A^T M A of every tile of samples [0, n), from the pass's positions:
+// m holds each sample's c.positions * groups (rows x tiles) GEMM outputs,
+// out is n x groups * rows planes of out_h x out_w, which the first pass
+// writes and later ones add to (Y is linear in M).
+void winograd_output_transform(const WinogradConv& c, PackedIsa isa, const float* m, int64_t n, float* out) {
   const int64_t channels = c.groups * c.rows;
   const int64_t plane = c.out_h * c.out_w;
   const int64_t m_group = winograd_m_group(c);
   const int64_t pos_stride = c.groups * m_group;
+  const int64_t y_ld = c.tiles + kMR;  // a vector's stores past the last tile stay inside
+  const bool add = c.first > 0;
+  const auto tiles_fn = isa == PackedIsa::kAvx512 ? winograd_output_tiles_avx512 : winograd_output_tiles_avx2;
   at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(4 * y_ld);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / channels, ch = task % channels;
-      const float* src = m + i * kWinogradPositions * pos_stride + ch / c.rows * m_group + ch % c.rows * c.tiles;
+      tiles_fn(m + i * c.positions * pos_stride + ch / c.rows * m_group + ch % c.rows * c.tiles, pos_stride,
+               c.first, c.positions, c.tiles, y.data(), y_ld);
       float* dst = out + task * plane;
-      for (int64_t t = 0; t < c.tiles; ++t) {
-        float v[16];
-        for (int pos = 0; pos < 16; ++pos) v[pos] = src[pos * pos_stride + t];
-        float r[2][4];
-        for (int j = 0; j < 4; ++j) {
-          r[0][j] = v[j] + v[4 + j] + v[8 + j];
-          r[1][j] = v[4 + j] - v[8 + j] - v[12 + j];
-        }
-        const int64_t h = 2 * (t / c.tiles_w), x = 2 * (t % c.tiles_w);
-        for (int a = 0; a < 2 && h + a < c.out_h; ++a) {
-          float* row = dst + (h + a) * c.out_w + x;
-          row[0] = r[a][0] + r[a][1] + r[a][2];
-          if (x + 1 < c.out_w) row[1] = r[a][1] - r[a][2] - r[a][3];
+      for (int64_t oh = 0; oh < c.out_h; ++oh) {
+        const float* y0 = y.data() + (oh % 2) * 2 * y_ld + oh / 2 * c.tiles_w;  // b = 0, this tile row
+        const float* y1 = y0 + y_ld;                                             // b = 1
+        float* row = dst + oh * c.out_w;
+        for (int64_t ow = 0; ow < c.out_w; ++ow) {
+          const float value = (ow % 2 == 0 ? y0 : y1)[ow / 2];
+          row[ow] = add ? row[ow] + value : value;
         }
       }
     }
   });
 }
 
-// Samples per chunk: their B panels and GEMM outputs in the budget (the
-// packed paths' kernel-sized one), at least one per thread, even where more
-// than one fits (run_packed_gemm mixes samples in pairs).
-int64_t winograd_chunk(const WinogradConv& c, const PackedGemm& s) {
-  const int64_t per_sample = (s.sample_b + kWinogradPositions * c.groups * winograd_m_group(c)) * sizeof(float);
-  const int64_t kernels = s.num_kernels * c.groups * c.rows * c.depth * 9 * sizeof(float);
-  const int64_t budget = chunk_budget_bytes(std::max(kForwardChunkBytes, kernels));
-  int64_t chunk = std::clamp<int64_t>(budget / per_sample, at::get_num_threads(), c.batch);
+// Floats of one sample's buffers in a pass: its B panels and GEMM outputs.
+int64_t winograd_sample_floats(const WinogradConv& c, const PackedGemm& s) {
+  return s.sample_b + c.positions * c.groups * winograd_m_group(c);
+}
+
+// Samples per chunk: their buffers in the budget (the packed paths'
+// kernel-sized one), at least one per thread, even where more than one fits
+// (run_packed_gemm mixes samples in pairs).
+int64_t winograd_chunk(const WinogradConv& c, const PackedGemm& s, int64_t budget_bytes) {
+  const int64_t per_sample = winograd_sample_floats(c, s) * static_cast<int64_t>(sizeof(float));
+  int64_t chunk = std::min<int64_t>(std::max<int64_t>(budget_bytes / per_sample, at::get_num_threads()), c.batch);
   if (chunk > 2 && chunk < c.batch) chunk -= chunk % 2;
   return chunk;
 }
 
-// The pass's buffers (floats): the K transformed kernels, a chunk's B
-// panels and GEMM outputs, run_packed_gemm's per-thread scratch.
-std::array<int64_t, 4> winograd_scratch(const PackedGemm& s, const WinogradConv& c, int64_t chunk) {
-  return {prepacked_floats(s), chunk * s.sample_b, chunk * kWinogradPositions * c.groups * winograd_m_group(c),
-          packed_gemm_worker_floats(s, chunk, /*prepacked=*/true)};
+// The pass's buffers (floats): the K transformed kernels of its positions,
+// a chunk's B panels and GEMM outputs, run_packed_gemm's per-thread scratch.
+std::array<int64_t, 4> winograd_scratch(const PackedGemm& s, const WinogradConv& c) {
+  return {prepacked_floats(s), c.chunk * s.sample_b, c.chunk * c.positions * c.groups * winograd_m_group(c),
+          packed_gemm_worker_floats(s, c.chunk, /*prepacked=*/true)};
+}
+
+int64_t winograd_scratch_floats(const PackedGemm& s, const WinogradConv& c) {
+  int64_t total = 0;
+  for (const int64_t floats : winograd_scratch(s, c)) total += floats;
+  return total;
 }
 
 // out = the conv `c` of `in` with sample b's kernel sum_k attn[b,k] A_k (A
-// from w as `c` says), without bias.
-void winograd_conv(PackedIsa isa, const WinogradConv& c, const float* in, const float* w, int64_t kernel_size,
+// from w as `c` says), without bias: per pass over the positions, the K
+// kernels transformed, then per chunk of samples the input transform, the
+// GEMMs and the output transform.
+void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* w, int64_t kernel_size,
                    const float* attn, int64_t num_kernels, float* out) {
   const PackedGemm s = winograd_gemm(isa, c, num_kernels);
-  const int64_t chunk = winograd_chunk(c, s);
   const int64_t m_group = winograd_m_group(c);
-  const int64_t m_sample = kWinogradPositions * c.groups * m_group;
-  const auto buffers = pass_scratch<4>(winograd_scratch(s, c, chunk));
-  winograd_prepack_kernels(c, s, w, kernel_size, buffers[0]);
+  const int64_t m_sample = c.positions * c.groups * m_group;
+  const auto buffers = pass_scratch<4>(winograd_scratch(s, c));
   const int64_t in_sample = c.groups * c.depth * c.in_h * c.in_w;
   const int64_t out_sample = c.groups * c.rows * c.out_h * c.out_w;
   auto no_packing = [](int64_t, int64_t, int64_t, int64_t, int64_t, float*) {};
-  for (int64_t b0 = 0; b0 < c.batch; b0 += chunk) {
-    const int64_t n = std::min(chunk, c.batch - b0);
-    winograd_input_transform(c, s, in + b0 * in_sample, n, buffers[1]);
-    run_packed_gemm(s, buffers[1], attn + b0 * num_kernels, n, no_packing, buffers[0], buffers[3],
-                    [&](int64_t i, int64_t group) { return buffers[2] + i * m_sample + group * m_group; });
-    winograd_output_transform(c, buffers[2], n, out + b0 * out_sample);
+  for (c.first = 0; c.first < kWinogradPositions; c.first += c.positions) {
+    winograd_prepack_kernels(c, s, w, kernel_size, buffers[0]);
+    for (int64_t b0 = 0; b0 < c.batch; b0 += c.chunk) {
+      const int64_t n = std::min(c.chunk, c.batch - b0);
+      winograd_input_transform(c, s, in + b0 * in_sample, n, buffers[1]);
+      run_packed_gemm(s, buffers[1], attn + b0 * num_kernels, n, no_packing, buffers[0], buffers[3],
+                      [&](int64_t i, int64_t group) { return buffers[2] + i * m_sample + group * m_group; });
+      winograd_output_transform(c, isa, buffers[2], n, out + b0 * out_sample);
+    }
   }
 }
 
-// Which convs take it: 3x3, stride 1, undilated float32 on a packed ISA, as
-// CHANFLEX_CPU_WINOGRAD says ("0": never, "1": every such conv, tests use it
-// for planes outside the default range), by default those with 100 to 1764
-// output pixels (10x10 to 42x42; on AVX2 to 441, 21x21) whose pass scratch fits in their
-// activations' size. In-process A/B on AMD Zen 5, K = 4, ms, direct ->
-// Winograd: forward 256@14 22.9 -> 14.4, 512@10 49.0 -> 32.1, 256@21 51.2
-// -> 36.4, 128@28 36.0 -> 21.3, 64->128@42 28.6 -> 24.1; fwd+bwd 256@21
-// 162 -> 136, 128@21 50.9 -> 43.1, 256@28 321 -> 240; but forward 512@7 25.9
-// vs 24.3, 512@5 20.4 vs 22.7, 64@56 21.6 vs 21.4 (too few tiles to pay for
-// the transforms, or the library's conv as fast). AVX2 (the cap on the
-// same machine): forward 256@21 107.9 -> 60.1, 512@10 92.5 -> 54.2, but
-// 128@28 21.5 vs 23.1 and 64->128@42 25.9 vs 30.2 against the library's
-// conv, so there only up to 441 pixels. The transformed kernels
-// are 16/9 K |W| and a sample's buffers 9x its activations: at 256@14 the
-// fwd+bwd peak rose from 1.32 to 1.70 of the static conv's, at 512@10 from
-// 2.62 to 4.52, past the 1.5 that the activations bound keeps (256@21: 0.91
-// -> 1.04).
+// Whether conv `c` takes it, and if so its passes and chunks (in `c`): 3x3,
+// stride 1, undilated float32 on a packed ISA, as CHANFLEX_CPU_WINOGRAD
+// says ("0": never; "1", "2" or "4": every such conv, in that many passes
+// with the default chunks; tests use them for planes outside the default
+// range), by default those with 100 to 1764 output pixels (10x10 to 42x42;
+// on AVX2 to 441, 21x21) whose pass scratch fits in their activations or
+// the K kernels' size, in 1 or 2 passes. In-process A/B on AMD Zen 5, K =
+// 4, ms, direct -> Winograd in one pass: forward 256@14 22.9 -> 14.4,
+// 512@10 49.0 -> 32.1, 256@21 51.2 -> 36.4, 128@28 36.0 -> 21.3, 64->128@42
+// 28.6 -> 24.1; fwd+bwd 256@21 162 -> 136, 128@21 50.9 -> 43.1, 256@28 321
+// -> 240; but forward 512@7 25.9 vs 24.3, 512@5 20.4 vs 22.7, 64@56 21.6 vs
+// 21.4 (too few tiles to pay for the transforms, or the library's conv as
+// fast). AVX2 (the cap on the same machine): forward 256@21 107.9 -> 60.1,
+// 512@10 92.5 -> 54.2, but 128@28 21.5 vs 23.1 and 64->128@42 25.9 vs 30.2
+// against the library's conv, so there only up to 441 pixels. Memory: the
+// transformed kernels are 16/9 K |W| per pass of all 16 positions and a
+// sample's buffers 9x its activations; in one pass the fwd+bwd peak at
+// 256@14 rose from 1.32 to 1.70 of the static conv's (512@10: 2.62 to
+// 4.52); in the 2 passes it takes by default, 1.21, for fwd 27.1 -> 21.3,
+// fwd+bwd 92.3 -> 82.1 (one pass: 20.2, 81.0). Each pass redoes the input
+// and kernel transforms: 4 passes lost to the direct paths (512@10 fwd+bwd
+// 188.5 vs 222.4), so weight-heavy 10x10 layers stay direct.
 constexpr int64_t kWinogradMinPixels = 100;
 constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
 constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
 
-bool use_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, const WinogradConv& c) {
+bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradConv& c) {
   const ConvGeometry& g = p.g;
   const bool eligible = dtype == at::kFloat && isa != PackedIsa::kGeneric && g.kernel_h == 3 && g.kernel_w == 3 &&
                         g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 && g.dilation[1] == 1 &&
                         g.batch > 0;
+  const int64_t kernels_bytes = g.num_kernels * p.kernel_size * static_cast<int64_t>(sizeof(float));
+  const int64_t budget = chunk_budget_bytes(std::max(kForwardChunkBytes, kernels_bytes));
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD");
   if (env != nullptr && *env != '\0') {
     const std::string value(env);
-    TORCH_CHECK(value == "0" || value == "1", "CHANFLEX_CPU_WINOGRAD: expected '0' or '1', got '", value, "'");
-    return eligible && value == "1";
+    TORCH_CHECK(value == "0" || value == "1" || value == "2" || value == "4",
+                "CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got '", value, "'");
+    if (!eligible || value == "0") return false;
+    c.positions = kWinogradPositions / std::stoi(value);
+    c.chunk = winograd_chunk(c, winograd_gemm(isa, c, g.num_kernels), budget);
+    return true;
   }
   const int64_t max_pixels = isa == PackedIsa::kAvx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
   if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels) return false;
-  const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
-  int64_t scratch = 0;
-  for (const int64_t floats : winograd_scratch(s, c, winograd_chunk(c, s))) scratch += floats;
+  // The fewest passes whose scratch fits in the activations or the K
+  // kernels' size (the direct paths' chunk budget, no more than the K-fold
+  // weight gradient the backward returns anyway), with chunks cut to fit
+  // where the default ones do not (down to one sample per thread).
   const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
-  return scratch <= activations;
+  const int64_t bound = std::max(activations, g.num_kernels * p.kernel_size);
+  for (const int64_t positions : {int64_t{16}, int64_t{8}}) {  // 4 per pass lost to the direct paths
+    c.positions = positions;
+    const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
+    for (int64_t chunk_budget = budget;; chunk_budget /= 2) {
+      c.chunk = winograd_chunk(c, s, chunk_budget);
+      if (winograd_scratch_floats(s, c) <= bound) return true;
+      if (c.chunk <= at::get_num_threads()) break;
+    }
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------------------
@@ -2063,7 +2214,8 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   }
   const Plan p = make_plan(g);
   const PackedIsa isa = packed_isa();
-  const bool winograd = g.batch > 1 && use_winograd(p, dtype, isa, winograd_forward_conv(p));
+  WinogradConv winograd_c = winograd_forward_conv(p);
+  const bool winograd = g.batch > 1 && plan_winograd(p, dtype, isa, winograd_c);
   // One sample (any shape): mix its kernel once and run the library's conv.
   if (!winograd && (g.batch == 1 || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype)))) {
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
@@ -2075,7 +2227,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const bool packed = use_packed(p, dtype, isa);
   if (winograd || packed || use_stream_forward(p, dtype, isa)) {
     if (winograd) {
-      winograd_conv(isa, winograd_forward_conv(p), x_c.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
+      winograd_conv(isa, winograd_c, x_c.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
                     p.kernel_size, attn_c.const_data_ptr<float>(), g.num_kernels, y.data_ptr<float>());
     } else {
       (packed ? forward_packed : forward_streamed)(isa, p, x_c, w_c.const_data_ptr<float>(),
@@ -2924,7 +3076,8 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   // convolution backward where it wins (see use_library), the rest below.
   const Plan p = make_plan(g);
   const PackedIsa isa = packed_isa();
-  const bool winograd_x = need_x && use_winograd(p, dtype, isa, winograd_grad_x_conv(p));
+  WinogradConv winograd_c = winograd_grad_x_conv(p);
+  const bool winograd_x = need_x && plan_winograd(p, dtype, isa, winograd_c);
   const bool stride_one = g.stride[0] == 1 && g.stride[1] == 1;
   const bool library_x = g.batch > 0 && need_x && !winograd_x && stride_one &&
                          use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype));
@@ -2935,7 +3088,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
                      library_g && need_w, library_g && need_attn, grad_x, grad_w, grad_attn);
   }
   if (winograd_x) {
-    winograd_conv(isa, winograd_grad_x_conv(p), grad_out.to(dtype).contiguous().const_data_ptr<float>(),
+    winograd_conv(isa, winograd_c, grad_out.to(dtype).contiguous().const_data_ptr<float>(),
                   weight.to(dtype).contiguous().const_data_ptr<float>(), p.kernel_size,
                   attn_c.const_data_ptr<float>(), g.num_kernels, grad_x.data_ptr<float>());
   }
