@@ -1107,7 +1107,7 @@ MixPackedTile mix_packed_tile(PackedIsa isa, int64_t samples) {
 // Row tiles of A in run_packed_gemm, and the floats of one tile's K packed kernels.
 Tiling packed_row_tiles(const PackedGemm& s) { return make_tiling(s.m, s.groups, /*balance=*/false); }
 int64_t packed_tile_floats(const PackedGemm& s) {
-  return s.num_kernels * (packed_row_tiles(s).size + kMR - 1) / kMR * s.depth * kMR;
+  return s.num_kernels * ((packed_row_tiles(s).size + kMR - 1) / kMR) * s.depth * kMR;
 }
 
 // Every row tile's K packed kernels (tile task t at t * packed_tile_floats)
@@ -1183,8 +1183,8 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
                             : kPackedSampleBlock;
   q.fused_mix = mixes_in_micro_kernel(s.isa, s.num_kernels);
   q.mixed_floats = q.fused_mix ? (kMaxRowPanels + (q.tiles.size + kMR - 1) / kMR) * q.depth * kMR
-                                : q.block * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
-  q.kernel_floats = s.num_kernels * (q.tiles.size + kMR - 1) / kMR * q.depth * kMR;
+                                : q.block * ((q.tiles.size + kMR - 1) / kMR) * q.depth * kMR;
+  q.kernel_floats = s.num_kernels * ((q.tiles.size + kMR - 1) / kMR) * q.depth * kMR;
   q.partial_ld = (q.tiles.size + kMR - 1) / kMR * kMR;
   q.partial_floats = depth_blocks > 1 ? n * s.pixels * q.partial_ld : 0;
   return q;
@@ -2001,12 +2001,21 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
   // where the default ones do not (down to one sample per thread).
   const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
   const int64_t bound = std::max(activations, g.num_kernels * p.kernel_size);
+  // Each chunk rereads the pass's transformed kernels (from L3 or memory):
+  // a chunk needs 48 K sample tiles (24 FLOPs per byte read), or the whole
+  // batch. At 512@10 (25 tiles), chunks of 4 that fit the bound made the
+  // fwd+bwd slower than the direct paths' (256->512: 92.8 vs 81.9 ms);
+  // 256@14 takes chunks of 4 x 49 tiles, 256@21 of 2 x 121.
+  const int64_t min_tiles = 48 * g.num_kernels;
   for (const int64_t positions : {int64_t{16}, int64_t{8}}) {  // 4 per pass lost to the direct paths
     c.positions = positions;
     const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
     for (int64_t chunk_budget = budget;; chunk_budget /= 2) {
       c.chunk = winograd_chunk(c, s, chunk_budget);
-      if (winograd_scratch_floats(s, c) <= bound) return true;
+      if (winograd_scratch_floats(s, c) <= bound) {
+        if (c.chunk == c.batch || c.chunk * c.tiles >= min_tiles) return true;
+        break;  // smaller chunks would not help
+      }
       if (c.chunk <= at::get_num_threads()) break;
     }
   }
