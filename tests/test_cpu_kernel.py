@@ -158,15 +158,8 @@ def test_tiles_and_blocks_match_reference(case, threads, isa):
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
-@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
-                                  (False, True, True), (True, False, True)], ids=str)
-@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], RAGGED_COLUMN_PANEL, PIXEL_TAIL_14,
-                                  GROUP_CROSSING_BLOCK, LIBRARY_CASES[3], LIBRARY_CASES[5]], ids=lambda c: c.id)
-def test_backward_output_masks(case, mask, threads, isa):
-    # Each gradient alone and in pairs: the packed grad_x, the packed weight
-    # side with and without dattn, the BLAS fallbacks (3 threads leave too
-    # few weight blocks), and the library for one part with the kernel for
-    # the other must not depend on what else was requested.
+def assert_masked_backward_matches(case, mask):
+    """The float32 backward op with output mask (x, weight, attn) equals the float64 reference's gradients."""
     from comparison import make_inputs
     x, weight, attn, bias = make_inputs(case)
     args = [t.clone().requires_grad_() for t in (x, weight, attn)]
@@ -180,6 +173,18 @@ def test_backward_output_masks(case, mask, threads, isa):
     for name, wanted, want, have in zip(("x", "weight", "attn"), mask, expected, got[:3]):
         if wanted:
             assert_close_scaled(have, want, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True), (True, False, True)], ids=str)
+@pytest.mark.parametrize("case", [TILED_CASES[0], TILED_CASES[3], RAGGED_COLUMN_PANEL, PIXEL_TAIL_14,
+                                  GROUP_CROSSING_BLOCK, LIBRARY_CASES[3], LIBRARY_CASES[5]], ids=lambda c: c.id)
+def test_backward_output_masks(case, mask, threads, isa):
+    # Each gradient alone and in pairs: the packed grad_x, the packed weight
+    # side with and without dattn, the BLAS fallbacks (3 threads leave too
+    # few weight blocks), and the library for one part with the kernel for
+    # the other must not depend on what else was requested.
+    assert_masked_backward_matches(case, mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -380,19 +385,7 @@ def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winogra
 @pytest.mark.parametrize("case", [WINOGRAD_CASES[3], WINOGRAD_CASES[4]], ids=lambda c: c.id)
 def test_winograd_backward_output_masks(case, mask, winograd_passes):
     # grad_x by Winograd, the weight side by the direct paths, in any combination.
-    from comparison import make_inputs
-    x, weight, attn, bias = make_inputs(case)
-    args = [t.clone().requires_grad_() for t in (x, weight, attn)]
-    reference_output = dynamic_conv2d_reference(*args, bias, **case.conv_args)
-    grad_out = torch.randn(reference_output.shape, dtype=reference_output.dtype)
-    expected = torch.autograd.grad(reference_output, args, grad_out)
-    conv = case.conv_args
-    got = torch.ops.chanflex.dynamic_conv2d_backward(
-        grad_out.float(), x.float(), weight.float(), attn.float(), None if bias is None else bias.float(),
-        list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"], [*mask, False])
-    for name, wanted, want, have in zip(("x", "weight", "attn"), mask, expected, got[:3]):
-        if wanted:
-            assert_close_scaled(have, want, torch.float32, f"grad of {name}")
+    assert_masked_backward_matches(case, mask)
 
 
 def _run(case, inputs):

@@ -1837,8 +1837,7 @@ CHANFLEX_INLINE void winograd_output_tiles(const float* v, int64_t pos_stride, i
                                            int64_t tiles, float* y, int64_t y_ld) {
   constexpr int64_t lanes = sizeof(V) / sizeof(float);
   for (int64_t t0 = 0; t0 < tiles; t0 += lanes) {
-    V m[kWinogradPositions];
-    for (int64_t pos = 0; pos < kWinogradPositions; ++pos) m[pos] = V{} ;
+    V m[kWinogradPositions] = {};  // positions outside the pass add nothing
     for (int64_t pos = 0; pos < positions; ++pos) std::memcpy(&m[first + pos], v + pos * pos_stride + t0, sizeof(V));
     V r[2][4];
     for (int j = 0; j < 4; ++j) {
@@ -2007,7 +2006,7 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
   // fwd+bwd slower than the direct paths' (256->512: 92.8 vs 81.9 ms);
   // 256@14 takes chunks of 4 x 49 tiles, 256@21 of 2 x 121.
   const int64_t min_tiles = 48 * g.num_kernels;
-  for (const int64_t positions : {int64_t{16}, int64_t{8}}) {  // 4 per pass lost to the direct paths
+  for (const int64_t positions : {kWinogradPositions, kWinogradPositions / 2}) {  // 4 per pass lost to the direct paths
     c.positions = positions;
     const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
     for (int64_t chunk_budget = budget;; chunk_budget /= 2) {
