@@ -462,3 +462,72 @@ def test_winograd_switch_rejects_other_values(monkeypatch):
     monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "yes")
     with pytest.raises(RuntimeError, match="CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)
+
+
+# Padding taps skipped (forward, AVX-512): the output pixels go class by
+# class (the interior with every tap, then each edge row with its rows'
+# taps, then each edge column of the interior rows), each class's packed B
+# holding its own taps only, its calls stepping over the others in A.
+# Odd planes give classes of 1 to 14 pixels; stride 2 has one edge row and
+# column; pad 2 with dilation 2 two edge rows a side sharing one class; a
+# 5x3 kernel two row classes a side; 1 to 9 kernels mix in the micro-kernel
+# or in the separate pass; 1080 and 5400 deep carry partial sums over
+# reduction blocks of whole channels; 18 deep splits samples across threads.
+SKIP_CASES = [
+    Case(3, 16, 16, 7, 7, padding=(1, 1)),
+    Case(4, 24, 40, 5, 5, padding=(1, 1), num_kernels=1),
+    Case(3, 8, 34, 10, 9, padding=(1, 1), num_kernels=8, bias=False),
+    Case(5, 16, 32, 14, 13, stride=(2, 2), padding=(1, 1), num_kernels=3),
+    Case(3, 8, 20, 9, 9, padding=(2, 2), dilation=(2, 2)),
+    Case(3, 8, 20, 9, 8, kernel=(5, 3), padding=(2, 1), num_kernels=9),
+    Case(4, 32, 48, 7, 6, padding=(1, 1), groups=2),
+    Case(2, 120, 40, 5, 5, padding=(1, 1)),
+    Case(2, 600, 24, 4, 4, padding=(1, 1), bias=False),
+    Case(6, 2, 5, 9, 9, padding=(1, 1)),
+    Case(4, 16, 32, 8, 8, padding=(1, 1), layout="channels_last"),
+    Case(3, 8, 16, 3, 3, padding=(1, 1)),  # a 1-pixel interior
+]
+
+
+@pytest.fixture
+def skip_padding(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
+    monkeypatch.setenv("CHANFLEX_CPU_SKIP_PADDING", "1")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx512":
+        pytest.skip("padding taps are skipped on AVX-512 only")
+
+
+@pytest.mark.parametrize("case", SKIP_CASES, ids=lambda c: c.id)
+def test_skipped_padding_matches_reference(case, threads, skip_padding):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "20000"], ids=["chunk-threads", "chunk-20k"])
+@pytest.mark.parametrize("case", [SKIP_CASES[0], SKIP_CASES[3], SKIP_CASES[7]], ids=lambda c: c.id)
+def test_skipped_padding_across_chunks(monkeypatch, case, chunk_bytes, skip_padding):
+    # Chunks of one sample per thread or a few (prepacked kernels from 3 chunks on).
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+def test_skipped_padding_scratch_reuse(monkeypatch, skip_padding):
+    # Pixels past a class's last one in its B panels are zeroed, not left
+    # as a larger call wrote them: NaN there must not leak in.
+    from comparison import make_inputs
+    big = Case(6, 64, 160, 12, 12, padding=(1, 1))
+    x, weight, attn = (t.float() for t in make_inputs(big)[:3])
+    nan = float("nan")
+    torch.ops.chanflex.dynamic_conv2d(x.fill_(nan), weight.fill_(nan), attn.fill_(nan), None,
+                                      [1, 1], [1, 1], [1, 1], 1)
+    for case in SKIP_CASES[:3]:
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+def test_skip_padding_switch_rejects_other_values(monkeypatch):
+    from comparison import make_inputs
+    if torch.ops.chanflex.cpu_packed_isa() == "generic":
+        pytest.skip("the switch belongs to the packed forward (AVX2 or AVX-512)")
+    x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(SKIP_CASES[0]))
+    monkeypatch.setenv("CHANFLEX_CPU_SKIP_PADDING", "yes")
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_SKIP_PADDING: expected '0' or '1', got 'yes'"):
+        dynamic_conv2d(x, weight, attn, padding=1)

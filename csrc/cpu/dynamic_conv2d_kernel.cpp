@@ -615,6 +615,7 @@ struct PackedGemm {
   int64_t pixel_panels;  // ceil(pixels / kNR)
   int64_t group_b;       // floats of one group's packed B: pixel_panels * depth * kNR
   int64_t sample_b;      // floats of one sample's packed B: groups * group_b
+  int64_t depth_multiple = 8;  // reduction blocks are a multiple of this (taps per channel with TapClasses)
 };
 
 PackedGemm make_packed_gemm(PackedIsa isa, int64_t m, int64_t depth, const Plan& p) {
@@ -634,6 +635,114 @@ PackedGemm make_packed_gemm(PackedIsa isa, int64_t m, int64_t depth, const Plan&
 // Where reduction step q of pixel panel lp starts in one group's packed B.
 inline int64_t packed_b_offset(const PackedGemm& s, int64_t lp, int64_t q) {
   return (lp * s.depth + q) * kNR;
+}
+
+// ---------------------------------------------------------------------------
+// Padding taps skipped (forward, AVX-512).
+//
+// With zero padding, part of a small plane's unfolded input is padding: a
+// 3x3, pad-1 conv multiplies 18% of its products by zeros on a 7x7 plane,
+// 25% on 5x5 and 13% on 10x10, which the library's direct conv skips (its
+// 512@7 forward runs at 94% of the FMA peak on the products it does). Here
+// the output pixels fall into classes whose taps (kernel positions ki * kw
+// + kj) lie inside the image for each of their pixels: the interior (every
+// tap), the edge rows (their rows' taps, every column) and the edge columns
+// of the interior rows. The forward's GEMM runs class by class over a
+// permuted pixel order; a class's packed B holds only its taps, and its
+// micro-kernel calls step over the others in A (MicroOut::tap_steps).
+struct TapClass {
+  int64_t first;              // its first pixel in the permuted order
+  int64_t pixels;
+  int64_t b_offset;           // floats into one group's packed B where its pixel panels start
+  std::vector<int32_t> taps;  // ascending
+};
+
+struct TapClasses {
+  std::vector<int32_t> order;     // permuted pixel -> output pixel oh * out_w + ow
+  std::vector<TapClass> classes;  // classes[0] has every tap (the mixing calls run on it)
+  int64_t taps = 0;               // kh * kw
+  int64_t group_b = 0;            // floats of one group's packed B
+  double kept = 1.0;              // products kept: sum of pixels * taps over pixels * kh * kw
+};
+
+// Bit t set where tap t of one kernel dimension reads inside the image at
+// output position o.
+uint64_t inside_taps(int64_t o, int64_t stride, int64_t pad, int64_t dilation, int64_t size, int64_t k) {
+  uint64_t mask = 0;
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t i = o * stride - pad + t * dilation;
+    if (i >= 0 && i < size) mask |= uint64_t{1} << t;
+  }
+  return mask;
+}
+
+// The classes of a conv's output pixels; empty (no classes) where no pixel
+// has every tap, some pixel has none, or every pixel has every tap.
+TapClasses make_tap_classes(const Plan& p) {
+  const ConvGeometry& g = p.g;
+  TapClasses c;
+  if (g.kernel_h > 63 || g.kernel_w > 63) return c;
+  const uint64_t all_rows = (uint64_t{1} << g.kernel_h) - 1, all_cols = (uint64_t{1} << g.kernel_w) - 1;
+  std::vector<uint64_t> row_mask(g.out_h), col_mask(g.out_w);
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    row_mask[oh] = inside_taps(oh, g.stride[0], g.padding[0], g.dilation[0], g.height, g.kernel_h);
+  for (int64_t ow = 0; ow < g.out_w; ++ow)
+    col_mask[ow] = inside_taps(ow, g.stride[1], g.padding[1], g.dilation[1], g.width, g.kernel_w);
+  const auto has = [](const std::vector<uint64_t>& m, uint64_t v) { return std::find(m.begin(), m.end(), v) != m.end(); };
+  if (!has(row_mask, all_rows) || !has(col_mask, all_cols) || has(row_mask, 0) || has(col_mask, 0)) return c;
+  // (row mask, column mask, pixels) of each class, the interior first.
+  struct Members { uint64_t rows, cols; std::vector<int32_t> pixels; };
+  std::vector<Members> members{{all_rows, all_cols, {}}};
+  const auto class_of = [&](uint64_t rows, uint64_t cols) -> Members& {
+    for (Members& m : members)
+      if (m.rows == rows && m.cols == cols) return m;
+    members.push_back({rows, cols, {}});
+    return members.back();
+  };
+  for (int64_t oh = 0; oh < g.out_h; ++oh)
+    for (int64_t ow = 0; ow < g.out_w; ++ow) {
+      // Edge rows keep every column (their corners multiply a few zeros):
+      // one class per distinct row mask, not one per corner.
+      const bool edge_row = row_mask[oh] != all_rows;
+      class_of(row_mask[oh], edge_row ? all_cols : col_mask[ow]).pixels.push_back(static_cast<int32_t>(oh * g.out_w + ow));
+    }
+  if (members.size() == 1) return c;
+  c.taps = g.kernel_h * g.kernel_w;
+  int64_t products = 0;
+  for (const Members& m : members) {
+    TapClass cl;
+    cl.first = static_cast<int64_t>(c.order.size());
+    cl.pixels = static_cast<int64_t>(m.pixels.size());
+    cl.b_offset = c.group_b;
+    for (int64_t ki = 0; ki < g.kernel_h; ++ki)
+      for (int64_t kj = 0; kj < g.kernel_w; ++kj)
+        if ((m.rows >> ki & 1) && (m.cols >> kj & 1)) cl.taps.push_back(static_cast<int32_t>(ki * g.kernel_w + kj));
+    const int64_t depth = g.group_in_channels * static_cast<int64_t>(cl.taps.size());
+    c.group_b += (cl.pixels + kNR - 1) / kNR * depth * kNR;
+    products += cl.pixels * static_cast<int64_t>(cl.taps.size());
+    c.order.insert(c.order.end(), m.pixels.begin(), m.pixels.end());
+    c.classes.push_back(std::move(cl));
+  }
+  c.kept = static_cast<double>(products) / static_cast<double>(p.pixels * c.taps);
+  return c;
+}
+
+// Whether the forward skips padding taps: on AVX-512 where that drops at
+// least kMinSkippedProducts of the products, or as CHANFLEX_CPU_SKIP_PADDING
+// says ("1": wherever there are classes, "0": never; tests force it). Each
+// class adds calls that stream the A panels again: AMD Zen 4, K = 4, 30
+// forwards in a loop, ms, off -> on: 512@7 (16% of the products skipped)
+// 45.0 -> 41.0, 512@5 (21%) 26.1 -> 24.2, 512@10 (12%) 85.2 -> 79.9,
+// 256->512@10 43.2 -> 41.0; but the stride-2 convs 256->512 14->7 (9%)
+// 22.8 -> 23.9 and 128->256 28->14 (5%) 21.7 -> 22.9.
+constexpr double kMinSkippedProducts = 0.10;
+bool use_tap_classes(const TapClasses& c, PackedIsa isa) {
+  const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1",
+              "CHANFLEX_CPU_SKIP_PADDING: expected '0' or '1', got '", value, "'");
+  if (c.classes.empty() || isa != PackedIsa::kAvx512) return false;
+  return value.empty() ? 1.0 - c.kept >= kMinSkippedProducts : value == "1";
 }
 
 // Transposes 8 registers holding an 8x8 block: r[i][j] -> r[j][i].
@@ -690,6 +799,14 @@ struct MicroOut {
   int64_t partial_ld;
   bool load_partial;      // not the first reduction block
   bool store_partial;     // not the last one
+  // With TapClasses (AVX-512): the output pixel of each of the call's
+  // pixels (C's columns are then relative to c), and for a class without
+  // every tap, its taps' steps within each channel_steps-step channel of A
+  // (kc counts B's steps: channels x ntaps).
+  const int32_t* pixel_index = nullptr;
+  const int32_t* tap_steps = nullptr;
+  int64_t ntaps = 0;
+  int64_t channel_steps = 0;
 };
 
 // A call that mixes its own A panels (AVX-512): the first pixel call of a
@@ -787,7 +904,7 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
 // A panels are prefetched this many steps ahead: a row panel pair's first
 // pixel call reads them from L2 (later calls find them in L1).
 constexpr int64_t kPrefetchSteps = 16;
-template <int RP, int NR, int MIX, bool PAIR = false>
+template <int RP, int NR, int MIX, bool PAIR = false, bool SKIP = false>
 __attribute__((target("avx512f,avx2,fma")))
 void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
                          int64_t b_panel_stride, const MicroOut& out, const MicroMix* mix) {
@@ -826,6 +943,9 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
       if constexpr (PAIR) np[r] = mix->mixed_next + r * a_panel_stride;
     }
   }
+  static_assert(!(SKIP && MIX), "calls that skip taps read mixed A");
+  // SKIP: step `tap` of the current channel of A is tap_steps[tap] steps in.
+  int64_t tap = 0, tap_offset = SKIP ? out.tap_steps[0] * kMR : 0;
   for (int64_t q = 0; q < kc; ++q) {
     __m512 ar[RP];
     if constexpr (MIX) {
@@ -869,9 +989,17 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
     } else {
 #pragma GCC unroll 2
       for (int r = 0; r < RP; ++r) {
-        ar[r] = _mm512_loadu_ps(ap[r]);
-        _mm_prefetch(reinterpret_cast<const char*>(ap[r] + kPrefetchSteps * kMR), _MM_HINT_T0);
-        ap[r] += kMR;
+        ar[r] = _mm512_loadu_ps(ap[r] + tap_offset);
+        _mm_prefetch(reinterpret_cast<const char*>(ap[r] + tap_offset + kPrefetchSteps * kMR), _MM_HINT_T0);
+        if constexpr (!SKIP) ap[r] += kMR;
+      }
+      if constexpr (SKIP) {
+        if (++tap == out.ntaps) {
+          tap = 0;
+#pragma GCC unroll 2
+          for (int r = 0; r < RP; ++r) ap[r] += out.channel_steps * kMR;
+        }
+        tap_offset = out.tap_steps[tap] * kMR;
       }
     }
     const float* bq[kBPanels];
@@ -903,7 +1031,11 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
     for (int r = 0; r < RP; ++r) _mm512_store_ps(tile[j] + r * kMR, acc[r][j]);
   for (int64_t i = 0; i < out.mr; ++i) {
     float* row = out.c + i * out.ldc;
-    for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
+    if (out.pixel_index != nullptr) {
+      for (int j = 0; j < NR; ++j) row[out.pixel_index[j]] = tile[j][i];
+    } else {
+      for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
+    }
   }
 }
 
@@ -965,6 +1097,16 @@ constexpr std::array<std::array<MicroKernel, kMaxCallPixels + 1>, kMaxMicroMixKe
     kPairMicroKernelsAvx512[kMaxRowPanels] = {
         avx512_kernel_table<1, true>(std::make_index_sequence<kMaxMicroMixKernels + 1>{}),
         avx512_kernel_table<2, true>(std::make_index_sequence<kMaxMicroMixKernels + 1>{})};
+
+// Calls of TapClasses that skip taps (MicroOut::tap_steps), indexed
+// [row panels - 1][valid pixels].
+template <int RP, size_t... NR>
+constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_skip_kernel_row(std::index_sequence<NR...>) {
+  return {nullptr, micro_kernel_avx512<RP, static_cast<int>(NR) + 1, 0, false, true>...};
+}
+constexpr std::array<MicroKernel, kMaxCallPixels + 1> kSkipMicroKernelsAvx512[kMaxRowPanels] = {
+    avx512_skip_kernel_row<1>(std::make_index_sequence<kMaxCallPixels>{}),
+    avx512_skip_kernel_row<2>(std::make_index_sequence<kMaxCallPixels>{})};
 
 // The micro-kernel of one call; it mixes `mix_kernels` packed kernels into
 // its A panels (MicroMix, AVX-512 only) unless that is 0, and with `pair`
@@ -1178,7 +1320,8 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
   // Reduction blocks of equal depth (multiple of 8): no short remainder block,
   // whose output read-modify-write would cost more than its arithmetic.
   const int64_t depth_blocks = (s.depth + packed_depth_block(s.isa) - 1) / packed_depth_block(s.isa);
-  q.depth = ((s.depth + depth_blocks - 1) / depth_blocks + 7) / 8 * 8;
+  const int64_t multiple = s.depth_multiple;
+  q.depth = std::min(s.depth, ((s.depth + depth_blocks - 1) / depth_blocks + multiple - 1) / multiple * multiple);
   q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
                             : kPackedSampleBlock;
   q.fused_mix = mixes_in_micro_kernel(s.isa, s.num_kernels);
@@ -1203,10 +1346,19 @@ int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked
 // pack_weight_rows), unless `prepacked` (from prepack_kernels) holds them;
 // b_packed holds each sample's packed B (s.sample_b floats apart); out_block(i, group) is row 0 of sample i's
 // row-major (m x pixels) output block for the group; workers holds
-// packed_gemm_worker_floats(s, n, prepacked) floats.
+// packed_gemm_worker_floats(s, n, prepacked) floats. With `classes` (and
+// s.depth_multiple == classes->taps), the pixels go class by class in their
+// permuted order, and b_packed holds each class's taps only (see TapClasses).
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
-                     const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block) {
+                     const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block,
+                     const TapClasses* classes = nullptr) {
+  TORCH_CHECK(classes == nullptr || (s.isa == PackedIsa::kAvx512 && s.depth_multiple == classes->taps),
+              "run_packed_gemm: tap classes need AVX-512 and reduction blocks of whole channels");
+  // Without classes, one class of every pixel and every tap.
+  TapClasses all_pixels;
+  all_pixels.classes.push_back(TapClass{0, s.pixels, 0, {}});
+  const TapClasses& pixel_classes = classes != nullptr ? *classes : all_pixels;
   const int64_t K = s.num_kernels;
   const PackedGemmBlocking q = packed_gemm_blocking(s, n);
   const Tiling& tiles = q.tiles;
@@ -1264,28 +1416,45 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
             // stay in L1 while the (narrower) B panels stream from L2.
             for (int64_t panel = 0; panel < panels; panel += rows_per_call) {
               const int64_t np = std::min(rows_per_call, panels - panel);
-              for (int64_t first = 0, valid; first < s.pixels; first += valid) {
-                valid = call_pixels(s.isa, first, s.pixels);
-                const int64_t lp = first / kNR;
-                const MicroOut out{c_tile + panel * kMR * s.pixels + first,
-                                   s.pixels,
-                                   std::min(np * kMR, nr - panel * kMR),
-                                   partial + first * q.partial_ld + panel * kMR,
-                                   q.partial_ld,
-                                   /*load_partial=*/q0 > 0,
-                                   /*store_partial=*/q0 + kc < s.depth};
-                // Mixed in the micro-kernel, a row panel pair's A is used up
-                // before the next pair's: every pair reuses the same buffer.
-                float* a_call = pair_second ? a_next + panel * kc * kMR
-                                            : a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
-                const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
-                                   attn + (i0 + si) * K, K, a_call,
-                                   pair_first ? attn + (i0 + si + 1) * K : nullptr,
-                                   pair_first ? a_next + panel * kc * kMR : nullptr};
-                const bool mixes = fused_mix && first == 0 && !pair_second;
-                micro_kernel(s.isa, np, valid, mixes ? K : 0, mixes && pair_first)(
-                    kc, a_call, kc * kMR, b_group + packed_b_offset(s, lp, q0), s.depth * kNR, out,
-                    mixes ? &mix : nullptr);
+              for (const TapClass& cl : pixel_classes.classes) {
+                // A class with fewer taps has that share of the steps, in
+                // B panels of its own (classes[0] has every tap).
+                const int64_t ntaps = static_cast<int64_t>(cl.taps.size());
+                const bool skips = classes != nullptr && ntaps < classes->taps;
+                const int64_t class_depth = skips ? s.depth / classes->taps * ntaps : s.depth;
+                const int64_t class_kc = skips ? kc / classes->taps * ntaps : kc;
+                const int64_t class_q0 = skips ? q0 / classes->taps * ntaps : q0;
+                for (int64_t local = 0, valid; local < cl.pixels; local += valid) {
+                  valid = call_pixels(s.isa, local, cl.pixels);
+                  const int64_t first = cl.first + local;  // in the (permuted) pixel order
+                  MicroOut out{c_tile + panel * kMR * s.pixels + (classes != nullptr ? 0 : first),
+                               s.pixels,
+                               std::min(np * kMR, nr - panel * kMR),
+                               partial + first * q.partial_ld + panel * kMR,
+                               q.partial_ld,
+                               /*load_partial=*/q0 > 0,
+                               /*store_partial=*/q0 + kc < s.depth};
+                  if (classes != nullptr) out.pixel_index = classes->order.data() + first;
+                  if (skips) {
+                    out.tap_steps = cl.taps.data();
+                    out.ntaps = ntaps;
+                    out.channel_steps = classes->taps;
+                  }
+                  // Mixed in the micro-kernel, a row panel pair's A is used up
+                  // before the next pair's: every pair reuses the same buffer.
+                  float* a_call = pair_second ? a_next + panel * kc * kMR
+                                              : a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
+                  const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
+                                     attn + (i0 + si) * K, K, a_call,
+                                     pair_first ? attn + (i0 + si + 1) * K : nullptr,
+                                     pair_first ? a_next + panel * kc * kMR : nullptr};
+                  const bool mixes = fused_mix && first == 0 && !pair_second;
+                  const MicroKernel kernel = skips ? kSkipMicroKernelsAvx512[np - 1][valid]
+                                                   : micro_kernel(s.isa, np, valid, mixes ? K : 0, mixes && pair_first);
+                  kernel(class_kc, a_call, kc * kMR,
+                         b_group + cl.b_offset + ((local / kNR) * class_depth + class_q0) * kNR, class_depth * kNR,
+                         out, mixes ? &mix : nullptr);
+                }
               }
             }
           }
@@ -1342,10 +1511,43 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
   }
 }
 
+// unfold_channels_packed for TapClasses: each class's pixel panels (in
+// the permuted order) receive the block's rows of the class's taps only.
+void unfold_channels_classes(const float* x, float* packed, const Plan& p, const PackedGemm& s,
+                             const TapClasses& classes, int64_t c0, int64_t c1, float* rows) {
+  const ConvGeometry& g = p.g;
+  unfold_channel_block(x, p, c0, c1, rows);
+  for (const TapClass& cl : classes.classes) {
+    const int64_t ntaps = static_cast<int64_t>(cl.taps.size());
+    const int64_t depth = g.group_in_channels * ntaps;
+    for (int64_t local = 0; local < cl.pixels; local += kNR) {
+      const int32_t* pixel = classes.order.data() + cl.first + local;
+      const int64_t valid = std::min(kNR, cl.pixels - local);
+      for (int64_t c = c0; c < c1; ++c) {
+        float* dst = packed + (c / g.group_in_channels) * s.group_b + cl.b_offset +
+                     ((local / kNR) * depth + (c % g.group_in_channels) * ntaps) * kNR;
+        const float* src_channel = rows + (c - c0) * classes.taps * p.pixels;
+        for (int64_t t = 0; t < ntaps; ++t, dst += kNR) {
+          const float* src = src_channel + cl.taps[t] * p.pixels;
+          for (int64_t j = 0; j < valid; ++j) dst[j] = src[pixel[j]];
+          for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
+        }
+      }
+    }
+  }
+}
+
 // y = dynamic_conv2d(x, w, attn) without bias, through run_packed_gemm.
 void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
   const ConvGeometry& g = p.g;
-  const PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
+  PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
+  TapClasses classes = make_tap_classes(p);
+  const bool skip_taps = use_tap_classes(classes, isa);
+  if (skip_taps) {
+    s.group_b = classes.group_b;
+    s.sample_b = s.groups * s.group_b;
+    s.depth_multiple = classes.taps;
+  }
   const int64_t chunk = packed_gemm_chunk(p);
   const bool prepack = use_prepacked_kernels(g.batch, chunk);
   const int64_t rows_floats = unfold_block_floats(p);
@@ -1368,12 +1570,17 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / channel_blocks;
         const int64_t c0 = (t % channel_blocks) * kUnfoldChannelBlock;
-        unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0,
-                               std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
+        const int64_t c1 = std::min(g.in_channels, c0 + kUnfoldChannelBlock);
+        if (skip_taps) {
+          unfold_channels_classes(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, classes, c0, c1, rows);
+        } else {
+          unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0, c1, rows);
+        }
       }
     });
     run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked, workers,
-                    [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; });
+                    [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
+                    skip_taps ? &classes : nullptr);
   }
 }
 
