@@ -655,6 +655,7 @@ struct TapClass {
   int64_t pixels;
   int64_t b_offset;           // floats into one group's packed B where its pixel panels start
   std::vector<int32_t> taps;  // ascending
+  int64_t gather_offset = 0;  // where its entries start in TapClasses::gather
 };
 
 struct TapClasses {
@@ -663,6 +664,10 @@ struct TapClasses {
   int64_t taps = 0;               // kh * kw
   int64_t group_b = 0;            // floats of one group's packed B
   double kept = 1.0;              // products kept: sum of pixels * taps over pixels * kh * kw
+  // One channel's packed B of every class, as offsets into the input plane
+  // (-1: zero, for padding in the corners of edge rows and pixels past a
+  // class's last): panel by panel, tap by tap, kNR pixels each.
+  std::vector<int32_t> gather;
 };
 
 // Bit t set where tap t of one kernel dimension reads inside the image at
@@ -720,6 +725,20 @@ TapClasses make_tap_classes(const Plan& p) {
     const int64_t depth = g.group_in_channels * static_cast<int64_t>(cl.taps.size());
     c.group_b += (cl.pixels + kNR - 1) / kNR * depth * kNR;
     products += cl.pixels * static_cast<int64_t>(cl.taps.size());
+    cl.gather_offset = static_cast<int64_t>(c.gather.size());
+    for (int64_t local = 0; local < cl.pixels; local += kNR)
+      for (const int32_t tap : cl.taps)
+        for (int64_t j = 0; j < kNR; ++j) {
+          if (local + j >= cl.pixels) {
+            c.gather.push_back(-1);
+            continue;
+          }
+          const int64_t oh = m.pixels[local + j] / g.out_w, ow = m.pixels[local + j] % g.out_w;
+          const int64_t ih = oh * g.stride[0] - g.padding[0] + tap / g.kernel_w * g.dilation[0];
+          const int64_t iw = ow * g.stride[1] - g.padding[1] + tap % g.kernel_w * g.dilation[1];
+          const bool inside = ih >= 0 && ih < g.height && iw >= 0 && iw < g.width;
+          c.gather.push_back(inside ? static_cast<int32_t>(ih * g.width + iw) : -1);
+        }
     c.order.insert(c.order.end(), m.pixels.begin(), m.pixels.end());
     c.classes.push_back(std::move(cl));
   }
@@ -1512,26 +1531,24 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
 }
 
 // unfold_channels_packed for TapClasses: each class's pixel panels (in
-// the permuted order) receive the block's rows of the class's taps only.
+// the permuted order) gather the class's taps straight from the input
+// planes of channels [c0, c1) (TapClasses::gather), with no unfolded rows
+// in between.
 void unfold_channels_classes(const float* x, float* packed, const Plan& p, const PackedGemm& s,
-                             const TapClasses& classes, int64_t c0, int64_t c1, float* rows) {
+                             const TapClasses& classes, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
-  unfold_channel_block(x, p, c0, c1, rows);
+  const int64_t plane = g.height * g.width;
   for (const TapClass& cl : classes.classes) {
     const int64_t ntaps = static_cast<int64_t>(cl.taps.size());
     const int64_t depth = g.group_in_channels * ntaps;
+    const int64_t panel_entries = ntaps * kNR;
     for (int64_t local = 0; local < cl.pixels; local += kNR) {
-      const int32_t* pixel = classes.order.data() + cl.first + local;
-      const int64_t valid = std::min(kNR, cl.pixels - local);
+      const int32_t* offsets = classes.gather.data() + cl.gather_offset + local / kNR * panel_entries;
       for (int64_t c = c0; c < c1; ++c) {
         float* dst = packed + (c / g.group_in_channels) * s.group_b + cl.b_offset +
                      ((local / kNR) * depth + (c % g.group_in_channels) * ntaps) * kNR;
-        const float* src_channel = rows + (c - c0) * classes.taps * p.pixels;
-        for (int64_t t = 0; t < ntaps; ++t, dst += kNR) {
-          const float* src = src_channel + cl.taps[t] * p.pixels;
-          for (int64_t j = 0; j < valid; ++j) dst[j] = src[pixel[j]];
-          for (int64_t j = valid; j < kNR; ++j) dst[j] = 0.f;
-        }
+        const float* src = x + c * plane;
+        for (int64_t e = 0; e < panel_entries; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
       }
     }
   }
@@ -1572,7 +1589,7 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
         const int64_t c0 = (t % channel_blocks) * kUnfoldChannelBlock;
         const int64_t c1 = std::min(g.in_channels, c0 + kUnfoldChannelBlock);
         if (skip_taps) {
-          unfold_channels_classes(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, classes, c0, c1, rows);
+          unfold_channels_classes(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, classes, c0, c1);
         } else {
           unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0, c1, rows);
         }
