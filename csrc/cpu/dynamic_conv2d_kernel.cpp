@@ -1533,7 +1533,8 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
 // unfold_channels_packed for TapClasses: each class's pixel panels (in
 // the permuted order) gather the class's taps straight from the input
 // planes of channels [c0, c1) (TapClasses::gather), with no unfolded rows
-// in between.
+// in between; 16 entries per masked gather (classes exist on AVX-512 only).
+__attribute__((target("avx512f,avx2,fma")))
 void unfold_channels_classes(const float* x, float* packed, const Plan& p, const PackedGemm& s,
                              const TapClasses& classes, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
@@ -1548,7 +1549,13 @@ void unfold_channels_classes(const float* x, float* packed, const Plan& p, const
         float* dst = packed + (c / g.group_in_channels) * s.group_b + cl.b_offset +
                      ((local / kNR) * depth + (c % g.group_in_channels) * ntaps) * kNR;
         const float* src = x + c * plane;
-        for (int64_t e = 0; e < panel_entries; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
+        int64_t e = 0;
+        for (; e + 16 <= panel_entries; e += 16) {
+          const __m512i at = _mm512_loadu_si512(offsets + e);
+          const __mmask16 inside = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512());
+          _mm512_storeu_ps(dst + e, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, at, src, 4));
+        }
+        for (; e < panel_entries; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
       }
     }
   }
