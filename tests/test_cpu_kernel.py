@@ -468,6 +468,8 @@ def test_winograd_switch_rejects_other_values(monkeypatch):
 # class (the interior with every tap, then each edge row with its rows'
 # taps, then each edge column of the interior rows), each class's packed B
 # holding its own taps only, its calls stepping over the others in A.
+# grad_x of stride-1 convs then runs as the forward of the transposed conv
+# (kernels transposed and flipped, padded d (k - 1) - p), with its classes.
 # Odd planes give classes of 1 to 14 pixels; stride 2 has one edge row and
 # column; pad 2 with dilation 2 two edge rows a side sharing one class; a
 # 5x3 kernel two row classes a side; 1 to 9 kernels mix in the micro-kernel
@@ -508,6 +510,13 @@ def test_skipped_padding_across_chunks(monkeypatch, case, chunk_bytes, skip_padd
     # Chunks of one sample per thread or a few (prepacked kernels from 3 chunks on).
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (True, False, True)], ids=str)
+@pytest.mark.parametrize("case", [SKIP_CASES[4], SKIP_CASES[5], SKIP_CASES[6]], ids=lambda c: c.id)
+def test_skipped_padding_backward_output_masks(case, mask, skip_padding):
+    # grad_x by the transposed conv's forward, the weight side by its own path.
+    assert_masked_backward_matches(case, mask)
 
 
 def test_skipped_padding_scratch_reuse(monkeypatch, skip_padding):

@@ -1561,8 +1561,12 @@ void unfold_channels_classes(const float* x, float* packed, const Plan& p, const
   }
 }
 
-// y = dynamic_conv2d(x, w, attn) without bias, through run_packed_gemm.
-void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
+// y = dynamic_conv2d(x, w, attn) without bias, through run_packed_gemm;
+// pack_a(group, r0, nr, q0, kc, out) packs the K kernels' A as
+// pack_weight_rows does (see run_packed_gemm).
+template <typename PackA>
+void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const PackA& pack_a, const float* attn,
+                         float* y) {
   const ConvGeometry& g = p.g;
   PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
   TapClasses classes = make_tap_classes(p);
@@ -1581,14 +1585,11 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   const auto buffers = pass_scratch<3>({chunk * s.sample_b, prepack ? prepacked_floats(s) : 0, worker_floats});
   float* b_chunk = buffers[0];
   float* workers = buffers[2];
-  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
-    pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, g.num_kernels, r0, nr, q0, kc, out);
-  };
   const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[1]) : nullptr;
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
-    const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
+    const float* x_chunk = x + b0 * p.plane;
     at::parallel_for(0, n * channel_blocks, 1, [&](int64_t begin, int64_t end) {
       float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
@@ -1606,6 +1607,83 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
                     [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
                     skip_taps ? &classes : nullptr);
   }
+}
+
+void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const float* w, const float* attn, float* y) {
+  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
+    pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, p.g.num_kernels, r0, nr, q0, kc, out);
+  };
+  forward_packed_with(isa, p, x.const_data_ptr<float>(), pack_a, attn, y);
+}
+
+// grad_x of a stride-1 conv is the forward conv of grad_out with each
+// kernel transposed (C_in x C_out) and flipped, padded d (k - 1) - p: the
+// geometry of that conv, where its padding is not negative.
+bool transposed_conv_geometry(const ConvGeometry& g, ConvGeometry* t) {
+  if (g.stride[0] != 1 || g.stride[1] != 1) return false;
+  const std::array<int64_t, 2> pad{g.dilation[0] * (g.kernel_h - 1) - g.padding[0],
+                                   g.dilation[1] * (g.kernel_w - 1) - g.padding[1]};
+  if (pad[0] < 0 || pad[1] < 0) return false;
+  *t = g;
+  t->in_channels = g.out_channels;
+  t->height = g.out_h;
+  t->width = g.out_w;
+  t->out_channels = g.in_channels;
+  t->group_in_channels = g.out_channels / g.groups;
+  t->out_h = g.height;
+  t->out_w = g.width;
+  t->padding = pad;
+  return true;
+}
+
+// A of that conv: the K kernels' transposed, flipped rows [r0, r0 + nr)
+// (input channels of the conv) and steps [q0, q0 + kc) (output channel co,
+// tap t: W_k[co, r, taps - 1 - t]) of one group in pack_weight_rows'
+// panel layout; w_group is the group's first row of W_k (row length cols).
+void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols, int64_t taps,
+                              int64_t num_kernels, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
+  const int64_t panels = (nr + kMR - 1) / kMR;
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      float* dst = out + (k * panels + panel) * kc * kMR;
+      const int64_t valid = std::min(kMR, nr - panel * kMR);
+      const float* w_rows = w_group + k * kernel_stride + (r0 + panel * kMR) * taps;
+      for (int64_t q = q0; q < q0 + kc; ++q, dst += kMR) {
+        const float* src = w_rows + q / taps * cols + (taps - 1 - q % taps);
+        for (int64_t i = 0; i < valid; ++i) dst[i] = src[i * taps];
+        for (int64_t i = valid; i < kMR; ++i) dst[i] = 0.f;
+      }
+    }
+  }
+}
+
+// Whether grad_x runs as the packed forward of the transposed conv t: on
+// AVX-512 where its padding classes skip at least kMinTransposedSkip of the
+// products (with CHANFLEX_CPU_SKIP_PADDING=1: wherever they apply). AMD Zen
+// 4, K = 4, interleaved, ms, grad_x through dcols and fold -> transposed:
+// 512@7 (16% skipped) 43.8 -> 39.0, 512@5 (21%) 28.5 -> 25.4; but 512@10
+// (12%) 87.4 -> 88.3 and 256->512@10 46.8 -> 62.2 (its transposed conv
+// gathers 9 taps of 512 channels per pixel where the old path packs 512).
+constexpr double kMinTransposedSkip = 0.15;
+bool use_transposed_grad_x(const Plan& t, at::ScalarType dtype, PackedIsa isa) {
+  if (!use_packed(t, dtype, isa)) return false;
+  const TapClasses classes = make_tap_classes(t);
+  if (!use_tap_classes(classes, isa)) return false;
+  const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
+  return (env != nullptr && std::string(env) == "1") || 1.0 - classes.kept >= kMinTransposedSkip;
+}
+
+// grad_x by forward_packed_with on the transposed geometry t (see
+// transposed_conv_geometry): no unfolded gradient to write and fold back,
+// and the forward's padding classes apply.
+void backward_data_transposed(PackedIsa isa, const Plan& p, const Plan& t, const float* grad_out, const float* w,
+                              const float* attn, float* grad_x) {
+  const int64_t taps = p.g.kernel_h * p.g.kernel_w;
+  auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
+    pack_flipped_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, taps, p.g.num_kernels, r0, nr, q0,
+                             kc, out);
+  };
+  forward_packed_with(isa, t, grad_out, pack_a, attn, grad_x);
 }
 
 // ---------------------------------------------------------------------------
@@ -3342,7 +3420,15 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     // it has blocks for every thread); the rest through BLAS.
     const bool packed_x = kernel_x && use_packed(p, dtype, isa);
     const bool packed_g = (kernel_w || kernel_attn) && use_packed_weight_grad(p, dtype, isa);
-    if (packed_x) {
+    // Stride 1 where the transposed conv's padding classes skip enough:
+    // grad_x as that conv's packed forward.
+    ConvGeometry transposed;
+    const bool transposed_x = packed_x && transposed_conv_geometry(g, &transposed) &&
+                              use_transposed_grad_x(make_plan(transposed), dtype, isa);
+    if (transposed_x) {
+      backward_data_transposed(isa, p, make_plan(transposed), go.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
+                               attn_c.const_data_ptr<float>(), grad_x.data_ptr<float>());
+    } else if (packed_x) {
       backward_data_packed(isa, p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
                            grad_x.data_ptr<float>());
     }
