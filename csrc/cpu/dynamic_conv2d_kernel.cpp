@@ -749,12 +749,12 @@ TapClasses make_tap_classes(const Plan& p) {
 // Whether the forward skips padding taps: on AVX-512 where that drops at
 // least kMinSkippedProducts of the products, or as CHANFLEX_CPU_SKIP_PADDING
 // says ("1": wherever there are classes, "0": never; tests force it). Each
-// class adds calls that stream the A panels again: AMD Zen 4, K = 4, 30
-// forwards in a loop, ms, off -> on: 512@7 (16% of the products skipped)
-// 45.0 -> 41.0, 512@5 (21%) 26.1 -> 24.2, 512@10 (12%) 85.2 -> 79.9,
-// 256->512@10 43.2 -> 41.0; but the stride-2 convs 256->512 14->7 (9%)
-// 22.8 -> 23.9 and 128->256 28->14 (5%) 21.7 -> 22.9.
-constexpr double kMinSkippedProducts = 0.10;
+// class adds calls that stream the A panels again. AMD Zen 4, K = 4,
+// interleaved in one process, ms, off -> on: 512@7 (16% of the products
+// skipped) 45.7 -> 37.4, 512@5 (21%) 26.4 -> 21.1, 512@10 (12%) 93.5 ->
+// 85.9, 256->512@10 43.9 -> 41.7, stride 2: 256->512 14->7 (9%) 23.7 ->
+// 21.7, 128->256 28->14 (5%) 23.0 -> 21.6.
+constexpr double kMinSkippedProducts = 0.04;
 bool use_tap_classes(const TapClasses& c, PackedIsa isa) {
   const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
   const std::string value(env == nullptr ? "" : env);
