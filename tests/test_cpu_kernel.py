@@ -464,7 +464,7 @@ def test_winograd_switch_rejects_other_values(monkeypatch):
         dynamic_conv2d(x, weight, attn, padding=1)
 
 
-# Padding taps skipped (forward, AVX-512): the output pixels go class by
+# Padding taps skipped (forward, AVX2 and AVX-512): the output pixels go class by
 # class (the interior with every tap, then each edge row with its rows'
 # taps, then each edge column of the interior rows), each class's packed B
 # holding its own taps only, its calls stepping over the others in A.
@@ -491,12 +491,15 @@ SKIP_CASES = [
 ]
 
 
-@pytest.fixture
-def skip_padding(monkeypatch):
-    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
+@pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
+def skip_padding(request, monkeypatch):
+    # Forced on for both packed ISAs (their skipping micro-kernels differ),
+    # grad_x through the transposed conv on both.
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
     monkeypatch.setenv("CHANFLEX_CPU_SKIP_PADDING", "1")
-    if torch.ops.chanflex.cpu_packed_isa() != "avx512":
-        pytest.skip("padding taps are skipped on AVX-512 only")
+    if torch.ops.chanflex.cpu_packed_isa() != request.param:
+        pytest.skip(f"this CPU has no {request.param}")
+    return request.param
 
 
 @pytest.mark.parametrize("case", SKIP_CASES, ids=lambda c: c.id)

@@ -638,7 +638,7 @@ inline int64_t packed_b_offset(const PackedGemm& s, int64_t lp, int64_t q) {
 }
 
 // ---------------------------------------------------------------------------
-// Padding taps skipped (forward, AVX-512).
+// Padding taps skipped (forward, AVX2 and AVX-512).
 //
 // With zero padding, part of a small plane's unfolded input is padding: a
 // 3x3, pad-1 conv multiplies 18% of its products by zeros on a 7x7 plane,
@@ -746,21 +746,23 @@ TapClasses make_tap_classes(const Plan& p) {
   return c;
 }
 
-// Whether the forward skips padding taps: on AVX-512 where that drops at
-// least kMinSkippedProducts of the products, or as CHANFLEX_CPU_SKIP_PADDING
-// says ("1": wherever there are classes, "0": never; tests force it). Each
-// class adds calls that stream the A panels again. AMD Zen 4, K = 4,
-// interleaved in one process, ms, off -> on: 512@7 (16% of the products
+// Whether the packed forward skips padding taps: where that drops at least
+// kMinSkippedProducts of the products, or as CHANFLEX_CPU_SKIP_PADDING says
+// ("1": wherever there are classes, "0": never; tests force it). Each class
+// adds calls that stream the A panels again. AMD Zen 4, K = 4, interleaved
+// in one process, ms, off -> on, AVX-512: 512@7 (16% of the products
 // skipped) 45.7 -> 37.4, 512@5 (21%) 26.4 -> 21.1, 512@10 (12%) 93.5 ->
 // 85.9, 256->512@10 43.9 -> 41.7, stride 2: 256->512 14->7 (9%) 23.7 ->
-// 21.7, 128->256 28->14 (5%) 23.0 -> 21.6.
+// 21.7, 128->256 28->14 (5%) 23.0 -> 21.6; the AVX2 micro-kernels (capped,
+// not measured on an AVX2-only CPU): 48.7 -> 45.4, 27.7 -> 25.6, 90.5 ->
+// 85.5, 44.6 -> 41.2, 24.0 -> 21.8, 31.3 -> 29.9.
 constexpr double kMinSkippedProducts = 0.04;
 bool use_tap_classes(const TapClasses& c, PackedIsa isa) {
   const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
   const std::string value(env == nullptr ? "" : env);
   TORCH_CHECK(value.empty() || value == "0" || value == "1",
               "CHANFLEX_CPU_SKIP_PADDING: expected '0' or '1', got '", value, "'");
-  if (c.classes.empty() || isa != PackedIsa::kAvx512) return false;
+  if (c.classes.empty() || isa == PackedIsa::kGeneric) return false;
   return value.empty() ? 1.0 - c.kept >= kMinSkippedProducts : value == "1";
 }
 
@@ -818,7 +820,7 @@ struct MicroOut {
   int64_t partial_ld;
   bool load_partial;      // not the first reduction block
   bool store_partial;     // not the last one
-  // With TapClasses (AVX-512): the output pixel of each of the call's
+  // With TapClasses: the output pixel of each of the call's
   // pixels (C's columns are then relative to c), and for a class without
   // every tap, its taps' steps within each channel_steps-step channel of A
   // (kc counts B's steps: channels x ntaps).
@@ -860,7 +862,8 @@ constexpr int64_t kBPrefetchSteps = 64;
 // one panel of 16 rows and one of 6 pixels, two registers per pixel.
 // AVX-512: RP row panels (16 or 32 rows) and up to 12 pixels, one register
 // per row panel and pixel.
-template <int NR>
+// SKIP: the steps of A are those of the TapClasses taps (MicroOut::tap_steps).
+template <int NR, bool SKIP = false>
 __attribute__((target("avx2,fma")))
 void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b,
                        int64_t b_panel_stride, const MicroOut& out, const MicroMix* /*mix: AVX-512 only*/) {
@@ -874,7 +877,22 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
   // from the next B panel; its 14 accumulators leave no register for A's
   // second half, which the FMAs read from L1 instead.
   const float* b_next = b + b_panel_stride;
-  for (int64_t q = 0; q < kc; ++q, a += kMR, b += kNR, b_next += kNR) {
+  // SKIP: the current channel of A starts at a_channel, its step `tap` at a.
+  const float* a_channel = a;
+  int64_t tap = 0;
+  if constexpr (SKIP) a = a_channel + out.tap_steps[0] * kMR;
+  const auto next_step = [&] {
+    if constexpr (SKIP) {
+      if (++tap == out.ntaps) {
+        tap = 0;
+        a_channel += out.channel_steps * kMR;
+      }
+      a = a_channel + out.tap_steps[tap] * kMR;
+    } else {
+      a += kMR;
+    }
+  };
+  for (int64_t q = 0; q < kc; ++q, next_step(), b += kNR, b_next += kNR) {
     _mm_prefetch(reinterpret_cast<const char*>(b + kBPrefetchSteps * kNR), _MM_HINT_T0);
     if constexpr (NR > kNR) {
       _mm_prefetch(reinterpret_cast<const char*>(b_next + kBPrefetchSteps * kNR), _MM_HINT_T0);
@@ -916,7 +934,11 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
   }
   for (int64_t i = 0; i < out.mr; ++i) {
     float* row = out.c + i * out.ldc;
-    for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
+    if (out.pixel_index != nullptr) {
+      for (int j = 0; j < NR; ++j) row[out.pixel_index[j]] = tile[j][i];
+    } else {
+      for (int j = 0; j < NR; ++j) row[j] = tile[j][i];
+    }
   }
 }
 
@@ -1126,6 +1148,16 @@ constexpr std::array<MicroKernel, kMaxCallPixels + 1> avx512_skip_kernel_row(std
 constexpr std::array<MicroKernel, kMaxCallPixels + 1> kSkipMicroKernelsAvx512[kMaxRowPanels] = {
     avx512_skip_kernel_row<1>(std::make_index_sequence<kMaxCallPixels>{}),
     avx512_skip_kernel_row<2>(std::make_index_sequence<kMaxCallPixels>{})};
+template <size_t... NR>
+constexpr std::array<MicroKernel, kMaxCallPixelsAvx2 + 1> avx2_skip_kernel_row(std::index_sequence<NR...>) {
+  return {nullptr, micro_kernel_avx2<static_cast<int>(NR) + 1, true>...};
+}
+constexpr std::array<MicroKernel, kMaxCallPixelsAvx2 + 1> kSkipMicroKernelsAvx2 =
+    avx2_skip_kernel_row(std::make_index_sequence<kMaxCallPixelsAvx2>{});
+
+MicroKernel skip_micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels) {
+  return isa == PackedIsa::kAvx512 ? kSkipMicroKernelsAvx512[row_panels - 1][pixels] : kSkipMicroKernelsAvx2[pixels];
+}
 
 // The micro-kernel of one call; it mixes `mix_kernels` packed kernels into
 // its A panels (MicroMix, AVX-512 only) unless that is 0, and with `pair`
@@ -1372,8 +1404,8 @@ template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
                      const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block,
                      const TapClasses* classes = nullptr) {
-  TORCH_CHECK(classes == nullptr || (s.isa == PackedIsa::kAvx512 && s.depth_multiple == classes->taps),
-              "run_packed_gemm: tap classes need AVX-512 and reduction blocks of whole channels");
+  TORCH_CHECK(classes == nullptr || s.depth_multiple == classes->taps,
+              "run_packed_gemm: tap classes need reduction blocks of whole channels");
   // Without classes, one class of every pixel and every tap.
   TapClasses all_pixels;
   all_pixels.classes.push_back(TapClass{0, s.pixels, 0, {}});
@@ -1468,7 +1500,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                                      pair_first ? attn + (i0 + si + 1) * K : nullptr,
                                      pair_first ? a_next + panel * kc * kMR : nullptr};
                   const bool mixes = fused_mix && first == 0 && !pair_second;
-                  const MicroKernel kernel = skips ? kSkipMicroKernelsAvx512[np - 1][valid]
+                  const MicroKernel kernel = skips ? skip_micro_kernel(s.isa, np, valid)
                                                    : micro_kernel(s.isa, np, valid, mixes ? K : 0, mixes && pair_first);
                   kernel(class_kc, a_call, kc * kMR,
                          b_group + cl.b_offset + ((local / kNR) * class_depth + class_q0) * kNR, class_depth * kNR,
@@ -1530,15 +1562,32 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
   }
 }
 
+// dst[e] = src[offsets[e]] (0 where the offset is -1) for e < n: 16 entries
+// per masked gather on AVX-512, one by one otherwise.
+__attribute__((target("avx512f,avx2,fma")))
+void gather_entries_avx512(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+  int64_t e = 0;
+  for (; e + 16 <= n; e += 16) {
+    const __m512i at = _mm512_loadu_si512(offsets + e);
+    const __mmask16 inside = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512());
+    _mm512_storeu_ps(dst + e, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, at, src, 4));
+  }
+  for (; e < n; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
+}
+
+void gather_entries(const float* src, const int32_t* offsets, int64_t n, float* dst) {
+  for (int64_t e = 0; e < n; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
+}
+
 // unfold_channels_packed for TapClasses: each class's pixel panels (in
 // the permuted order) gather the class's taps straight from the input
 // planes of channels [c0, c1) (TapClasses::gather), with no unfolded rows
-// in between; 16 entries per masked gather (classes exist on AVX-512 only).
-__attribute__((target("avx512f,avx2,fma")))
-void unfold_channels_classes(const float* x, float* packed, const Plan& p, const PackedGemm& s,
+// in between.
+void unfold_channels_classes(PackedIsa isa, const float* x, float* packed, const Plan& p, const PackedGemm& s,
                              const TapClasses& classes, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
   const int64_t plane = g.height * g.width;
+  const auto gather = isa == PackedIsa::kAvx512 ? gather_entries_avx512 : gather_entries;
   for (const TapClass& cl : classes.classes) {
     const int64_t ntaps = static_cast<int64_t>(cl.taps.size());
     const int64_t depth = g.group_in_channels * ntaps;
@@ -1548,14 +1597,7 @@ void unfold_channels_classes(const float* x, float* packed, const Plan& p, const
       for (int64_t c = c0; c < c1; ++c) {
         float* dst = packed + (c / g.group_in_channels) * s.group_b + cl.b_offset +
                      ((local / kNR) * depth + (c % g.group_in_channels) * ntaps) * kNR;
-        const float* src = x + c * plane;
-        int64_t e = 0;
-        for (; e + 16 <= panel_entries; e += 16) {
-          const __m512i at = _mm512_loadu_si512(offsets + e);
-          const __mmask16 inside = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512());
-          _mm512_storeu_ps(dst + e, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, at, src, 4));
-        }
-        for (; e < panel_entries; ++e) dst[e] = offsets[e] >= 0 ? src[offsets[e]] : 0.f;
+        gather(x + c * plane, offsets, panel_entries, dst);
       }
     }
   }
@@ -1597,7 +1639,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
         const int64_t c0 = (t % channel_blocks) * kUnfoldChannelBlock;
         const int64_t c1 = std::min(g.in_channels, c0 + kUnfoldChannelBlock);
         if (skip_taps) {
-          unfold_channels_classes(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, classes, c0, c1);
+          unfold_channels_classes(isa, x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, classes, c0, c1);
         } else {
           unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0, c1, rows);
         }
@@ -1659,18 +1701,21 @@ void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64
 
 // Whether grad_x runs as the packed forward of the transposed conv t: on
 // AVX-512 where its padding classes skip at least kMinTransposedSkip of the
-// products (with CHANFLEX_CPU_SKIP_PADDING=1: wherever they apply). AMD Zen
-// 4, K = 4, interleaved, ms, grad_x through dcols and fold -> transposed:
-// 512@7 (16% skipped) 43.8 -> 39.0, 512@5 (21%) 28.5 -> 25.4; but 512@10
-// (12%) 87.4 -> 88.3 and 256->512@10 46.8 -> 62.2 (its transposed conv
-// gathers 9 taps of 512 channels per pixel where the old path packs 512).
+// products (with CHANFLEX_CPU_SKIP_PADDING=1: wherever they apply, on AVX2
+// too). AMD Zen 4, K = 4, interleaved, ms, grad_x through dcols and fold ->
+// transposed: 512@7 (16% skipped) 43.8 -> 39.0, 512@5 (21%) 28.5 -> 25.4;
+// but 512@10 (12%) 87.4 -> 88.3 and 256->512@10 46.8 -> 62.2 (its
+// transposed conv gathers 9 taps of 512 channels per pixel where the old
+// path packs 512), and with the AVX2 micro-kernels (capped) 512@7 47.2 ->
+// 52.3, 512@5 27.7 -> 29.1.
 constexpr double kMinTransposedSkip = 0.15;
 bool use_transposed_grad_x(const Plan& t, at::ScalarType dtype, PackedIsa isa) {
   if (!use_packed(t, dtype, isa)) return false;
   const TapClasses classes = make_tap_classes(t);
   if (!use_tap_classes(classes, isa)) return false;
   const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
-  return (env != nullptr && std::string(env) == "1") || 1.0 - classes.kept >= kMinTransposedSkip;
+  if (env != nullptr && std::string(env) == "1") return true;
+  return isa == PackedIsa::kAvx512 && 1.0 - classes.kept >= kMinTransposedSkip;
 }
 
 // grad_x by forward_packed_with on the transposed geometry t (see
