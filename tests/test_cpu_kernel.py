@@ -14,7 +14,11 @@ chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
 Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
 to 42x42, 21x21 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
-on. The cases below cover all."""
+on. The packed forward skips the products of padding taps by default where
+they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
+the transposed conv's forward where they are 15%), which several cases here
+take; the tests at the very end force it on for both ISAs. The cases below
+cover all."""
 import os
 
 import pytest

@@ -16,7 +16,10 @@
 // micro-kernel (see "Packed mixed GEMMs"), and the weight side keeps each G_b
 // tile in registers (see "Packed weight gradient"); wide, shallow layers
 // (stems) stream their forward through the same micro-kernel a block of
-// output rows at a time (see "Forward of wide, shallow layers"). Large output planes run
+// output rows at a time (see "Forward of wide, shallow layers"); the packed
+// forward skips the products of padding taps (see "Padding taps skipped"),
+// and so does grad_x where it runs as the transposed conv's packed
+// forward. Large output planes run
 // the library's direct conv on chunks of samples instead (see "Large output
 // planes").
 // Half and bfloat16 run in float32 and are rounded once at the end.
