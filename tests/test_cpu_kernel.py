@@ -458,16 +458,6 @@ def test_winograd_scratch_reuse(monkeypatch):
         assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
-def test_winograd_switch_rejects_other_values(monkeypatch):
-    from comparison import make_inputs
-    if torch.ops.chanflex.cpu_packed_isa() == "generic":
-        pytest.skip("the switch belongs to the packed paths (AVX2 or AVX-512)")
-    x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(WINOGRAD_CASES[0]))
-    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "yes")
-    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got 'yes'"):
-        dynamic_conv2d(x, weight, attn, padding=1)
-
-
 # Padding taps skipped (forward, AVX2 and AVX-512): the output pixels go class by
 # class (the interior with every tap, then each edge row with its rows'
 # taps, then each edge column of the interior rows), each class's packed B
@@ -539,11 +529,15 @@ def test_skipped_padding_scratch_reuse(monkeypatch, skip_padding):
         assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
-def test_skip_padding_switch_rejects_other_values(monkeypatch):
+@pytest.mark.parametrize("variable, expected", [("CHANFLEX_CPU_WINOGRAD", "'0', '1', '2' or '4'"),
+                                                  ("CHANFLEX_CPU_SKIP_PADDING", "'0' or '1'")])
+def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
+    # A 3x3 pad-1 forward on a 7x7 plane reads both (Winograd's and the
+    # padding classes') switches on the packed paths.
     from comparison import make_inputs
     if torch.ops.chanflex.cpu_packed_isa() == "generic":
-        pytest.skip("the switch belongs to the packed forward (AVX2 or AVX-512)")
+        pytest.skip("the switches belong to the packed paths (AVX2 or AVX-512)")
     x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(SKIP_CASES[0]))
-    monkeypatch.setenv("CHANFLEX_CPU_SKIP_PADDING", "yes")
-    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_SKIP_PADDING: expected '0' or '1', got 'yes'"):
+    monkeypatch.setenv(variable, "yes")
+    with pytest.raises(RuntimeError, match=f"{variable}: expected {expected}, got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)

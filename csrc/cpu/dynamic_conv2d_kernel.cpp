@@ -3471,10 +3471,10 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     // Stride 1 where the transposed conv's padding classes skip enough:
     // grad_x as that conv's packed forward.
     ConvGeometry transposed;
-    const bool transposed_x = packed_x && transposed_conv_geometry(g, &transposed) &&
-                              use_transposed_grad_x(make_plan(transposed), dtype, isa);
-    if (transposed_x) {
-      backward_data_transposed(isa, p, make_plan(transposed), go.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
+    const bool has_transposed = packed_x && transposed_conv_geometry(g, &transposed);
+    const Plan t = has_transposed ? make_plan(transposed) : p;
+    if (has_transposed && use_transposed_grad_x(t, dtype, isa)) {
+      backward_data_transposed(isa, p, t, go.const_data_ptr<float>(), w_c.const_data_ptr<float>(),
                                attn_c.const_data_ptr<float>(), grad_x.data_ptr<float>());
     } else if (packed_x) {
       backward_data_packed(isa, p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
