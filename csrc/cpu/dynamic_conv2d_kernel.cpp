@@ -2648,27 +2648,37 @@ constexpr int64_t kMaxGradSamples = 2;
 constexpr int64_t kGradBlockRowCalls = 8;
 constexpr int64_t kGradBlockColCalls = 6;
 
+// With `direct` (see use_direct_weight_grad) the cols^T panels are the
+// input itself, channels-last: [group][panel][input pixel][lanes channels],
+// and a thread block owns block_rows weight rows x one call's width of input
+// channels, every tap (block_cols = vecs * lanes * taps weight columns).
 struct WeightGradBlocks {
   WeightGradShape shape;
-  int64_t row_panels, col_panels;  // per group: panels of shape.rows rows and shape.lanes columns
+  bool direct;
+  int64_t row_panels, col_panels;  // per group: panels of shape.rows rows and shape.lanes columns (direct: channels)
   int64_t block_rows, block_cols;  // weight entries per thread block
   int64_t row_blocks, col_blocks;  // per group
   int64_t tasks;                   // groups * row_blocks * col_blocks
   int64_t sample_dy, sample_cols;  // floats of one sample's packed dy^T and cols^T (all groups)
 };
 
-WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa) {
+WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool direct = false) {
   WeightGradBlocks w;
   w.shape = weight_grad_shape(isa);
+  w.direct = direct;
+  const int64_t call_cols = w.shape.vecs * w.shape.lanes;
+  const int64_t taps = p.g.kernel_h * p.g.kernel_w;
   w.row_panels = (p.rows + w.shape.rows - 1) / w.shape.rows;
-  w.col_panels = (p.cols + w.shape.lanes - 1) / w.shape.lanes;
+  w.col_panels = direct ? (p.g.group_in_channels + call_cols - 1) / call_cols * w.shape.vecs
+                        : (p.cols + w.shape.lanes - 1) / w.shape.lanes;
   w.block_rows = kGradBlockRowCalls * w.shape.rows;
-  w.block_cols = kGradBlockColCalls * w.shape.vecs * w.shape.lanes;
+  w.block_cols = direct ? call_cols * taps : kGradBlockColCalls * call_cols;
   w.row_blocks = (p.rows + w.block_rows - 1) / w.block_rows;
   w.col_blocks = (p.cols + w.block_cols - 1) / w.block_cols;
   w.tasks = p.g.groups * w.row_blocks * w.col_blocks;
   w.sample_dy = p.g.groups * w.row_panels * p.pixels * w.shape.rows;
-  w.sample_cols = p.g.groups * w.col_panels * p.pixels * w.shape.lanes;
+  const int64_t panel_pixels = direct ? p.g.height * p.g.width : p.pixels;
+  w.sample_cols = p.g.groups * w.col_panels * panel_pixels * w.shape.lanes;
   return w;
 }
 
@@ -2684,12 +2694,63 @@ bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) 
          make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
+// The direct weight gradient: dW_k[o, c, t] sums dy[o, q] x[c, q + shift_t]
+// over only the output pixels q whose tap t reads inside the image, a
+// rectangle per tap; the unfolded panels sum the padding's zeros too (at
+// 3x3, pad 1: 16% of the products on 7x7, 21% on 5x5, 9% on 14x14). Each
+// call covers one tap of a run of input channels, read straight from the
+// channels-last input (9x less to pack than the unfolded panels at 3x3).
+// The block's W and dW tiles are gathered into and out of the block layout
+// (tap-major there, channel-major in W). Default where it skips at least
+// kMinSkippedProducts on AVX-512 (the block layout's ISA), or as
+// CHANFLEX_CPU_DIRECT_WEIGHT_GRAD says ("1": wherever the packed weight
+// gradient runs, "0": never; tests force it on both ISAs).
+struct TapRectangle {
+  int64_t y0, y1, x0, x1;  // output pixels [y0, y1) x [x0, x1)
+  int64_t in_y0, in_x0;    // the input pixel tap t reads at (y0, x0)
+};
+
+std::vector<TapRectangle> tap_rectangles(const Plan& p) {
+  const ConvGeometry& g = p.g;
+  std::vector<TapRectangle> rects;
+  for (int64_t ki = 0; ki < g.kernel_h; ++ki)
+    for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
+      TapRectangle r;
+      const int64_t row_off = ki * g.dilation[0] - g.padding[0], col_off = kj * g.dilation[1] - g.padding[1];
+      valid_range(row_off, g.stride[0], g.height, g.out_h, &r.y0, &r.y1);
+      valid_range(col_off, g.stride[1], g.width, g.out_w, &r.x0, &r.x1);
+      r.in_y0 = r.y0 * g.stride[0] + row_off;
+      r.in_x0 = r.x0 * g.stride[1] + col_off;
+      rects.push_back(r);
+    }
+  return rects;
+}
+
+bool use_direct_weight_grad(const Plan& p, PackedIsa isa) {
+  const char* env = std::getenv("CHANFLEX_CPU_DIRECT_WEIGHT_GRAD");
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1",
+              "CHANFLEX_CPU_DIRECT_WEIGHT_GRAD: expected '0' or '1', got '", value, "'");
+  if (isa == PackedIsa::kGeneric) return false;
+  if (!value.empty()) return value == "1";
+  int64_t kept = 0;
+  for (const TapRectangle& r : tap_rectangles(p)) kept += (r.y1 - r.y0) * (r.x1 - r.x0);
+  const double skipped = 1.0 - static_cast<double>(kept) / static_cast<double>(p.pixels * p.g.kernel_h * p.g.kernel_w);
+  return isa == PackedIsa::kAvx512 && skipped >= kMinSkippedProducts &&
+         make_weight_grad_blocks(p, isa, /*direct=*/true).tasks >= 4 * at::get_num_threads();
+}
+
 // One call's operands and destination: sample s's dy^T panel (pixels x
 // dy_rows floats) at dy + s * dy_sample_stride and its cols^T panels (pixels
 // x lanes floats each, cols_panel_stride apart) at cols + s *
 // cols_sample_stride; the weight/dW tile origin (row-major, leading
 // dimension ld, kernels kernel_stride apart). `columns` of the tile's vecs x
 // lanes are valid; the rest are padding, neither read from W nor written to dW.
+// The pixels come as `pixel_rows` runs of `pixels`: a pixel advances the
+// cols^T pointers by cols_step floats and the dy^T pointer by dy_rows, a run
+// ends with a jump of cols_row_skip and dy_row_skip more (the direct weight
+// gradient's rectangle of the pixels whose tap reads inside the image; one
+// run with cols_step = lanes for the unfolded panels).
 struct WeightGradCall {
   int64_t pixels;
   const float* dy;
@@ -2701,6 +2762,9 @@ struct WeightGradCall {
   float* dw;       // null: no dW
   int64_t ld, kernel_stride;
   bool store;      // the first contribution to dW: written, not added
+  int64_t pixel_rows = 1;
+  int64_t cols_step = 0;  // 0: lanes (the unfolded panels)
+  int64_t cols_row_skip = 0, dy_row_skip = 0;
 };
 
 // Samples whose G tiles are folded together: each call's tiles wait in an
@@ -2735,22 +2799,31 @@ CHANFLEX_INLINE void weight_grad_accumulate_body(const WeightGradCall& c, int64_
     for (int v = 0; v < CP; ++v)
       cp[s][v] = c.cols + (first + s) * c.cols_sample_stride + v * c.cols_panel_stride;
   }
-  for (int64_t q = 0; q < c.pixels; ++q) {
+  const int64_t cols_step = c.cols_step == 0 ? W : c.cols_step;
+  for (int64_t run = 0; run < c.pixel_rows; ++run) {
+    for (int64_t q = 0; q < c.pixels; ++q) {
+#pragma GCC unroll 2
+      for (int s = 0; s < NS; ++s) {
+        V x[CP];
+#pragma GCC unroll 2
+        for (int v = 0; v < CP; ++v) {
+          __builtin_memcpy(&x[v], cp[s][v], sizeof(V));
+          cp[s][v] += cols_step;
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+          const float d = dp[s][r];
+#pragma GCC unroll 2
+          for (int v = 0; v < CP; ++v) acc[s][r][v] += d * x[v];
+        }
+        dp[s] += c.dy_rows;
+      }
+    }
 #pragma GCC unroll 2
     for (int s = 0; s < NS; ++s) {
-      V x[CP];
 #pragma GCC unroll 2
-      for (int v = 0; v < CP; ++v) {
-        __builtin_memcpy(&x[v], cp[s][v], sizeof(V));
-        cp[s][v] += W;
-      }
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const float d = dp[s][r];
-#pragma GCC unroll 2
-        for (int v = 0; v < CP; ++v) acc[s][r][v] += d * x[v];
-      }
-      dp[s] += c.dy_rows;
+      for (int v = 0; v < CP; ++v) cp[s][v] += c.cols_row_skip;
+      dp[s] += c.dy_row_skip;
     }
   }
 #pragma GCC unroll 2
@@ -2966,6 +3039,38 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
   }
 }
 
+// Channels [c0, c1) of one sample as the direct weight gradient's input
+// panels (see WeightGradBlocks), 8 aligned channels of a group at a time
+// through transposes.
+void pack_input_channels_last(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb, int64_t c0,
+                              int64_t c1) {
+  const ConvGeometry& g = p.g;
+  const int64_t plane = g.height * g.width, width = wb.shape.lanes;
+  for (int64_t c = c0; c < c1;) {
+    const int64_t group = c / g.group_in_channels, local = c % g.group_in_channels;
+    float* dst = out + (group * wb.col_panels + local / width) * plane * width + local % width;
+    if (local % 8 == 0 && local + 8 <= g.group_in_channels && c + 8 <= c1) {
+      transpose_rows8(x + c * plane, plane, plane, dst, width);
+      c += 8;
+      continue;
+    }
+    for (int64_t q = 0; q < plane; ++q) dst[q * width] = x[c * plane + q];
+    ++c;
+  }
+}
+
+// Zeroes the lanes past each group's last input channel in the direct
+// panels of one sample (the last call's; none when its width divides the
+// group's channels).
+void zero_padding_channels(float* out, const Plan& p, const WeightGradBlocks& wb) {
+  const int64_t plane = p.g.height * p.g.width, width = wb.shape.lanes;
+  for (int64_t group = 0; group < p.g.groups; ++group)
+    for (int64_t local = p.g.group_in_channels; local < wb.col_panels * width; ++local) {
+      float* dst = out + (group * wb.col_panels + local / width) * plane * width + local % width;
+      for (int64_t q = 0; q < plane; ++q) dst[q * width] = 0.f;
+    }
+}
+
 // Zeroes the columns past p.cols in each group's last cols^T panel of one
 // sample, so that padding lanes of G are zero (there are none when the
 // panel width divides the group's columns).
@@ -3093,20 +3198,90 @@ void copy_streaming(float* dst, const float* src, int64_t n, PackedIsa isa) {
   }
 }
 
+// The direct layout's block copies (see TapRectangle): a block row holds
+// the task's channels at every tap, channel-major in the row-major kernels
+// (column c * taps + t) and tap-major in the block (call (ri, t)'s tile row,
+// lane c - first channel). Both directions gather, through offset tables
+// built for a full call's channels (a short last block uses their prefix):
+// by_channel[j] = j * taps (a kernel row, one tap at a time, into a tile
+// row) and by_column[j * taps + t] (the block offset of a kernel column,
+// from kernel 0's tile of call (ri, 0)).
+struct DirectBlockTables {
+  std::vector<int32_t> by_channel, by_column;
+};
+
+DirectBlockTables direct_block_tables(const GradBlockLayout& l, int64_t taps) {
+  DirectBlockTables t;
+  for (int64_t j = 0; j < l.call_cols; ++j) {
+    t.by_channel.push_back(static_cast<int32_t>(j * taps));
+    for (int64_t tap = 0; tap < taps; ++tap)
+      t.by_column.push_back(static_cast<int32_t>(l.tile(0, tap, 0) - l.tile(0, 0, 0) + j));
+  }
+  return t;
+}
+
+// Task t's rows of the K row-major kernels (kernel_stride apart, leading
+// dimension p.cols) into the block layout.
+void direct_block_in(PackedIsa isa, const float* kernels, const Plan& p, const GradTask& t, const GradBlockLayout& l,
+                     int64_t rows_per_call, const DirectBlockTables& tables, float* block) {
+  const auto gather = isa == PackedIsa::kAvx512 ? gather_entries_avx512 : gather_entries;
+  const int64_t taps = p.g.kernel_h * p.g.kernel_w;
+  const int64_t channels = (t.c_end - t.c_begin) / taps;
+  for (int64_t k = 0; k < l.num_kernels; ++k)
+    for (int64_t r = t.r_begin; r < t.r_end; ++r) {
+      const int64_t ri = (r - t.r_begin) / rows_per_call, rr = (r - t.r_begin) % rows_per_call;
+      const float* src = kernels + t.origin + k * p.kernel_size + r * p.cols + t.c_begin;
+      for (int64_t tap = 0; tap < taps; ++tap)
+        gather(src + tap, tables.by_channel.data(), channels, block + l.tile(ri, tap, k) + rr * l.call_cols);
+    }
+}
+
+// The reverse of direct_block_in, each kernel row assembled in `row` (taps x
+// call_cols floats) and copied out with copy_streaming where `streaming`.
+void direct_block_out(PackedIsa isa, const float* block, const Plan& p, const GradTask& t, const GradBlockLayout& l,
+                      int64_t rows_per_call, const DirectBlockTables& tables, bool streaming, float* row,
+                      float* kernels) {
+  const auto gather = isa == PackedIsa::kAvx512 ? gather_entries_avx512 : gather_entries;
+  const int64_t len = t.c_end - t.c_begin;
+  for (int64_t k = 0; k < l.num_kernels; ++k)
+    for (int64_t r = t.r_begin; r < t.r_end; ++r) {
+      const int64_t ri = (r - t.r_begin) / rows_per_call, rr = (r - t.r_begin) % rows_per_call;
+      float* dst = kernels + t.origin + k * p.kernel_size + r * p.cols + t.c_begin;
+      gather(block + l.tile(ri, 0, k) + rr * l.call_cols, tables.by_column.data(), len, row);
+      if (streaming)
+        copy_streaming(dst, row, len, isa);
+      else
+        std::memcpy(dst, row, len * sizeof(float));
+    }
+}
+
 // grad_w (written: the first sample stores, later ones add) and/or
 // grad_attn of dynamic_conv2d.
 void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out, const at::Tensor& x,
                         const float* w, const float* attn, float* grad_w, float* grad_attn) {
   const ConvGeometry& g = p.g;
   const int64_t K = g.num_kernels;
-  const WeightGradBlocks wb = make_weight_grad_blocks(p, isa);
+  const bool direct = use_direct_weight_grad(p, isa);
+  const WeightGradBlocks wb = make_weight_grad_blocks(p, isa, direct);
   const WeightGradShape& shape = wb.shape;
   const int64_t call_cols = shape.vecs * shape.lanes;
-  const int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
-  const int64_t rows_floats = unfold_block_floats(p);
-  const GradBlockLayout layout{kGradBlockRowCalls, kGradBlockColCalls, call_cols, K};
-  // Per thread: the unfold's rows, then the block's W and dW tiles.
-  const int64_t worker_floats = std::max(rows_floats, 2 * layout.floats());
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  // Direct: a sample's panels are its input and grad_out (no unfolded
+  // rows), so the same budget holds ~4x more samples at 3x3 (fewer passes
+  // over the blocks' W and dW tiles).
+  const int64_t direct_sample_bytes = (wb.sample_dy + wb.sample_cols) * static_cast<int64_t>(sizeof(float));
+  const int64_t budget = chunk_budget_bytes(kernel_sized_budget(p, sizeof(float)));
+  const int64_t chunk =
+      direct ? std::min<int64_t>(std::max<int64_t>(budget / direct_sample_bytes, at::get_num_threads()), std::max<int64_t>(g.batch, 1))
+             : chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
+  const int64_t rows_floats = direct ? 0 : unfold_block_floats(p);
+  const GradBlockLayout layout{kGradBlockRowCalls, direct ? taps : kGradBlockColCalls, call_cols, K};
+  const std::vector<TapRectangle> rects = direct ? tap_rectangles(p) : std::vector<TapRectangle>();
+  const DirectBlockTables tables = direct ? direct_block_tables(layout, taps) : DirectBlockTables();
+  const int64_t in_plane = g.height * g.width;
+  // Per thread: the unfold's rows, then the block's W and dW tiles (direct:
+  // and one kernel row of a block, copied out).
+  const int64_t worker_floats = std::max(rows_floats, 2 * layout.floats() + (direct ? taps * call_cols : 0));
   const auto buffers =
       pass_scratch<3>({chunk * wb.sample_dy, chunk * wb.sample_cols, at::get_num_threads() * worker_floats});
   float* dy_chunk = buffers[0];
@@ -3125,7 +3300,9 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     // dW tiles) folding in place was faster (in-process A/B, weight side,
     // block layout -> in place: 512@5 0.81-1.01x, 512@7 0.84-0.90x, 512@10
     // 0.94x, 256->512@10 0.95x).
-    const bool use_blocks = grad_block_layout_enabled(isa) && n >= kMinBlockFoldGroups * kFoldSamples;
+    // The direct calls always go through the block layout (it is where
+    // their tap-major tiles live).
+    const bool use_blocks = direct || (grad_block_layout_enabled(isa) && n >= kMinBlockFoldGroups * kFoldSamples);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
@@ -3134,10 +3311,18 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
         if (part == channel_blocks) {
           pack_grad_out_transposed(go + i * g.out_channels * p.pixels, dy_chunk + i * wb.sample_dy, p, wb);
-          zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
+          if (direct)
+            zero_padding_channels(cols_chunk + i * wb.sample_cols, p, wb);
+          else
+            zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
           continue;
         }
         const int64_t c0 = part * kUnfoldChannelBlock;
+        if (direct) {
+          pack_input_channels_last(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
+                                   std::min(g.in_channels, c0 + kUnfoldChannelBlock));
+          continue;
+        }
         unfold_channels_transposed(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
                                    std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
       }
@@ -3154,51 +3339,75 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
           for_each_grad_block_run(layout, shape.rows, p.cols, p.kernel_size, t.r_begin, t.r_end, t.c_begin, t.c_end,
                                   run);
         };
-        if (use_blocks && grad_attn != nullptr)
+        if (direct && grad_attn != nullptr) direct_block_in(isa, w, p, t, layout, shape.rows, tables, w_block);
+        if (!direct && use_blocks && grad_attn != nullptr)
           block_runs([&](int64_t at, int64_t in_block, int64_t len) {
             std::memcpy(w_block + in_block, w + t.origin + at, len * sizeof(float));
           });
         // A later chunk adds to what the earlier ones left in grad_w.
-        if (use_blocks && grad_w != nullptr && b0 > 0)
+        if (direct && grad_w != nullptr && b0 > 0)
+          direct_block_in(isa, grad_w, p, t, layout, shape.rows, tables, dw_block);
+        if (!direct && use_blocks && grad_w != nullptr && b0 > 0)
           block_runs([&](int64_t at, int64_t in_block, int64_t len) {
             std::memcpy(dw_block + in_block, grad_w + t.origin + at, len * sizeof(float));
           });
+        // Calls per row of calls: one per tap (direct) or per call_cols columns.
+        const int64_t col_calls = direct ? taps : (t.c_end - t.c_begin + call_cols - 1) / call_cols;
+        // Direct: the task's channels, and its first input panel in a group's.
+        const int64_t channels = direct ? (t.c_end - t.c_begin) / taps : 0;
+        const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes : 0;
         // The next task's W lines, spread evenly over this task's calls.
         const bool prefetch_next = use_blocks && grad_attn != nullptr && task + 1 < end;
         const GradTask next = prefetch_next ? grad_task(p, wb, task + 1) : t;
         const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
         const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *
-                                   ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) *
-                                   ((t.c_end - t.c_begin + call_cols - 1) / call_cols);
+                                   ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) * col_calls;
         const int64_t lines_per_call = (next_lines + task_calls - 1) / task_calls;
         int64_t call_index = 0;
         for (int64_t i = 0, ns; i < n; i += ns) {
           ns = std::min(kFoldSamples, n - i);
           const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
-          const float* cols_group = cols_chunk + i * wb.sample_cols + group * wb.col_panels * p.pixels * shape.lanes;
+          const float* cols_group = cols_chunk + i * wb.sample_cols +
+                                    group * wb.col_panels * (direct ? in_plane : p.pixels) * shape.lanes;
           std::fill(lanes.begin(), lanes.end(), 0.f);
           const WeightGradFold fold = weight_grad_fold(isa, ns);
           for (int64_t r0 = t.r_begin; r0 < t.r_end; r0 += shape.rows) {
             const int64_t rows = std::min(shape.rows, t.r_end - r0);
-            for (int64_t c0 = t.c_begin; c0 < t.c_end; c0 += call_cols) {
+            const float* dy_panel = dy_group + (r0 / shape.rows) * p.pixels * shape.rows;
+            for (int64_t ci = 0; ci < col_calls; ++ci) {
+              const int64_t c0 = t.c_begin + ci * call_cols;
               // The call's W_k and dW_k tiles: in the block, or in place.
-              const int64_t at = use_blocks ? layout.tile((r0 - t.r_begin) / shape.rows, (c0 - t.c_begin) / call_cols, 0)
+              const int64_t at = use_blocks ? layout.tile((r0 - t.r_begin) / shape.rows, ci, 0)
                                             : t.origin + r0 * p.cols + c0;
               const float* w_tiles = use_blocks ? w_block : w;
               float* dw_tiles = use_blocks ? dw_block : grad_w;
-              const WeightGradCall call{p.pixels,
-                                        dy_group + (r0 / shape.rows) * p.pixels * shape.rows,
-                                        shape.rows,
-                                        wb.sample_dy,
-                                        cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
-                                        p.pixels * shape.lanes,
-                                        wb.sample_cols,
-                                        std::min(call_cols, p.cols - c0),
-                                        grad_attn != nullptr ? w_tiles + at : nullptr,
-                                        grad_w != nullptr ? dw_tiles + at : nullptr,
-                                        use_blocks ? call_cols : p.cols,
-                                        use_blocks ? kFoldTileFloats : p.kernel_size,
-                                        /*store=*/b0 == 0 && i == 0};
+              WeightGradCall call{p.pixels,
+                                  dy_panel,
+                                  shape.rows,
+                                  wb.sample_dy,
+                                  cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
+                                  p.pixels * shape.lanes,
+                                  wb.sample_cols,
+                                  std::min(call_cols, p.cols - c0),
+                                  grad_attn != nullptr ? w_tiles + at : nullptr,
+                                  grad_w != nullptr ? dw_tiles + at : nullptr,
+                                  use_blocks ? call_cols : p.cols,
+                                  use_blocks ? kFoldTileFloats : p.kernel_size,
+                                  /*store=*/b0 == 0 && i == 0};
+              if (direct) {
+                // Tap ci's rectangle of output pixels, and the input pixels it reads.
+                const TapRectangle& rc = rects[ci];
+                const int64_t width = rc.x1 - rc.x0;
+                call.pixels = width;
+                call.pixel_rows = width > 0 ? rc.y1 - rc.y0 : 0;
+                call.dy = dy_panel + (rc.y0 * g.out_w + rc.x0) * shape.rows;
+                call.dy_row_skip = (g.out_w - width) * shape.rows;
+                call.cols = cols_group + (first_panel * in_plane + rc.in_y0 * g.width + rc.in_x0) * shape.lanes;
+                call.cols_panel_stride = in_plane * shape.lanes;
+                call.cols_step = g.stride[1] * shape.lanes;
+                call.cols_row_skip = (g.stride[0] * g.width - width * g.stride[1]) * shape.lanes;
+                call.columns = channels;
+              }
               prefetch_fold_rows(call, rows, K);
               if (prefetch_next) prefetch_grad_block(w, p, next, K, call_index++ * lines_per_call, lines_per_call);
               for (int64_t s0 = 0, together; s0 < ns; s0 += together) {
@@ -3215,7 +3424,10 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
             attn_partial[(task * chunk + i) * K + sk] = sum;
           }
         }
-        if (use_blocks && grad_w != nullptr)
+        if (direct && grad_w != nullptr)
+          direct_block_out(isa, dw_block, p, t, layout, shape.rows, tables, last_chunk, dw_block + layout.floats(),
+                           grad_w);
+        if (!direct && use_blocks && grad_w != nullptr)
           block_runs([&](int64_t at, int64_t in_block, int64_t len) {
             if (last_chunk)
               copy_streaming(grad_w + t.origin + at, dw_block + in_block, len, isa);
