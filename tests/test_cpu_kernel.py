@@ -124,14 +124,15 @@ def isa(request, monkeypatch):
     return request.param
 
 
-def test_grad_block_switch_rejects_other_values(monkeypatch):
+@pytest.mark.parametrize("variable", ["CHANFLEX_CPU_GRAD_BLOCKS", "CHANFLEX_CPU_DIRECT_WEIGHT_GRAD"])
+def test_weight_side_switches_reject_other_values(monkeypatch, variable):
     from comparison import make_inputs
     if torch.ops.chanflex.cpu_packed_isa() == "generic":
-        pytest.skip("the switch belongs to the packed weight side (AVX2 or AVX-512)")
+        pytest.skip("the switches belong to the packed weight side (AVX2 or AVX-512)")
     x, weight, attn = (t.float().requires_grad_() for t in make_inputs(BLOCK_LAYOUT_CASES[1])[:3])
-    monkeypatch.setenv("CHANFLEX_CPU_GRAD_BLOCKS", "yes")
+    monkeypatch.setenv(variable, "yes")
     y = dynamic_conv2d(x, weight, attn, padding=1)
-    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_GRAD_BLOCKS: expected '0' or '1', got 'yes'"):
+    with pytest.raises(RuntimeError, match=f"{variable}: expected '0' or '1', got 'yes'"):
         y.sum().backward()
 
 
@@ -218,6 +219,9 @@ def test_weight_blocks_across_chunks(monkeypatch, case, chunk, blocks, threads, 
     # adds to the first's dW) and an in-place one of 2; 17: a block chunk adding
     # to an earlier one ends the batch. The layout is the default on AVX-512
     # only; CHANFLEX_CPU_GRAD_BLOCKS forces it on or off for either ISA.
+    # These cases would take the direct weight gradient by default on
+    # AVX-512 (its own tests are below), which always uses a block layout.
+    monkeypatch.setenv("CHANFLEX_CPU_DIRECT_WEIGHT_GRAD", "0")
     monkeypatch.setenv("CHANFLEX_CPU_GRAD_BLOCKS", blocks)
     taps = case.kernel[0] * case.kernel[1]
     unfolded_bytes = case.in_channels * taps * case.height * case.width * 4  # stride 1, padding 1: same plane
@@ -541,3 +545,67 @@ def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
     monkeypatch.setenv(variable, "yes")
     with pytest.raises(RuntimeError, match=f"{variable}: expected {expected}, got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)
+
+
+# The direct weight gradient: dW and dattn from the channels-last input, one
+# call per tap over the rectangle of output pixels whose tap reads inside
+# the image, the W and dW tiles gathered into and out of a tap-major block
+# layout. Default on AVX-512 where >= 4% of the products are padding; forced
+# on here for both ISAs. Each case takes the packed weight side (4+ blocks a
+# thread): 40 channels leave a short last call (32 + 8; 16 + 16 + 8 on
+# AVX2), stride 2 on an odd plane, pad 2 with dilation 2, a 5x3 kernel, 12
+# channels per group (packed channel by channel, not 8 at a time), and a
+# 5x5 kernel on a 2x2 plane whose corner taps read nothing.
+DIRECT_CASES = [
+    Case(5, 40, 250, 7, 7, padding=(1, 1)),
+    Case(4, 64, 150, 13, 11, stride=(2, 2), padding=(1, 1), num_kernels=3),
+    Case(3, 32, 300, 9, 9, padding=(2, 2), dilation=(2, 2), bias=False),
+    Case(3, 24, 300, 9, 8, kernel=(5, 3), padding=(2, 1), num_kernels=9),
+    Case(4, 48, 400, 6, 6, padding=(1, 1), groups=4),
+    Case(3, 32, 144, 2, 2, kernel=(5, 5), padding=(2, 2), num_kernels=1),
+]
+
+
+@pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
+def direct_weight_grad(request, monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
+    monkeypatch.setenv("CHANFLEX_CPU_DIRECT_WEIGHT_GRAD", "1")
+    if torch.ops.chanflex.cpu_packed_isa() != request.param:
+        pytest.skip(f"this CPU has no {request.param}")
+    return request.param
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.id)
+def test_direct_weight_grad_matches_reference(case, threads, direct_weight_grad):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "60000"], ids=["chunk-threads", "chunk-60k"])
+@pytest.mark.parametrize("case", DIRECT_CASES[:2], ids=lambda c: c.id)
+def test_direct_weight_grad_across_chunks(monkeypatch, case, chunk_bytes, direct_weight_grad):
+    # Later chunks gather the dW the earlier ones wrote back into the block
+    # layout and add to it; only the last writes with streaming stores.
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(False, True, False), (False, False, True)], ids=str)
+@pytest.mark.parametrize("case", DIRECT_CASES[:2], ids=lambda c: c.id)
+def test_direct_weight_grad_output_masks(case, mask, direct_weight_grad):
+    # dW without dattn (no W tiles gathered), dattn without dW.
+    assert_masked_backward_matches(case, mask)
+
+
+def test_direct_weight_grad_scratch_reuse(direct_weight_grad):
+    # The lanes past a group's last channel in the input panels are left as
+    # a larger call wrote them (they reach only G columns the fold never
+    # reads): NaN there must not leak in.
+    from comparison import make_inputs
+    big = Case(6, 64, 256, 12, 12, padding=(1, 1))
+    x, weight, attn = (t.float() for t in make_inputs(big)[:3])
+    nan = float("nan")
+    y = torch.ops.chanflex.dynamic_conv2d(x.fill_(nan), weight.fill_(nan), attn.fill_(nan), None,
+                                          [1, 1], [1, 1], [1, 1], 1)
+    _backward(big, x, weight, attn, torch.full_like(y, nan))
+    for case in (DIRECT_CASES[0], DIRECT_CASES[4]):
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)

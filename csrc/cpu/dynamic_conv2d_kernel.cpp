@@ -3059,18 +3059,6 @@ void pack_input_channels_last(const float* x, float* out, const Plan& p, const W
   }
 }
 
-// Zeroes the lanes past each group's last input channel in the direct
-// panels of one sample (the last call's; none when its width divides the
-// group's channels).
-void zero_padding_channels(float* out, const Plan& p, const WeightGradBlocks& wb) {
-  const int64_t plane = p.g.height * p.g.width, width = wb.shape.lanes;
-  for (int64_t group = 0; group < p.g.groups; ++group)
-    for (int64_t local = p.g.group_in_channels; local < wb.col_panels * width; ++local) {
-      float* dst = out + (group * wb.col_panels + local / width) * plane * width + local % width;
-      for (int64_t q = 0; q < plane; ++q) dst[q * width] = 0.f;
-    }
-}
-
 // Zeroes the columns past p.cols in each group's last cols^T panel of one
 // sample, so that padding lanes of G are zero (there are none when the
 // panel width divides the group's columns).
@@ -3289,6 +3277,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   float* workers = buffers[2];
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
+  const bool blocks_enabled = grad_block_layout_enabled(isa);  // read (and checked) whichever path runs
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const bool last_chunk = b0 + n == g.batch;
@@ -3302,7 +3291,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     // 0.94x, 256->512@10 0.95x).
     // The direct calls always go through the block layout (it is where
     // their tap-major tiles live).
-    const bool use_blocks = direct || (grad_block_layout_enabled(isa) && n >= kMinBlockFoldGroups * kFoldSamples);
+    const bool use_blocks = direct || (blocks_enabled && n >= kMinBlockFoldGroups * kFoldSamples);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
@@ -3311,10 +3300,10 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
         if (part == channel_blocks) {
           pack_grad_out_transposed(go + i * g.out_channels * p.pixels, dy_chunk + i * wb.sample_dy, p, wb);
-          if (direct)
-            zero_padding_channels(cols_chunk + i * wb.sample_cols, p, wb);
-          else
-            zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
+          // Direct: the lanes past a group's last channel are left as they
+          // are; they reach only G columns past the call's `columns`, which
+          // the fold never reads.
+          if (!direct) zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
           continue;
         }
         const int64_t c0 = part * kUnfoldChannelBlock;
