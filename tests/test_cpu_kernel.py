@@ -17,8 +17,11 @@ switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. The packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
 the transposed conv's forward where they are 15%), which several cases here
-take; the tests at the very end force it on for both ISAs. The cases below
-cover all."""
+take; the padding-skip tests force it on for both ISAs. The packed weight
+side runs direct (one call per tap over the pixels whose tap reads inside
+the image) by default on AVX-512 where 4% of its products are padding; the
+tests at the very end force that on for both ISAs. The cases below cover
+all."""
 import os
 
 import pytest
