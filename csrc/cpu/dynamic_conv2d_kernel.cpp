@@ -2700,8 +2700,8 @@ bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) 
 // 3x3, pad 1: 16% of the products on 7x7, 21% on 5x5, 9% on 14x14). Each
 // call covers one tap of a run of input channels, read straight from the
 // channels-last input (9x less to pack than the unfolded panels at 3x3).
-// The block's W and dW tiles are gathered into and out of the block layout
-// (tap-major there, channel-major in W). Default where it skips at least
+// The block's W and dW tiles are transposed into and out of the block
+// layout (tap-major there, channel-major in W). Default where it skips at least
 // kMinSkippedProducts on AVX-512 (the block layout's ISA), or as
 // CHANFLEX_CPU_DIRECT_WEIGHT_GRAD says ("1": wherever the packed weight
 // gradient runs, "0": never; tests force it on both ISAs).
@@ -3215,9 +3215,11 @@ void transpose_strided(const float* src, int64_t src_ld, int64_t rows, int64_t c
 // (column c * taps + t) and tap-major in the block (call (ri, t)'s tile
 // row, lane c - first channel; taps num_kernels tiles apart).
 
+// Kernel rows direct_block_in requests ahead of the one it transposes.
+constexpr int64_t kDirectRowsAhead = 2;
+
 // Task t's rows of the K row-major kernels (kernel_stride apart, leading
 // dimension p.cols) into the block layout.
-constexpr int64_t kDirectRowsAhead = 2;
 void direct_block_in(const float* kernels, const Plan& p, const GradTask& t, const GradBlockLayout& l,
                      int64_t rows_per_call, float* block) {
   const int64_t taps = p.g.kernel_h * p.g.kernel_w;
@@ -3272,9 +3274,9 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   // over the blocks' W and dW tiles).
   const int64_t direct_sample_bytes = (wb.sample_dy + wb.sample_cols) * static_cast<int64_t>(sizeof(float));
   const int64_t budget = chunk_budget_bytes(kernel_sized_budget(p, sizeof(float)));
-  const int64_t chunk =
-      direct ? std::min<int64_t>(std::max<int64_t>(budget / direct_sample_bytes, at::get_num_threads()), std::max<int64_t>(g.batch, 1))
-             : chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
+  const int64_t direct_chunk = std::max<int64_t>(budget / direct_sample_bytes, at::get_num_threads());
+  const int64_t chunk = direct ? std::min<int64_t>(direct_chunk, std::max<int64_t>(g.batch, 1))
+                               : chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
   const int64_t rows_floats = direct ? 0 : unfold_block_floats(p);
   const GradBlockLayout layout{kGradBlockRowCalls, direct ? taps : kGradBlockColCalls, call_cols, K};
   const std::vector<TapRectangle> rects = direct ? tap_rectangles(p) : std::vector<TapRectangle>();
