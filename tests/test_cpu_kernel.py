@@ -492,15 +492,20 @@ SKIP_CASES = [
 ]
 
 
+def _force_on_packed_isa(monkeypatch, isa, switch):
+    """Caps the packed paths at `isa` with the env `switch` set to 1; skips where the CPU lacks `isa`."""
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", isa)
+    monkeypatch.setenv(switch, "1")
+    if torch.ops.chanflex.cpu_packed_isa() != isa:
+        pytest.skip(f"this CPU has no {isa}")
+    return isa
+
+
 @pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
 def skip_padding(request, monkeypatch):
     # Forced on for both packed ISAs (their skipping micro-kernels differ),
     # grad_x through the transposed conv on both.
-    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
-    monkeypatch.setenv("CHANFLEX_CPU_SKIP_PADDING", "1")
-    if torch.ops.chanflex.cpu_packed_isa() != request.param:
-        pytest.skip(f"this CPU has no {request.param}")
-    return request.param
+    return _force_on_packed_isa(monkeypatch, request.param, "CHANFLEX_CPU_SKIP_PADDING")
 
 
 @pytest.mark.parametrize("case", SKIP_CASES, ids=lambda c: c.id)
@@ -571,11 +576,7 @@ DIRECT_CASES = [
 
 @pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
 def direct_weight_grad(request, monkeypatch):
-    monkeypatch.setenv("CHANFLEX_CPU_ISA", request.param)
-    monkeypatch.setenv("CHANFLEX_CPU_DIRECT_WEIGHT_GRAD", "1")
-    if torch.ops.chanflex.cpu_packed_isa() != request.param:
-        pytest.skip(f"this CPU has no {request.param}")
-    return request.param
+    return _force_on_packed_isa(monkeypatch, request.param, "CHANFLEX_CPU_DIRECT_WEIGHT_GRAD")
 
 
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: c.id)
@@ -586,8 +587,8 @@ def test_direct_weight_grad_matches_reference(case, threads, direct_weight_grad)
 @pytest.mark.parametrize("chunk_bytes", ["1", "60000"], ids=["chunk-threads", "chunk-60k"])
 @pytest.mark.parametrize("case", DIRECT_CASES[:2], ids=lambda c: c.id)
 def test_direct_weight_grad_across_chunks(monkeypatch, case, chunk_bytes, direct_weight_grad):
-    # Later chunks gather the dW the earlier ones wrote back into the block
-    # layout and add to it; only the last writes with streaming stores.
+    # Later chunks transpose the dW the earlier ones wrote back into the
+    # block layout and add to it; only the last writes with streaming stores.
     monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
@@ -595,7 +596,7 @@ def test_direct_weight_grad_across_chunks(monkeypatch, case, chunk_bytes, direct
 @pytest.mark.parametrize("mask", [(False, True, False), (False, False, True)], ids=str)
 @pytest.mark.parametrize("case", DIRECT_CASES[:2], ids=lambda c: c.id)
 def test_direct_weight_grad_output_masks(case, mask, direct_weight_grad):
-    # dW without dattn (no W tiles gathered), dattn without dW.
+    # dW without dattn (no W tiles copied in), dattn without dW.
     assert_masked_backward_matches(case, mask)
 
 
