@@ -476,6 +476,9 @@ def test_winograd_scratch_reuse(monkeypatch):
 # 5x3 kernel two row classes a side; 1 to 9 kernels mix in the micro-kernel
 # or in the separate pass; 1080 and 5400 deep carry partial sums over
 # reduction blocks of whole channels; 18 deep splits samples across threads.
+# On AVX-512, planes of up to 64 floats are unfolded from registers (8x8 the
+# largest, 7x7 and 7x6 read all four registers), larger ones (9x8 up) by
+# gathers.
 SKIP_CASES = [
     Case(3, 16, 16, 7, 7, padding=(1, 1)),
     Case(4, 24, 40, 5, 5, padding=(1, 1), num_kernels=1),
