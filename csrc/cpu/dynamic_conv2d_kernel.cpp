@@ -945,6 +945,19 @@ void micro_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
   }
 }
 
+// v * w and acc + v * w for a float w in memory, broadcast by the instruction
+// itself ({1to16}) rather than into a register of its own. (GCC keeps a
+// broadcast that several products use in a register.)
+__attribute__((target("avx512f"))) inline __m512 mul_broadcast(__m512 v, const float* w) {
+  __m512 out;
+  asm("vmulps %2%{1to16%}, %1, %0" : "=v"(out) : "v"(v), "m"(*w));
+  return out;
+}
+__attribute__((target("avx512f"))) inline __m512 fmadd_broadcast(__m512 v, const float* w, __m512 acc) {
+  asm("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(v), "m"(*w));
+  return acc;
+}
+
 // A panels are prefetched this many steps ahead: a row panel pair's first
 // pixel call reads them from L2 (later calls find them in L1).
 constexpr int64_t kPrefetchSteps = 16;
@@ -971,14 +984,6 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   float* mp[RP];
   float* np[RP];
   const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
-  __m512 attn_v[MIX > 0 ? MIX : 1];
-  __m512 attn_w[PAIR ? MIX : 1];
-#pragma GCC unroll 8
-  for (int k = 0; k < MIX; ++k) attn_v[k] = _mm512_set1_ps(mix->attn[k]);
-  if constexpr (PAIR) {
-#pragma GCC unroll 8
-    for (int k = 0; k < MIX; ++k) attn_w[k] = _mm512_set1_ps(mix->attn_next[k]);
-  }
   if constexpr (MIX) {
 #pragma GCC unroll 2
     for (int r = 0; r < RP; ++r) {
@@ -998,39 +1003,33 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   for (int64_t q = 0; q < kc; ++q) {
     __m512 ar[RP];
     if constexpr (MIX) {
-      // Kernels in pairs (a tree, not one chain of K dependent FMAs), both
-      // row panels interleaved.
-      __m512 part[RP][(MIX + 1) / 2];
-      __m512 part2[RP][PAIR ? (MIX + 1) / 2 : 1];
+      // One chain of K multiply-adds per mixed vector, the attention weights
+      // broadcast from memory by the instructions themselves: the 2K
+      // weight registers and a tree's partial sums did not fit beside the
+      // accumulators, and GCC spilled accumulators and reloaded the weights
+      // every step. AMD Zen 4, perf of the forward at 512@7: the 12-pixel
+      // mixing call went from 0.95x to 0.86x the time of the 13-pixel plain
+      // call beside it (the 9-pixel one at 512@5, which did not spill, the
+      // same within noise).
 #pragma GCC unroll 2
       for (int r = 0; r < RP; ++r) {
+        __m512 kv = _mm512_loadu_ps(ap[r]);
+        __m512 a = mul_broadcast(kv, mix->attn);
+        __m512 an = PAIR ? mul_broadcast(kv, mix->attn_next) : a;
 #pragma GCC unroll 8
-        for (int k = 0; k < MIX; k += 2) {
-          const __m512 k0 = _mm512_loadu_ps(ap[r] + k * mix_stride);
-          part[r][k / 2] = _mm512_mul_ps(attn_v[k], k0);
-          if constexpr (PAIR) part2[r][k / 2] = _mm512_mul_ps(attn_w[k], k0);
-          if (k + 1 < MIX) {
-            const __m512 k1 = _mm512_loadu_ps(ap[r] + (k + 1) * mix_stride);
-            part[r][k / 2] = _mm512_fmadd_ps(attn_v[k + 1], k1, part[r][k / 2]);
-            if constexpr (PAIR) part2[r][k / 2] = _mm512_fmadd_ps(attn_w[k + 1], k1, part2[r][k / 2]);
-          }
+        for (int k = 1; k < MIX; ++k) {
+          kv = _mm512_loadu_ps(ap[r] + k * mix_stride);
+          a = fmadd_broadcast(kv, mix->attn + k, a);
+          if constexpr (PAIR) an = fmadd_broadcast(kv, mix->attn_next + k, an);
         }
 #pragma GCC unroll 8
         for (int k = 0; k < MIX; ++k)
           _mm_prefetch(reinterpret_cast<const char*>(ap[r] + k * mix_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
-      }
-#pragma GCC unroll 2
-      for (int r = 0; r < RP; ++r) {
-        ar[r] = part[r][0];
-#pragma GCC unroll 4
-        for (int k = 1; k < (MIX + 1) / 2; ++k) ar[r] = _mm512_add_ps(ar[r], part[r][k]);
-        _mm512_storeu_ps(mp[r], ar[r]);
+        ar[r] = a;
+        _mm512_storeu_ps(mp[r], a);
         mp[r] += kMR;
         ap[r] += kMR;
         if constexpr (PAIR) {
-          __m512 an = part2[r][0];
-#pragma GCC unroll 4
-          for (int k = 1; k < (MIX + 1) / 2; ++k) an = _mm512_add_ps(an, part2[r][k]);
           _mm512_storeu_ps(np[r], an);
           np[r] += kMR;
         }
