@@ -1740,18 +1740,35 @@ bool transposed_conv_geometry(const ConvGeometry& g, ConvGeometry* t) {
 // (input channels of the conv) and steps [q0, q0 + kc) (output channel co,
 // tap t: W_k[co, r, taps - 1 - t]) of one group in pack_weight_rows'
 // panel layout; w_group is the group's first row of W_k (row length cols).
+// Weight rows (output channels) pack_flipped_weight_rows requests ahead of
+// the one it copies: a panel reads 16 channels' taps of each row, one short
+// run per row, rows a page or more apart, which the hardware prefetchers do
+// not follow.
+constexpr int64_t kFlippedRowsAhead = 4;
+
 void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols, int64_t taps,
                               int64_t num_kernels, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
   const int64_t panels = (nr + kMR - 1) / kMR;
+  const int64_t row_end = (q0 + kc + taps - 1) / taps;
   for (int64_t k = 0; k < num_kernels; ++k) {
     for (int64_t panel = 0; panel < panels; ++panel) {
       float* dst = out + (k * panels + panel) * kc * kMR;
       const int64_t valid = std::min(kMR, nr - panel * kMR);
       const float* w_rows = w_group + k * kernel_stride + (r0 + panel * kMR) * taps;
-      for (int64_t q = q0; q < q0 + kc; ++q, dst += kMR) {
-        const float* src = w_rows + q / taps * cols + (taps - 1 - q % taps);
+      // Step q is output channel (row) q / taps, tap q % taps, counted
+      // along rather than divided per step.
+      for (int64_t q = q0, row = q0 / taps, t = q0 % taps; q < q0 + kc; ++q, dst += kMR) {
+        // A panel's run of a row is `taps` lines long: one line of the row
+        // kFlippedRowsAhead on per step.
+        if (row + kFlippedRowsAhead < row_end)
+          __builtin_prefetch(w_rows + (row + kFlippedRowsAhead) * cols + t * kMR, 0, 3);
+        const float* src = w_rows + row * cols + (taps - 1 - t);
         for (int64_t i = 0; i < valid; ++i) dst[i] = src[i * taps];
         for (int64_t i = valid; i < kMR; ++i) dst[i] = 0.f;
+        if (++t == taps) {
+          t = 0;
+          ++row;
+        }
       }
     }
   }
