@@ -1758,9 +1758,9 @@ void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64
       // Step q is output channel (row) q / taps, tap q % taps, counted
       // along rather than divided per step.
       for (int64_t q = q0, row = q0 / taps, t = q0 % taps; q < q0 + kc; ++q, dst += kMR) {
-        // A panel's run of a row is `taps` lines long: one line of the row
-        // kFlippedRowsAhead on per step.
-        if (row + kFlippedRowsAhead < row_end)
+        // A panel's run of a row is `taps` lines long (fewer for a short
+        // last panel): one line of the row kFlippedRowsAhead on per step.
+        if (row + kFlippedRowsAhead < row_end && t * kMR < valid * taps)
           __builtin_prefetch(w_rows + (row + kFlippedRowsAhead) * cols + t * kMR, 0, 3);
         const float* src = w_rows + row * cols + (taps - 1 - t);
         for (int64_t i = 0; i < valid; ++i) dst[i] = src[i * taps];
