@@ -409,8 +409,8 @@ def _run(case, inputs):
 @pytest.mark.parametrize("cap", ["avx512", "avx2"])
 def test_winograd_default_range(monkeypatch, cap):
     # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
-    # on AVX2) whose Winograd scratch fits in the activations (or the K
-    # kernels' size) with chunks of at least 48 K tiles, in the fewest
+    # on AVX2) whose Winograd scratch, with chunks of at least 48 K tiles,
+    # fits in the activations plus the K kernels' size, in the fewest
     # passes (1 or 2) for which it does. Each kind of result differs from
     # the others in rounding, so the default's must equal bit for bit the
     # one forced for the expected path ("0": the direct one).
@@ -426,7 +426,9 @@ def test_winograd_default_range(monkeypatch, cap):
              Case(2, 8, 8, 10, 10, padding=(1, 1)): "0",                                # scratch above the activations
              Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): "0",                # stride 2: not eligible
              Case(16, 32, 32, 10, 10, padding=(1, 1)): "0",   # K |W| large: only chunks of < 48 K tiles fit
-             Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "2"}  # ResNet18's layer3
+             Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "2",  # ResNet18's layer3
+             # VGG19's conv4_x: K |W| above the activations, fits only with both
+             Case(32, 512, 512, 10, 10, padding=(1, 1), bias=False): "2"}
     before = torch.get_num_threads()
     try:
         for case, expected in cases.items():

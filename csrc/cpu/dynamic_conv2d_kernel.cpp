@@ -2383,7 +2383,7 @@ void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* 
 // says ("0": never; "1", "2" or "4": every such conv, in that many passes
 // with the default chunks; tests use them for planes outside the default
 // range), by default those with 100 to 1764 output pixels (10x10 to 42x42;
-// on AVX2 to 441, 21x21) whose pass scratch fits in their activations or
+// on AVX2 to 441, 21x21) whose pass scratch fits in their activations plus
 // the K kernels' size, in 1 or 2 passes. In-process A/B on AMD Zen 5, K =
 // 4, ms, direct -> Winograd in one pass: forward 256@14 22.9 -> 14.4,
 // 512@10 49.0 -> 32.1, 256@21 51.2 -> 36.4, 128@28 36.0 -> 21.3, 64->128@42
@@ -2399,7 +2399,7 @@ void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* 
 // 4.52); in the 2 passes it takes by default, 1.21, for fwd 27.1 -> 21.3,
 // fwd+bwd 92.3 -> 82.1 (one pass: 20.2, 81.0). Each pass redoes the input
 // and kernel transforms: 4 passes lost to the direct paths (512@10 fwd+bwd
-// 188.5 vs 222.4), so weight-heavy 10x10 layers stay direct.
+// 188.5 vs 222.4); 2 passes won (Zen 4, fwd+bwd 241 -> 209 ms).
 constexpr int64_t kWinogradMinPixels = 100;
 constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
 constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
@@ -2423,29 +2423,31 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
   }
   const int64_t max_pixels = isa == PackedIsa::kAvx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
   if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels) return false;
-  // The fewest passes whose scratch fits in the activations or the K
-  // kernels' size (the direct paths' chunk budget, no more than the K-fold
-  // weight gradient the backward returns anyway), with chunks cut to fit
-  // where the default ones do not (down to one sample per thread).
-  const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
-  const int64_t bound = std::max(activations, g.num_kernels * p.kernel_size);
   // Each chunk rereads the pass's transformed kernels (from L3 or memory):
   // a chunk needs 48 K sample tiles (24 FLOPs per byte read), or the whole
-  // batch. At 512@10 (25 tiles), chunks of 4 that fit the bound made the
-  // fwd+bwd slower than the direct paths' (256->512: 92.8 vs 81.9 ms);
-  // 256@14 takes chunks of 4 x 49 tiles, 256@21 of 2 x 121.
+  // batch. At 512@10 (25 tiles), chunks of 4 made the fwd+bwd slower than
+  // the direct paths' (256->512: 92.8 vs 81.9 ms). Larger chunks gain
+  // nothing more (256@14 forward, chunks of 8 vs 4: 29.8 vs 28.6 ms) and
+  // cost memory, so a chunk is the smallest that reaches it (at least one
+  // sample per thread, even counts: run_packed_gemm mixes samples in
+  // pairs): 256@14 takes chunks of 4 x 49 tiles, 512@10 of 8 x 25, 256@21
+  // of 2 x 121.
   const int64_t min_tiles = 48 * g.num_kernels;
+  c.chunk = std::min(std::max<int64_t>((min_tiles + c.tiles - 1) / c.tiles, at::get_num_threads()), c.batch);
+  if (c.chunk < c.batch) c.chunk = std::min(c.chunk + c.chunk % 2, c.batch);
+  // The fewest passes (1 or 2) whose scratch fits in the activations plus
+  // the K kernels' size. The scratch buffer is shared by all passes and
+  // kept (see scratch_buffer), and the backward's weight side carves about
+  // as much out of it next to the K-fold weight gradient, so a fwd+bwd
+  // step peaks where it did. 512@10 forward in 2 passes: 73 -> 60 ms; its
+  // fwd+bwd peak 88.6 -> 87.6 MB (fwd alone 43.0 -> 45.2). The activations
+  // or the K kernels alone (the bound before) took it past every chunk of
+  // 48 K tiles, to the direct paths.
+  const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
+  const int64_t bound = activations + g.num_kernels * p.kernel_size;
   for (const int64_t positions : {kWinogradPositions, kWinogradPositions / 2}) {  // 4 per pass lost to the direct paths
     c.positions = positions;
-    const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
-    for (int64_t chunk_budget = budget;; chunk_budget /= 2) {
-      c.chunk = winograd_chunk(c, s, chunk_budget);
-      if (winograd_scratch_floats(s, c) <= bound) {
-        if (c.chunk == c.batch || c.chunk * c.tiles >= min_tiles) return true;
-        break;  // smaller chunks would not help
-      }
-      if (c.chunk <= at::get_num_threads()) break;
-    }
+    if (winograd_scratch_floats(winograd_gemm(isa, c, g.num_kernels), c) <= bound) return true;
   }
   return false;
 }
