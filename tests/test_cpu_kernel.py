@@ -356,6 +356,7 @@ WINOGRAD_CASES = [
     Case(2, 520, 24, 6, 6, padding=(1, 1), bias=False),
     Case(2, 24, 520, 5, 5, padding=(1, 1)),
     Case(4, 16, 32, 12, 12, padding=(1, 1), layout="channels_last"),
+    Case(2, 8, 8, 5, 37, padding=(1, 1)),                               # output rows of 16 + 16 + 5 pixels
 ]
 
 
