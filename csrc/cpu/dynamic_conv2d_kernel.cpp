@@ -2261,9 +2261,11 @@ void winograd_input_tiles_avx2(const float* even, const float* odd, int64_t cols
 // Channels per task of the input transform: each (position, pixel panel)
 // then receives 8 channels' 6 tiles as one 192-byte run (3 whole lines)
 // rather than 8 runs of 24 bytes from 8 tasks. AMD Zen 4, forward,
-// interleaved in one process, ms, 1 -> 8 channels: 256@14 29.3 -> 28.0 and
-// 29.7 -> 26.7, 128@28 28.5 -> 23.9, 256@21 65.4 -> 61.3, 64->128@42 39.9
-// -> 37.5, 256->512@10 42.3 -> 39.6 (16 and 32 no better).
+// interleaved in one process (8 timed first, since the first of each round
+// pays up to 15% after the static conv), ms, 1 -> 8 channels: 256@14 29.3
+// -> 27.4 and 29.2 -> 28.0, 128@28 28.5 -> 23.9, 256@21 73.6 -> 66.5,
+// 64->128@42 61.1 -> 51.1 (a slow spell of the VM); 16 and 32 no better.
+// Prefetching the runs a few panels ahead (for writing) gained nothing.
 constexpr int64_t kWinogradInputBlock = 8;
 
 // V = B^T d B of every tile of samples [0, n) of `in` (n x groups * depth
