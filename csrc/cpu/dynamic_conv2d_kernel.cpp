@@ -2142,7 +2142,39 @@ void winograd_prepack_panel_avx512(const WinogradPanel& pn) {
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(pn.row_stride)));
   const __mmask16 mask = static_cast<__mmask16>((1u << pn.valid) - 1);
-  for (int64_t q = 0; q < pn.depth; ++q) {
+  int64_t q = 0;
+  if (!pn.flipped && pn.step_stride == 9) {
+    // The forward's rows hold each step's 9 taps contiguously: 8 steps of
+    // a row are 72 floats, so 8 rows' runs go through nine 8x8 register
+    // transposes per half panel instead of 9 gathers of 16 rows per step
+    // (rows 9 KB apart at 256 channels). AMD Zen 4, 256@14 forward (perf):
+    // the kernels' transform 0.16 / 0.13 -> 0.08 / 0.08 of the
+    // micro-kernels' time. grad_x's rows are 9 floats apart, and the steps
+    // past the last 8 are few: both keep the gathers.
+    alignas(64) static const float zeros[72] = {};
+    alignas(64) float taps[72][kMR];  // [step * 9 + tap][row]
+    for (; q + 8 <= pn.depth; q += 8) {
+      for (int64_t half = 0; half < 2; ++half) {
+        const float* rows[8];
+        for (int64_t i = 0; i < 8; ++i) {
+          const int64_t r = half * 8 + i;
+          rows[i] = r < pn.valid ? pn.w + r * pn.row_stride + q * 9 : zeros;
+        }
+        for (int64_t col = 0; col < 72; col += 8) {
+          __m256 m[8];
+          for (int64_t i = 0; i < 8; ++i) m[i] = _mm256_loadu_ps(rows[i] + col);
+          transpose8x8(m);
+          for (int64_t j = 0; j < 8; ++j) _mm256_store_ps(&taps[col + j][half * 8], m[j]);
+        }
+      }
+      for (int64_t step = 0; step < 8; ++step) {
+        WinogradVec g[9];
+        for (int t = 0; t < 9; ++t) std::memcpy(&g[t], taps[step * 9 + t], sizeof(g[t]));
+        winograd_store_step(g, pn.dst + (q + step) * kMR, pn.pos_stride, pn.first, pn.positions);
+      }
+    }
+  }
+  for (; q < pn.depth; ++q) {
     const float* src = pn.w + q * pn.step_stride;
     WinogradVec g[9];
     for (int t = 0; t < 9; ++t)
