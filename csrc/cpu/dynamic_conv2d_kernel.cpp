@@ -1603,6 +1603,16 @@ inline float* class_panel_b(float* packed, const ConvGeometry& g, const PackedGe
          (panel * g.group_in_channels + c % g.group_in_channels) * ntaps * kNR;
 }
 
+// The 16 floats at indices idx of the 64 in v[0..3] (two two-register
+// permutes; `high` has the lanes whose index has bit 5 set, from v[2..3]),
+// zero outside `inside`.
+__attribute__((target("avx512f,avx2,fma")))
+inline __m512 pick_from_registers(const __m512 v[4], __m512i idx, __mmask16 high, __mmask16 inside) {
+  const __m512 low_pair = _mm512_permutex2var_ps(v[0], idx, v[1]);
+  const __m512 high_pair = _mm512_permutex2var_ps(v[2], idx, v[3]);
+  return _mm512_maskz_mov_ps(inside, _mm512_mask_blend_ps(high, low_pair, high_pair));
+}
+
 // Input planes of at most this many floats (four AVX-512 registers) are
 // unfolded by unfold_channels_classes_in_registers.
 constexpr int64_t kRegisterPlaneFloats = 64;
@@ -1636,11 +1646,9 @@ void unfold_channels_classes_in_registers(const float* x, float* packed, const P
         for (int64_t e = 0; e < panel_entries; e += 16) {
           const __mmask16 lanes = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, panel_entries - e)) - 1);
           const __m512i at = _mm512_maskz_loadu_epi32(lanes, offsets + e);
-          const __m512 low = _mm512_permutex2var_ps(v[0], at, v[1]);
-          const __m512 high = _mm512_permutex2var_ps(v[2], at, v[3]);
-          const __m512 picked = _mm512_mask_blend_ps(_mm512_test_epi32_mask(at, pair_bit), low, high);
           const __mmask16 inside = _mm512_cmpge_epi32_mask(at, _mm512_setzero_si512());
-          _mm512_mask_storeu_ps(dst + e, lanes, _mm512_maskz_mov_ps(inside, picked));
+          _mm512_mask_storeu_ps(dst + e, lanes,
+                                pick_from_registers(v, at, _mm512_test_epi32_mask(at, pair_bit), inside));
         }
       }
     }
@@ -1691,10 +1699,8 @@ void unfold_channels_classes_windowed(const float* x, float* packed, const Plan&
           __m512 v[4];
           for (int64_t r = 0; r < 4; ++r)
             v[r] = loads[r] == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(loads[r], src + r * 16);
-          const __m512 low = _mm512_permutex2var_ps(v[0], local, v[1]);
-          const __m512 high = _mm512_permutex2var_ps(v[2], local, v[3]);
           _mm512_mask_storeu_ps(class_panel_b(packed, g, s, cl, panel, c) + e, lanes,
-                                _mm512_maskz_mov_ps(inside, _mm512_mask_blend_ps(high_pair, low, high)));
+                                pick_from_registers(v, local, high_pair, inside));
         }
       }
   }
