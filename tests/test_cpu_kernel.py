@@ -498,6 +498,7 @@ SKIP_CASES = [
     Case(3, 8, 16, 3, 3, padding=(1, 1)),  # a 1-pixel interior
     Case(2, 8, 16, 5, 70, padding=(1, 1)),  # rows too long for most windows: gathered
     Case(2, 20, 70, 5, 5, padding=(1, 1)),  # grad_x: 630 reduction steps, two blocks of 35 rows
+    Case(3, 24, 20, 7, 7, padding=(1, 1), groups=2),  # 8-channel unfold blocks across a group boundary
 ]
 
 

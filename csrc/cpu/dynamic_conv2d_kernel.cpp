@@ -1662,32 +1662,66 @@ inline __m512 pick_from_registers(const __m512 v[4], __m512i idx, __mmask16 high
 // unfolded by unfold_channels_classes_in_registers.
 constexpr int64_t kRegisterPlaneFloats = 64;
 
+// The AVX-512 class unfolds below write each (class, pixel panel)'s entries
+// of the block's channels (adjacent in B: 8 x 54 floats at 9 taps) into an
+// L1 run first and stream the run out (copy_streaming): B is written once
+// per chunk and read back from the last-level cache or memory, and the
+// entries' plain stores had stalled on reads for ownership. AMD Zen 4,
+// interleaved, paired medians streamed / plain, in a slow spell of the VM
+// (the static conv 20% slower than usual): forward 512@7 0.98, 512@5
+// 0.89-0.94; grad_x 512@7 45.3 -> 39.3 ms, 512@5 25.5 -> 21.7; in a normal
+// one: forward 512@7 0.97-0.98, 512@5 0.97-0.98, 128->256 28->14 and
+// 256->512 14->7 0.97-1.01; grad_x 512@7 36.4 -> 35.0, 512@5 20.2 -> 20.0
+// (bitwise equal).
+
+// The run of channels [c0, c1) of one (class, pixel panel): up to
+// kUnfoldChannelBlock channels' panel_entries floats each.
+float* class_run_buffer(int64_t floats) {
+  thread_local std::vector<float> run;
+  if (static_cast<int64_t>(run.size()) < floats) run.resize(floats);
+  return run.data();
+}
+
+// Streams the run of channels [c0, c1) of (class cl, panel) into B: one
+// copy per conv group it spans (a group's channels are adjacent in B).
+void stream_class_run(const float* run, int64_t c0, int64_t c1, float* packed, const ConvGeometry& g,
+                      const PackedGemm& s, const TapClass& cl, int64_t panel, int64_t panel_entries) {
+  for (int64_t c = c0, next; c < c1; c = next) {
+    next = std::min(c1, (c / g.group_in_channels + 1) * g.group_in_channels);
+    copy_streaming(class_panel_b(packed, g, s, cl, panel, c), run + (c - c0) * panel_entries,
+                   (next - c) * panel_entries, PackedIsa::kAvx512);
+  }
+}
+
 // unfold_channels_classes for planes of at most kRegisterPlaneFloats: each
-// channel's plane is loaded into four registers once, and every 16 entries
-// of every class are picked out of them by two two-register permutes and a
+// channel's plane is held in four registers, and every 16 entries of a
+// class's panel are picked out of them by two two-register permutes and a
 // blend (offset bit 5 picks the pair, a negative offset gives zero). The
 // masked gathers it replaces took 5.7% of the kernel time of the forward at
 // 512@7 on AMD Zen 4 (this: 3.4%); in-process A/Bs there, ms, gathers ->
 // registers: forward 512@7 42.1 -> 40.0 and 38.0 -> 37.8, 512@5 22.4 ->
 // 22.3 and 21.8 -> 21.3; grad_x 512@7 40.2 -> 40.2 and 41.2 -> 39.7, 512@5
-// 24.1 -> 23.5 and 23.9 -> 23.2 (the outputs bitwise equal).
+// 24.1 -> 23.5 and 23.9 -> 23.2 (the outputs bitwise equal). The plane's
+// four loads are redone per panel (from L1) so that a panel's run is
+// written whole.
 __attribute__((target("avx512f,avx2,fma")))
 void unfold_channels_classes_in_registers(const float* x, float* packed, const Plan& p, const PackedGemm& s,
                                           const TapClasses& classes, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
   const int64_t plane = g.height * g.width;
   const __m512i pair_bit = _mm512_set1_epi32(32);
-  for (int64_t c = c0; c < c1; ++c) {
-    __m512 v[4];
-    for (int64_t r = 0; r < 4; ++r) {
-      const int64_t valid = std::clamp<int64_t>(plane - r * 16, 0, 16);
-      v[r] = _mm512_maskz_loadu_ps(static_cast<__mmask16>((uint32_t{1} << valid) - 1), x + c * plane + r * 16);
-    }
-    for (const TapClass& cl : classes.classes) {
-      const int64_t panel_entries = static_cast<int64_t>(cl.taps.size()) * kNR;
-      const int32_t* offsets = classes.gather.data() + cl.gather_offset;
-      for (int64_t panel = 0; panel * kNR < cl.pixels; ++panel, offsets += panel_entries) {
-        float* dst = class_panel_b(packed, g, s, cl, panel, c);
+  __mmask16 loads[4];
+  for (int64_t r = 0; r < 4; ++r)
+    loads[r] = static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(plane - r * 16, 0, 16)) - 1);
+  float* const run = class_run_buffer((c1 - c0) * classes.taps * kNR);
+  for (const TapClass& cl : classes.classes) {
+    const int64_t panel_entries = static_cast<int64_t>(cl.taps.size()) * kNR;
+    const int32_t* offsets = classes.gather.data() + cl.gather_offset;
+    for (int64_t panel = 0; panel * kNR < cl.pixels; ++panel, offsets += panel_entries) {
+      for (int64_t c = c0; c < c1; ++c) {
+        __m512 v[4];
+        for (int64_t r = 0; r < 4; ++r) v[r] = _mm512_maskz_loadu_ps(loads[r], x + c * plane + r * 16);
+        float* dst = run + (c - c0) * panel_entries;
         for (int64_t e = 0; e < panel_entries; e += 16) {
           const __mmask16 lanes = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, panel_entries - e)) - 1);
           const __m512i at = _mm512_maskz_loadu_epi32(lanes, offsets + e);
@@ -1696,6 +1730,7 @@ void unfold_channels_classes_in_registers(const float* x, float* packed, const P
                                 pick_from_registers(v, at, _mm512_test_epi32_mask(at, pair_bit), inside));
         }
       }
+      stream_class_run(run, c0, c1, packed, g, s, cl, panel, panel_entries);
     }
   }
 }
@@ -1703,25 +1738,25 @@ void unfold_channels_classes_in_registers(const float* x, float* packed, const P
 // unfold_channels_classes for larger planes on AVX-512: each group of 16
 // entries whose offsets fit in a window of kWindowFloats (TapClasses::
 // windows) is picked out of the window's four registers as in
-// unfold_channels_classes_in_registers, the others by a masked gather. A
-// group's indices are set up once for all the channels. At stride 2 the
-// taps of a panel's 6 pixels span 13 columns, so most groups fit (128->256
-// 28->14: 128 of 134; 256->512 14->7: 30 of 33). The gathers took 0.18 to
-// 0.50 of the micro-kernels' time in the forward of those two on AMD Zen 4
-// (perf, from run to run), this 0.12 and 0.08; ms, 23.0 -> 21.6 and 23.8
-// -> 21.2 (outputs bitwise equal).
+// unfold_channels_classes_in_registers, the others by a masked gather. At
+// stride 2 the taps of a panel's 6 pixels span 13 columns, so most groups
+// fit (128->256 28->14: 128 of 134; 256->512 14->7: 30 of 33). The gathers
+// took 0.18 to 0.50 of the micro-kernels' time in the forward of those two
+// on AMD Zen 4 (perf, from run to run), this 0.12 and 0.08; ms, 23.0 ->
+// 21.6 and 23.8 -> 21.2 (outputs bitwise equal).
 __attribute__((target("avx512f,avx2,fma")))
 void unfold_channels_classes_windowed(const float* x, float* packed, const Plan& p, const PackedGemm& s,
                                       const TapClasses& classes, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
   const int64_t plane = g.height * g.width;
   const __m512i pair_bit = _mm512_set1_epi32(32);
+  float* const run = class_run_buffer((c1 - c0) * classes.taps * kNR);
   for (const TapClass& cl : classes.classes) {
     const int64_t panel_entries = static_cast<int64_t>(cl.taps.size()) * kNR;
     const int64_t panel_groups = (panel_entries + 15) / 16;
     const int32_t* offsets = classes.gather.data() + cl.gather_offset;
     const int32_t* windows = classes.windows.data() + cl.window_offset;
-    for (int64_t panel = 0; panel * kNR < cl.pixels; ++panel, offsets += panel_entries, windows += panel_groups)
+    for (int64_t panel = 0; panel * kNR < cl.pixels; ++panel, offsets += panel_entries, windows += panel_groups) {
       for (int64_t e = 0; e < panel_entries; e += 16) {  // the group's indices once, for every channel
         const __mmask16 lanes = static_cast<__mmask16>((uint32_t{1} << std::min<int64_t>(16, panel_entries - e)) - 1);
         const __m512i at = _mm512_maskz_loadu_epi32(lanes, offsets + e);
@@ -1729,7 +1764,7 @@ void unfold_channels_classes_windowed(const float* x, float* packed, const Plan&
         const int32_t window = windows[e / 16];
         if (window < 0) {
           for (int64_t c = c0; c < c1; ++c)
-            _mm512_mask_storeu_ps(class_panel_b(packed, g, s, cl, panel, c) + e, lanes,
+            _mm512_mask_storeu_ps(run + (c - c0) * panel_entries + e, lanes,
                                   _mm512_mask_i32gather_ps(_mm512_setzero_ps(), inside, at, x + c * plane, 4));
           continue;
         }
@@ -1744,10 +1779,12 @@ void unfold_channels_classes_windowed(const float* x, float* packed, const Plan&
           __m512 v[4];
           for (int64_t r = 0; r < 4; ++r)
             v[r] = loads[r] == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(loads[r], src + r * 16);
-          _mm512_mask_storeu_ps(class_panel_b(packed, g, s, cl, panel, c) + e, lanes,
+          _mm512_mask_storeu_ps(run + (c - c0) * panel_entries + e, lanes,
                                 pick_from_registers(v, local, high_pair, inside));
         }
       }
+      stream_class_run(run, c0, c1, packed, g, s, cl, panel, panel_entries);
+    }
   }
 }
 
@@ -1820,6 +1857,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
           unfold_channels_packed(x_chunk + i * p.plane, b_chunk + i * s.sample_b, p, s, c0, c1, rows);
         }
       }
+      _mm_sfence();  // streamed runs (the AVX-512 class unfolds), before the GEMM's threads read them
     });
     run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked, workers,
                     [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
