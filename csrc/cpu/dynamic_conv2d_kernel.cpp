@@ -2227,8 +2227,6 @@ CHANFLEX_INLINE void winograd_kernel_transform(const V* g, V* u) {
 
 typedef float WinogradVec __attribute__((vector_size(kMR * sizeof(float)), aligned(4)));
 
-// Transforms one reduction step's taps (g, 16 rows as lanes) and writes
-// positions [first, first + positions)' panel vectors, pos_stride floats apart.
 // How winograd_store_step writes a position's vector (whole, aligned
 // lines): plainly, or streamed past the caches (AVX-512). The pass's
 // transformed kernels are written once and read by every chunk's GEMM from
@@ -2245,6 +2243,9 @@ struct StreamVecStore {
   }
 };
 
+// Transforms one reduction step's taps (g, 16 rows as lanes) and writes
+// positions [first, first + positions)' panel vectors, pos_stride floats apart,
+// through `store`.
 template <typename Store = PlainVecStore>
 CHANFLEX_INLINE void winograd_store_step(const WinogradVec* g, float* dst, int64_t pos_stride, int64_t first,
                                          int64_t positions, const Store& store = Store()) {
