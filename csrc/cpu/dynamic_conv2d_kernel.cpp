@@ -1738,8 +1738,9 @@ void unfold_channels_classes_in_registers(const float* x, float* packed, const P
 // unfold_channels_classes for larger planes on AVX-512: each group of 16
 // entries whose offsets fit in a window of kWindowFloats (TapClasses::
 // windows) is picked out of the window's four registers as in
-// unfold_channels_classes_in_registers, the others by a masked gather. At
-// stride 2 the taps of a panel's 6 pixels span 13 columns, so most groups
+// unfold_channels_classes_in_registers, the others by a masked gather. A
+// group's indices are set up once for all the channels. At stride 2 the
+// taps of a panel's 6 pixels span 13 columns, so most groups
 // fit (128->256 28->14: 128 of 134; 256->512 14->7: 30 of 33). The gathers
 // took 0.18 to 0.50 of the micro-kernels' time in the forward of those two
 // on AMD Zen 4 (perf, from run to run), this 0.12 and 0.08; ms, 23.0 ->
