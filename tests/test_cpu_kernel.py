@@ -514,7 +514,9 @@ def _force_on_packed_isa(monkeypatch, isa, switch):
 @pytest.fixture(params=["avx512", "avx2"], ids=lambda isa: f"isa-{isa}")
 def skip_padding(request, monkeypatch):
     # Forced on for both packed ISAs (their skipping micro-kernels differ),
-    # grad_x through the transposed conv on both.
+    # grad_x through the transposed conv on both; the plane kernels, which
+    # would take the 5x5 and 7x7 cases on AVX-512, off.
+    monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", "0")
     return _force_on_packed_isa(monkeypatch, request.param, "CHANFLEX_CPU_SKIP_PADDING")
 
 
@@ -552,17 +554,78 @@ def test_skipped_padding_scratch_reuse(monkeypatch, skip_padding):
 
 
 @pytest.mark.parametrize("variable, expected", [("CHANFLEX_CPU_WINOGRAD", "'0', '1', '2' or '4'"),
-                                                  ("CHANFLEX_CPU_SKIP_PADDING", "'0' or '1'")])
+                                                  ("CHANFLEX_CPU_SKIP_PADDING", "'0' or '1'"),
+                                                  ("CHANFLEX_CPU_DIRECT_PLANES", "'0' or '1'")])
 def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
-    # A 3x3 pad-1 forward on a 7x7 plane reads both (Winograd's and the
-    # padding classes') switches on the packed paths.
+    # A 3x3 pad-1 forward on a 7x7 plane reads all three (Winograd's, the
+    # plane kernels' and, with those off, the padding classes') switches on
+    # the packed paths.
     from comparison import make_inputs
     if torch.ops.chanflex.cpu_packed_isa() == "generic":
         pytest.skip("the switches belong to the packed paths (AVX2 or AVX-512)")
     x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(SKIP_CASES[0]))
+    if variable == "CHANFLEX_CPU_SKIP_PADDING":
+        monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", "0")
     monkeypatch.setenv(variable, "yes")
     with pytest.raises(RuntimeError, match=f"{variable}: expected {expected}, got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)
+
+
+# Plane kernels (AVX-512 float32; 3x3, stride 1, pad 1 on 5x5 and 7x7
+# planes): one call a band of whole output rows (5x5 whole, 7x7 as rows 0-2
+# and 3-6), one accumulator a pixel, the input broadcast from its own plane;
+# grad_x through the transposed conv takes them too. 1 to 8 kernels mix in
+# the first band's calls (9 fall back to the padding classes); 17 rows a
+# group leave a short row panel; 600 and 130 channels carry partial sums
+# over reduction blocks; odd batches leave a sample without a pair.
+PLANE_CASES = [
+    Case(3, 16, 16, 5, 5, padding=(1, 1)),
+    Case(5, 130, 40, 7, 7, padding=(1, 1), num_kernels=8),
+    Case(4, 64, 34, 5, 5, padding=(1, 1), groups=2, num_kernels=3),
+    Case(3, 24, 20, 7, 7, padding=(1, 1), groups=2, num_kernels=1, bias=False),
+    Case(2, 600, 24, 5, 5, padding=(1, 1)),
+    Case(3, 16, 48, 7, 7, padding=(1, 1), num_kernels=9),
+    Case(4, 16, 32, 7, 7, padding=(1, 1), layout="channels_last"),
+]
+
+
+@pytest.fixture
+def plane_kernels(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx512":
+        pytest.skip("the plane kernels are AVX-512 only")
+
+
+@pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: c.id)
+def test_plane_kernels_match_reference(case, threads, plane_kernels):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True)], ids=str)
+def test_plane_kernels_backward_output_masks(mask, plane_kernels):
+    assert_masked_backward_matches(PLANE_CASES[2], mask)
+
+
+@pytest.mark.parametrize("width", [5, 7])
+def test_plane_kernels_taken_by_default(monkeypatch, width, plane_kernels):
+    # Their sums equal the padding classes' bit for bit (same products, same
+    # order) except where the classes multiply padding: an edge row's
+    # corners. An infinite weight on tap (1, 0), which reads the padding left
+    # of the top-left pixel, leaves that pixel finite on the plane kernels
+    # (by default) and makes it NaN (0 * inf) on the classes.
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, width, width)
+    weight = torch.randn(4, 16, 16, 3, 3)
+    weight[:, 0, 0, 1, 0] = float("inf")
+    attn = torch.softmax(torch.randn(3, 4), dim=1)
+    corner = {}
+    for value in (None, "0"):
+        if value is not None:
+            monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", value)
+        with torch.no_grad():
+            corner[value] = dynamic_conv2d(x, weight, attn, padding=1)[:, 0, 0, 0]
+    assert corner[None].isfinite().all(), corner[None]
+    assert corner["0"].isnan().all(), corner["0"]
 
 
 # The direct weight gradient: dW and dattn from the channels-last input, one

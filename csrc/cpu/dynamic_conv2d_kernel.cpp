@@ -1244,6 +1244,144 @@ MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int6
   if (isa != PackedIsa::kAvx512) return kMicroKernelsAvx2[pixels];
   return (pair ? kPairMicroKernelsAvx512 : kMicroKernelsAvx512)[row_panels - 1][mix_kernels][pixels];
 }
+// ---------------------------------------------------------------------------
+// Direct small planes (forward and transposed grad_x, AVX-512): 3x3, stride
+// 1, pad 1 convs on W x W planes of W in kPlaneWidths.
+//
+// The padding classes still multiply the corners of the edge rows (177 of
+// 169 products a channel pair at 5x5) and split the plane into calls of 3
+// to 9 pixels that stream A again each (at 512@5 the 3- and 5-pixel calls
+// took 40% more per product than the 9-pixel one). Here one call covers a
+// band of whole rows (the whole plane at 5x5; rows 0-2 and 3-6 at 7x7)
+// with one accumulator a pixel (16 rows of A): for each tap, one A vector
+// times exactly the pixels whose input is inside the image, each input
+// value broadcast from the sample's own plane by the FMA itself. No
+// unfolded B is written, and the products are those of the direct conv.
+constexpr int64_t kPlaneWidths[] = {5, 7};
+constexpr int kPlaneTaps = 9;
+
+// The kc steps (kc / 9 channels, 9 taps each) of one 16-row A panel (or,
+// MIX, of the K kernels' panels, mixed as in micro_kernel_avx512) times
+// output rows [ROW0, ROW0 + ROWS) of a W x W plane: b is the first
+// channel's plane, b_plane floats between channels. Sums go as in
+// micro_kernel_avx512 (MicroOut), pixel j of the band its column j.
+template <int W, int ROW0, int ROWS, int MIX, bool PAIR>
+__attribute__((target("avx512f,avx2,fma")))
+void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, int64_t b_plane,
+                         const MicroOut& out, const MicroMix* mix) {
+  constexpr int NP = ROWS * W;
+  static_assert(NP <= 28, "one register a pixel, beside A and the mixing's");
+  __m512 acc[NP];
+#pragma GCC unroll 28
+  for (int j = 0; j < NP; ++j)
+    acc[j] = out.load_partial ? _mm512_load_ps(out.partial + j * out.partial_ld) : _mm512_setzero_ps();
+  const float* ap = MIX ? mix->kernels : a;
+  float* mp = MIX ? mix->mixed : nullptr;
+  float* np = PAIR ? mix->mixed_next : nullptr;
+  const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
+  const int64_t channels = kc / kPlaneTaps;
+  for (int64_t c = 0; c < channels; ++c, b += b_plane) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + W * W - 1), _MM_HINT_T0);
+#pragma GCC unroll 9
+    for (int t = 0; t < kPlaneTaps; ++t) {
+      __m512 av;
+      if constexpr (MIX) {
+        __m512 kv = _mm512_loadu_ps(ap);
+        av = mul_broadcast(kv, mix->attn);
+        __m512 an = PAIR ? mul_broadcast(kv, mix->attn_next) : av;
+#pragma GCC unroll 8
+        for (int k = 1; k < MIX; ++k) {
+          kv = _mm512_loadu_ps(ap + k * mix_stride);
+          av = fmadd_broadcast(kv, mix->attn + k, av);
+          if constexpr (PAIR) an = fmadd_broadcast(kv, mix->attn_next + k, an);
+        }
+#pragma GCC unroll 8
+        for (int k = 0; k < MIX; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(ap + k * mix_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
+        _mm512_storeu_ps(mp, av);
+        mp += kMR;
+        if constexpr (PAIR) {
+          _mm512_storeu_ps(np, an);
+          np += kMR;
+        }
+      } else {
+        av = _mm512_loadu_ps(ap);
+        _mm_prefetch(reinterpret_cast<const char*>(ap + kPrefetchSteps * kMR), _MM_HINT_T0);
+      }
+      ap += kMR;
+      const int ki = t / 3, kj = t % 3;
+#pragma GCC unroll 28
+      for (int j = 0; j < NP; ++j) {
+        const int ih = ROW0 + j / W + ki - 1, iw = j % W + kj - 1;
+        if (ih >= 0 && ih < W && iw >= 0 && iw < W) acc[j] = fmadd_broadcast(av, b + ih * W + iw, acc[j]);
+      }
+    }
+  }
+  if (out.store_partial) {
+#pragma GCC unroll 28
+    for (int j = 0; j < NP; ++j) _mm512_store_ps(out.partial + j * out.partial_ld, acc[j]);
+    return;
+  }
+  alignas(64) float tile[NP][kMR];
+#pragma GCC unroll 28
+  for (int j = 0; j < NP; ++j) _mm512_store_ps(tile[j], acc[j]);
+  for (int64_t i = 0; i < out.mr; ++i) {
+    float* row = out.c + i * out.ldc;
+    for (int j = 0; j < NP; ++j) row[j] = tile[j][i];
+  }
+}
+
+// The bands of output rows one call covers: (first row, rows), at most 28
+// pixels each; the first band takes the mixing calls, so it is the smaller.
+struct PlaneBand {
+  int64_t row0, rows;
+};
+inline std::vector<PlaneBand> plane_bands(int64_t width) {
+  if (width == 5) return {{0, 5}};
+  return {{0, 3}, {3, 4}};
+}
+
+template <int W, int ROW0, int ROWS, bool PAIR, size_t... MIX>
+constexpr std::array<MicroKernel, kMaxMicroMixKernels + 1> plane_kernel_row(std::index_sequence<MIX...>) {
+  if constexpr (PAIR) return {nullptr, plane_kernel_avx512<W, ROW0, ROWS, static_cast<int>(MIX) + 1, true>...};
+  else return {plane_kernel_avx512<W, ROW0, ROWS, 0, false>,
+               plane_kernel_avx512<W, ROW0, ROWS, static_cast<int>(MIX) + 1, false>...};
+}
+// [width index][band][pair][kernels it mixes, 0: none (not for pairs)]; the
+// second band never mixes.
+using PlaneKernelRow = std::array<MicroKernel, kMaxMicroMixKernels + 1>;
+const PlaneKernelRow kPlaneKernels[2][2][2] = {
+    {{plane_kernel_row<5, 0, 5, false>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+      plane_kernel_row<5, 0, 5, true>(std::make_index_sequence<kMaxMicroMixKernels>{})},
+     {}},
+    {{plane_kernel_row<7, 0, 3, false>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+      plane_kernel_row<7, 0, 3, true>(std::make_index_sequence<kMaxMicroMixKernels>{})},
+     {PlaneKernelRow{plane_kernel_avx512<7, 3, 4, 0, false>}, {}}}};
+
+MicroKernel plane_kernel(int64_t width, size_t band, int64_t mix_kernels, bool pair) {
+  const MicroKernel kernel = kPlaneKernels[width == 5 ? 0 : 1][band][pair][mix_kernels];
+  TORCH_CHECK(kernel != nullptr, "plane_kernel: no kernel for width ", width, ", band ", band, ", mixing ",
+              mix_kernels, pair ? " (pair)" : "");
+  return kernel;
+}
+
+// Whether a forward (or grad_x's transposed forward) of geometry g runs on
+// the plane kernels: AVX-512 float32, 3x3, stride 1, undilated, pad 1, a W x W
+// plane of W in kPlaneWidths, the K kernels mixed in the micro-kernel;
+// CHANFLEX_CPU_DIRECT_PLANES=0 switches it off (tests, A/Bs).
+bool use_plane_kernels(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
+  const char* env = std::getenv("CHANFLEX_CPU_DIRECT_PLANES");
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1",
+              "CHANFLEX_CPU_DIRECT_PLANES: expected '0' or '1', got '", value, "'");
+  if (value == "0" || isa != PackedIsa::kAvx512 || num_kernels < 1 || num_kernels > kMaxMicroMixKernels) return false;
+  const bool square = g.height == g.width && g.out_h == g.height && g.out_w == g.width;
+  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 &&
+         g.dilation[1] == 1 && g.padding[0] == 1 && g.padding[1] == 1 && square &&
+         std::find(std::begin(kPlaneWidths), std::end(kPlaneWidths), g.width) != std::end(kPlaneWidths);
+}
+
 // Whether run_packed_gemm's micro-kernels mix A themselves rather than a pass
 // of its own for blocks of samples (AVX-512 A/B, ms, separate -> in the
 // micro-kernel, K = 4: fwd 512@7 35.3 -> 33.8, 512@10 68.6 -> 64.1, 512@5
@@ -1477,12 +1615,18 @@ int64_t packed_gemm_worker_floats(const PackedGemm& s, int64_t n, bool prepacked
 // packed_gemm_worker_floats(s, n, prepacked) floats. With `classes` (and
 // s.depth_multiple == classes->taps), the pixels go class by class in their
 // permuted order, and b_packed holds each class's taps only (see TapClasses).
+// With plane_width (use_plane_kernels), b_packed is the samples' input
+// itself (s.sample_b and s.group_b apart, s.depth_multiple == 9) and the
+// plane kernels take the calls, band by band.
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
                      const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block,
-                     const TapClasses* classes = nullptr) {
+                     const TapClasses* classes = nullptr, int64_t plane_width = 0) {
   TORCH_CHECK(classes == nullptr || s.depth_multiple == classes->taps,
               "run_packed_gemm: tap classes need reduction blocks of whole channels");
+  TORCH_CHECK(plane_width == 0 || (classes == nullptr && s.depth_multiple == kPlaneTaps),
+              "run_packed_gemm: plane kernels need reduction blocks of whole channels and no tap classes");
+  const std::vector<PlaneBand> bands = plane_width > 0 ? plane_bands(plane_width) : std::vector<PlaneBand>{};
   // Without classes, one class of every pixel and every tap.
   TapClasses all_pixels;
   all_pixels.classes.push_back(TapClass{0, s.pixels, 0, {}});
@@ -1493,7 +1637,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t tile_tasks = q.tile_tasks;
   const bool split_samples = q.split_samples;
   const int64_t tile_floats = packed_tile_floats(s);
-  const int64_t rows_per_call = row_panels_per_call(s.isa);
+  const int64_t rows_per_call = plane_width > 0 ? 1 : row_panels_per_call(s.isa);
   const int64_t depth = q.depth;
   const int64_t block = q.block;
   const int64_t blocks = (n + block - 1) / block;
@@ -1544,6 +1688,29 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
             // stay in L1 while the (narrower) B panels stream from L2.
             for (int64_t panel = 0; panel < panels; panel += rows_per_call) {
               const int64_t np = std::min(rows_per_call, panels - panel);
+              // Mixed in the micro-kernel, a row panel pair's A is used up
+              // before the next pair's: every pair reuses the same buffer.
+              float* a_call = pair_second ? a_next + panel * kc * kMR
+                                          : a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
+              const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
+                                 attn + (i0 + si) * K, K, a_call,
+                                 pair_first ? attn + (i0 + si + 1) * K : nullptr,
+                                 pair_first ? a_next + panel * kc * kMR : nullptr};
+              for (size_t band = 0; band < bands.size(); ++band) {
+                const int64_t first = bands[band].row0 * plane_width;
+                const MicroOut out{c_tile + panel * kMR * s.pixels + first,
+                                   s.pixels,
+                                   std::min(kMR, nr - panel * kMR),
+                                   partial + first * q.partial_ld + panel * kMR,
+                                   q.partial_ld,
+                                   /*load_partial=*/q0 > 0,
+                                   /*store_partial=*/q0 + kc < s.depth};
+                const bool mixes = fused_mix && band == 0 && !pair_second;
+                plane_kernel(plane_width, band, mixes ? K : 0, mixes && pair_first)(
+                    kc, a_call, kc * kMR, b_group + q0 / kPlaneTaps * plane_width * plane_width,
+                    plane_width * plane_width, out, mixes ? &mix : nullptr);
+              }
+              if (plane_width > 0) continue;
               for (const TapClass& cl : pixel_classes.classes) {
                 // A class with fewer taps has that share of the steps, in
                 // B panels of its own (classes[0] has every tap).
@@ -1568,14 +1735,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                     out.ntaps = ntaps;
                     out.channel_steps = classes->taps;
                   }
-                  // Mixed in the micro-kernel, a row panel pair's A is used up
-                  // before the next pair's: every pair reuses the same buffer.
-                  float* a_call = pair_second ? a_next + panel * kc * kMR
-                                              : a_mixed + (fused_mix ? 0 : (si * panels + panel) * kc * kMR);
-                  const MicroMix mix{a_kernels + (panel * a_depth + a_q0) * kMR, a_depth * kMR, panels * a_depth * kMR,
-                                     attn + (i0 + si) * K, K, a_call,
-                                     pair_first ? attn + (i0 + si + 1) * K : nullptr,
-                                     pair_first ? a_next + panel * kc * kMR : nullptr};
                   const bool mixes = fused_mix && first == 0 && !pair_second;
                   const MicroKernel kernel = skips ? skip_micro_kernel(s.isa, np, valid)
                                                    : micro_kernel(s.isa, np, valid, mixes ? K : 0, mixes && pair_first);
@@ -1825,6 +1984,20 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
                          float* y) {
   const ConvGeometry& g = p.g;
   PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
+  if (use_plane_kernels(g, isa, g.num_kernels)) {
+    // B is the input itself: nothing to unfold.
+    s.sample_b = p.plane;
+    s.group_b = g.group_in_channels * g.height * g.width;
+    s.depth_multiple = kPlaneTaps;
+    const int64_t chunk = g.batch;
+    const bool prepack = use_prepacked_kernels(g.batch, chunk);
+    const auto buffers = pass_scratch<2>({prepack ? prepacked_floats(s) : 0, packed_gemm_worker_floats(s, chunk, prepack)});
+    const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[0]) : nullptr;
+    run_packed_gemm(s, x, attn, g.batch, pack_a, prepacked, buffers[1],
+                    [&](int64_t i, int64_t group) { return y + (i * g.out_channels + group * p.rows) * p.pixels; },
+                    nullptr, g.width);
+    return;
+  }
   TapClasses classes = make_tap_classes(p);
   const bool skip_taps = use_tap_classes(classes, isa);
   if (skip_taps) {
