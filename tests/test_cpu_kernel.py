@@ -17,7 +17,11 @@ switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. The packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
 the transposed conv's forward where they are 15%), which several cases here
-take; the padding-skip tests force it on for both ISAs. The packed weight
+take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
+stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
+(forward and transposed grad_x; no unfold, one call a band of output rows),
+which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
+their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
 the image) by default on AVX-512 where 4% of its products are padding; the
 tests at the very end force that on for both ISAs. The cases below cover
@@ -598,6 +602,14 @@ def plane_kernels(monkeypatch):
 
 @pytest.mark.parametrize("case", PLANE_CASES, ids=lambda c: c.id)
 def test_plane_kernels_match_reference(case, threads, plane_kernels):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "20000"], ids=["chunk-threads", "chunk-20k"])
+@pytest.mark.parametrize("case", [PLANE_CASES[1], PLANE_CASES[2]], ids=lambda c: c.id)
+def test_plane_kernels_across_chunks(monkeypatch, case, chunk_bytes, plane_kernels):
+    # Chunks of one sample per thread or a few (prepacked kernels from 3 chunks on).
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 

@@ -19,7 +19,8 @@
 // output rows at a time (see "Forward of wide, shallow layers"); the packed
 // forward skips the products of padding taps (see "Padding taps skipped"),
 // and so does grad_x where it runs as the transposed conv's packed
-// forward. Large output planes run
+// forward; on AVX-512, 3x3 convs on 5x5 and 7x7 planes run both without an
+// unfold (see "Direct small planes"). Large output planes run
 // the library's direct conv on chunks of samples instead (see "Large output
 // planes").
 // Half and bfloat16 run in float32 and are rounded once at the end.
@@ -1989,13 +1990,17 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
     s.sample_b = p.plane;
     s.group_b = g.group_in_channels * g.height * g.width;
     s.depth_multiple = kPlaneTaps;
-    const int64_t chunk = g.batch;
+    // Chunks as the unfolding paths take them (bounding the partial sums).
+    const int64_t chunk = packed_gemm_chunk(p);
     const bool prepack = use_prepacked_kernels(g.batch, chunk);
     const auto buffers = pass_scratch<2>({prepack ? prepacked_floats(s) : 0, packed_gemm_worker_floats(s, chunk, prepack)});
     const float* prepacked = prepack ? prepack_kernels(s, pack_a, buffers[0]) : nullptr;
-    run_packed_gemm(s, x, attn, g.batch, pack_a, prepacked, buffers[1],
-                    [&](int64_t i, int64_t group) { return y + (i * g.out_channels + group * p.rows) * p.pixels; },
-                    nullptr, g.width);
+    for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
+      run_packed_gemm(s, x + b0 * p.plane, attn + b0 * g.num_kernels, std::min(chunk, g.batch - b0), pack_a, prepacked,
+                      buffers[1],
+                      [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
+                      nullptr, g.width);
+    }
     return;
   }
   TapClasses classes = make_tap_classes(p);
