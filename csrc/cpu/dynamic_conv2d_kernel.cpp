@@ -1249,10 +1249,11 @@ MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int6
 // Direct small planes (forward and transposed grad_x, AVX-512): 3x3, stride
 // 1, pad 1 convs on W x W planes of W in kPlaneWidths.
 //
-// The padding classes still multiply the corners of the edge rows (177 of
-// 169 products a channel pair at 5x5) and split the plane into calls of 3
-// to 9 pixels that stream A again each (at 512@5 the 3- and 5-pixel calls
-// took 40% more per product than the 9-pixel one). Here one call covers a
+// The padding classes still multiply the corners of the edge rows (177
+// products a channel pair at 5x5, where the direct conv does 169) and split
+// the plane into calls of 3 to 9 pixels that stream A again each (at 512@5
+// the 3- and 5-pixel calls took 10-40% more per product than the 9-pixel
+// one). Here one call covers a
 // band of whole rows (the whole plane at 5x5; rows 0-2 and 3-6 at 7x7)
 // with one accumulator a pixel (16 rows of A): for each tap, one A vector
 // times exactly the pixels whose input is inside the image, each input
