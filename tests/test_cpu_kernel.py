@@ -613,6 +613,21 @@ def test_plane_kernels_across_chunks(monkeypatch, case, chunk_bytes, plane_kerne
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
+@pytest.mark.parametrize("first", [0.0, 1e-30, 1e-41], ids=["zero", "tiny", "subnormal"])
+def test_plane_kernels_pivot_fallback(first, plane_kernels):
+    # The plane kernels mix with the attention pivoted on kernel 0 (ratios
+    # a_k / a_0, the sums scaled by a_0) only where every a_0 is a normal
+    # float and no ratio exceeds 2^24: one sample whose a_0 is 0, tiny or
+    # subnormal sends its chunk to the plain mixing. (The other cases have
+    # attention of either sign, pivoted.)
+    from comparison import make_inputs
+    case = PLANE_CASES[1]
+    x, weight, attn, bias = make_inputs(case)
+    attn = attn.clone()
+    attn[1, 0] = first
+    assert_matches_reference(dynamic_conv2d, case, torch.float32, inputs=(x, weight, attn, bias))
+
+
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, True)], ids=str)
 def test_plane_kernels_backward_output_masks(mask, plane_kernels):
     assert_masked_backward_matches(PLANE_CASES[2], mask)
