@@ -575,10 +575,11 @@ def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
         dynamic_conv2d(x, weight, attn, padding=1)
 
 
-# Plane kernels (AVX-512 float32; 3x3, stride 1, pad 1 on 5x5 and 7x7
-# planes): one call a band of whole output rows (5x5 whole, 7x7 as rows 0-2
-# and 3-6), one accumulator a pixel, the input broadcast from its own plane;
-# grad_x through the transposed conv takes them too. 1 to 8 kernels mix in
+# Plane kernels (AVX-512 float32; 3x3, pad 1: stride 1 on 5x5 and 7x7
+# planes, stride 2 from 14x14 to 7x7): one call a band of whole output rows
+# (5x5 whole, 7x7 as rows 0-2 and 3-6), one accumulator a pixel, the input
+# broadcast from its own plane; grad_x of the stride-1 ones through the
+# transposed conv takes them too (13x13 and 15x15 at stride 2 do not). 1 to 8 kernels mix in
 # the first band's calls (9 fall back to the padding classes); 17 rows a
 # group leave a short row panel; 600 and 130 channels carry partial sums
 # over reduction blocks; odd batches leave a sample without a pair.
@@ -590,6 +591,9 @@ PLANE_CASES = [
     Case(2, 600, 24, 5, 5, padding=(1, 1)),
     Case(3, 16, 48, 7, 7, padding=(1, 1), num_kernels=9),
     Case(4, 16, 32, 7, 7, padding=(1, 1), layout="channels_last"),
+    Case(3, 16, 16, 14, 14, stride=(2, 2), padding=(1, 1)),
+    Case(5, 70, 40, 14, 14, stride=(2, 2), padding=(1, 1), num_kernels=8, groups=2),
+    Case(3, 24, 20, 13, 13, stride=(2, 2), padding=(1, 1)),
 ]
 
 
@@ -633,8 +637,8 @@ def test_plane_kernels_backward_output_masks(mask, plane_kernels):
     assert_masked_backward_matches(PLANE_CASES[2], mask)
 
 
-@pytest.mark.parametrize("width", [5, 7])
-def test_plane_kernels_taken_by_default(monkeypatch, width, plane_kernels):
+@pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2)])
+def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernels):
     # Their sums equal the padding classes' bit for bit (same products, same
     # order) except where the classes multiply padding: an edge row's
     # corners. An infinite weight on tap (1, 0), which reads the padding left
@@ -650,7 +654,7 @@ def test_plane_kernels_taken_by_default(monkeypatch, width, plane_kernels):
         if value is not None:
             monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", value)
         with torch.no_grad():
-            corner[value] = dynamic_conv2d(x, weight, attn, padding=1)[:, 0, 0, 0]
+            corner[value] = dynamic_conv2d(x, weight, attn, stride=stride, padding=1)[:, 0, 0, 0]
     assert corner[None].isfinite().all(), corner[None]
     assert corner["0"].isnan().all(), corner["0"]
 

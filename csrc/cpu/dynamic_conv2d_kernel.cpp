@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -1250,8 +1251,9 @@ MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int6
   return (pair ? kPairMicroKernelsAvx512 : kMicroKernelsAvx512)[row_panels - 1][mix_kernels][pixels];
 }
 // ---------------------------------------------------------------------------
-// Direct small planes (forward and transposed grad_x, AVX-512): 3x3, stride
-// 1, pad 1 convs on W x W planes of W in kPlaneWidths.
+// Direct small planes (forward and transposed grad_x, AVX-512): 3x3, pad 1
+// convs onto W x W output planes (kPlaneShapes: stride 1 on 5x5 and 7x7,
+// stride 2 from 14x14 to 7x7).
 //
 // The padding classes still multiply the corners of the edge rows (177
 // products a channel pair at 5x5, where the direct conv does 169) and split
@@ -1263,21 +1265,26 @@ MicroKernel micro_kernel(PackedIsa isa, int64_t row_panels, int64_t pixels, int6
 // times exactly the pixels whose input is inside the image, each input
 // value broadcast from the sample's own plane by the FMA itself. No
 // unfolded B is written, and the products are those of the direct conv.
-constexpr int64_t kPlaneWidths[] = {5, 7};
+struct PlaneShape {
+  int64_t width, stride;  // output width (and height); input planes are stride x width square
+};
+constexpr PlaneShape kPlaneShapes[] = {{5, 1}, {7, 1}, {7, 2}};
 constexpr int kPlaneTaps = 9;
 
 // The kc steps (kc / 9 channels, 9 taps each) of one 16-row A panel (or,
 // MIX, of the K kernels' panels, mixed as in micro_kernel_avx512) times
-// output rows [ROW0, ROW0 + ROWS) of a W x W plane: b is the first
-// channel's plane, b_plane floats between channels. Sums go as in
+// output rows [ROW0, ROW0 + ROWS) of a W x W plane at stride S (input
+// planes S W x S W): b is the first channel's input plane, b_plane floats
+// between channels. Sums go as in
 // micro_kernel_avx512 (MicroOut), pixel j of the band its column j.
 // UNIT: the attention is pivoted (PivotedAttention): attn[0] (and
 // attn_next[0]) are 1 and kernel 0 enters the mixed vectors unscaled.
-template <int W, int ROW0, int ROWS, int MIX, bool PAIR, bool UNIT = false>
+template <int W, int S, int ROW0, int ROWS, int MIX, bool PAIR, bool UNIT = false>
 __attribute__((target("avx512f,avx2,fma")))
 void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, int64_t b_plane,
                          const MicroOut& out, const MicroMix* mix) {
   constexpr int NP = ROWS * W;
+  constexpr int IW = S * W;  // input width and height
   static_assert(NP <= 28, "one register a pixel, beside A and the mixing's");
   __m512 acc[NP];
 #pragma GCC unroll 28
@@ -1290,7 +1297,9 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
   const int64_t channels = kc / kPlaneTaps;
   for (int64_t c = 0; c < channels; ++c, b += b_plane) {
     _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + W * W - 1), _MM_HINT_T0);
+    for (int line = 16; line < IW * IW; line += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + IW * IW - 1), _MM_HINT_T0);
 #pragma GCC unroll 9
     for (int t = 0; t < kPlaneTaps; ++t) {
       __m512 av;
@@ -1321,8 +1330,8 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
       const int ki = t / 3, kj = t % 3;
 #pragma GCC unroll 28
       for (int j = 0; j < NP; ++j) {
-        const int ih = ROW0 + j / W + ki - 1, iw = j % W + kj - 1;
-        if (ih >= 0 && ih < W && iw >= 0 && iw < W) acc[j] = fmadd_broadcast(av, b + ih * W + iw, acc[j]);
+        const int ih = S * (ROW0 + j / W) + ki - 1, iw = S * (j % W) + kj - 1;
+        if (ih >= 0 && ih < IW && iw >= 0 && iw < IW) acc[j] = fmadd_broadcast(av, b + ih * IW + iw, acc[j]);
       }
     }
   }
@@ -1351,47 +1360,64 @@ inline std::vector<PlaneBand> plane_bands(int64_t width) {
   return {{0, 3}, {3, 4}};
 }
 
-template <int W, int ROW0, int ROWS, bool PAIR, bool UNIT, size_t... MIX>
+template <int W, int S, int ROW0, int ROWS, bool PAIR, bool UNIT, size_t... MIX>
 constexpr std::array<MicroKernel, kMaxMicroMixKernels + 1> plane_kernel_row(std::index_sequence<MIX...>) {
-  if constexpr (PAIR) return {nullptr, plane_kernel_avx512<W, ROW0, ROWS, static_cast<int>(MIX) + 1, true, UNIT>...};
-  else return {plane_kernel_avx512<W, ROW0, ROWS, 0, false>,
-               plane_kernel_avx512<W, ROW0, ROWS, static_cast<int>(MIX) + 1, false, UNIT>...};
+  if constexpr (PAIR)
+    return {nullptr, plane_kernel_avx512<W, S, ROW0, ROWS, static_cast<int>(MIX) + 1, true, UNIT>...};
+  else return {plane_kernel_avx512<W, S, ROW0, ROWS, 0, false>,
+               plane_kernel_avx512<W, S, ROW0, ROWS, static_cast<int>(MIX) + 1, false, UNIT>...};
 }
-// [width index][band][unit][pair][kernels it mixes, 0: none (not for
-// pairs)]; the second band never mixes.
+// [shape (kPlaneShapes)][band][unit][pair][kernels it mixes, 0: none (not
+// for pairs)]; the second band never mixes.
 using PlaneKernelRow = std::array<MicroKernel, kMaxMicroMixKernels + 1>;
-template <int W, int ROWS, bool UNIT>
-constexpr std::array<PlaneKernelRow, 2> plane_kernel_rows() {
-  return {plane_kernel_row<W, 0, ROWS, false, UNIT>(std::make_index_sequence<kMaxMicroMixKernels>{}),
-          plane_kernel_row<W, 0, ROWS, true, UNIT>(std::make_index_sequence<kMaxMicroMixKernels>{})};
+using PlaneBandKernels = std::array<std::array<PlaneKernelRow, 2>, 2>;
+template <int W, int S, int ROWS>
+constexpr PlaneBandKernels first_band_kernels() {
+  return {std::array<PlaneKernelRow, 2>{
+              plane_kernel_row<W, S, 0, ROWS, false, false>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+              plane_kernel_row<W, S, 0, ROWS, true, false>(std::make_index_sequence<kMaxMicroMixKernels>{})},
+          std::array<PlaneKernelRow, 2>{
+              plane_kernel_row<W, S, 0, ROWS, false, true>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+              plane_kernel_row<W, S, 0, ROWS, true, true>(std::make_index_sequence<kMaxMicroMixKernels>{})}};
 }
-const std::array<PlaneKernelRow, 2> kPlaneKernels[2][2][2] = {
-    {{plane_kernel_rows<5, 5, false>(), plane_kernel_rows<5, 5, true>()}, {}},
-    {{plane_kernel_rows<7, 3, false>(), plane_kernel_rows<7, 3, true>()},
-     {std::array<PlaneKernelRow, 2>{PlaneKernelRow{plane_kernel_avx512<7, 3, 4, 0, false>}},
-      std::array<PlaneKernelRow, 2>{PlaneKernelRow{plane_kernel_avx512<7, 3, 4, 0, false>}}}}};
+template <int W, int S, int ROW0, int ROWS>
+constexpr PlaneBandKernels later_band_kernels() {
+  constexpr PlaneKernelRow plain{plane_kernel_avx512<W, S, ROW0, ROWS, 0, false>};
+  return {std::array<PlaneKernelRow, 2>{plain, {}}, std::array<PlaneKernelRow, 2>{plain, {}}};
+}
+const PlaneBandKernels kPlaneKernels[std::size(kPlaneShapes)][2] = {
+    {first_band_kernels<5, 1, 5>(), {}},
+    {first_band_kernels<7, 1, 3>(), later_band_kernels<7, 1, 3, 4>()},
+    {first_band_kernels<7, 2, 3>(), later_band_kernels<7, 2, 3, 4>()}};
 
-MicroKernel plane_kernel(int64_t width, size_t band, int64_t mix_kernels, bool pair, bool unit) {
-  const MicroKernel kernel = kPlaneKernels[width == 5 ? 0 : 1][band][unit][pair][mix_kernels];
-  TORCH_CHECK(kernel != nullptr, "plane_kernel: no kernel for width ", width, ", band ", band, ", mixing ",
+MicroKernel plane_kernel(int shape, size_t band, int64_t mix_kernels, bool pair, bool unit) {
+  const MicroKernel kernel = kPlaneKernels[shape][band][unit][pair][mix_kernels];
+  TORCH_CHECK(kernel != nullptr, "plane_kernel: no kernel for shape ", shape, ", band ", band, ", mixing ",
               mix_kernels, pair ? " (pair)" : "");
   return kernel;
 }
 
-// Whether a forward (or grad_x's transposed forward) of geometry g runs on
-// the plane kernels: AVX-512 float32, 3x3, stride 1, undilated, pad 1, a W x W
-// plane of W in kPlaneWidths, the K kernels mixed in the micro-kernel;
-// CHANFLEX_CPU_DIRECT_PLANES=0 switches it off (tests, A/Bs).
-bool use_plane_kernels(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
+// The kPlaneShapes index of a forward (or grad_x's transposed forward) of
+// geometry g on the plane kernels, -1 where it does not take them: AVX-512
+// float32, 3x3, undilated, pad 1, one of kPlaneShapes, the K kernels mixed
+// in the micro-kernel; CHANFLEX_CPU_DIRECT_PLANES=0 switches them off
+// (tests, A/Bs).
+int plane_shape(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
   const char* env = std::getenv("CHANFLEX_CPU_DIRECT_PLANES");
   const std::string value(env == nullptr ? "" : env);
   TORCH_CHECK(value.empty() || value == "0" || value == "1",
               "CHANFLEX_CPU_DIRECT_PLANES: expected '0' or '1', got '", value, "'");
-  if (value == "0" || isa != PackedIsa::kAvx512 || num_kernels < 1 || num_kernels > kMaxMicroMixKernels) return false;
-  const bool square = g.height == g.width && g.out_h == g.height && g.out_w == g.width;
-  return g.kernel_h == 3 && g.kernel_w == 3 && g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 &&
-         g.dilation[1] == 1 && g.padding[0] == 1 && g.padding[1] == 1 && square &&
-         std::find(std::begin(kPlaneWidths), std::end(kPlaneWidths), g.width) != std::end(kPlaneWidths);
+  if (value == "0" || isa != PackedIsa::kAvx512 || num_kernels < 1 || num_kernels > kMaxMicroMixKernels) return -1;
+  if (g.kernel_h != 3 || g.kernel_w != 3 || g.dilation[0] != 1 || g.dilation[1] != 1 || g.padding[0] != 1 ||
+      g.padding[1] != 1 || g.stride[0] != g.stride[1])
+    return -1;
+  for (int shape = 0; shape < static_cast<int>(std::size(kPlaneShapes)); ++shape) {
+    const PlaneShape& ps = kPlaneShapes[shape];
+    if (g.stride[0] == ps.stride && g.out_h == ps.width && g.out_w == ps.width && g.height == ps.stride * ps.width &&
+        g.width == ps.stride * ps.width)
+      return shape;
+  }
+  return -1;
 }
 
 // Whether run_packed_gemm's micro-kernels mix A themselves rather than a pass
@@ -1662,18 +1688,21 @@ bool pivot_attention(const float* attn, int64_t n, int64_t num_kernels, PivotedA
 // packed_gemm_worker_floats(s, n, prepacked) floats. With `classes` (and
 // s.depth_multiple == classes->taps), the pixels go class by class in their
 // permuted order, and b_packed holds each class's taps only (see TapClasses).
-// With plane_width (use_plane_kernels), b_packed is the samples' input
+// With a plane shape (plane_shape, not -1), b_packed is the samples' input
 // itself (s.sample_b and s.group_b apart, s.depth_multiple == 9) and the
 // plane kernels take the calls, band by band.
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
                      const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block,
-                     const TapClasses* classes = nullptr, int64_t plane_width = 0) {
+                     const TapClasses* classes = nullptr, int plane = -1) {
   TORCH_CHECK(classes == nullptr || s.depth_multiple == classes->taps,
               "run_packed_gemm: tap classes need reduction blocks of whole channels");
-  TORCH_CHECK(plane_width == 0 || (classes == nullptr && s.depth_multiple == kPlaneTaps),
+  TORCH_CHECK(plane < 0 || (classes == nullptr && s.depth_multiple == kPlaneTaps),
               "run_packed_gemm: plane kernels need reduction blocks of whole channels and no tap classes");
-  const std::vector<PlaneBand> bands = plane_width > 0 ? plane_bands(plane_width) : std::vector<PlaneBand>{};
+  const int64_t plane_width = plane >= 0 ? kPlaneShapes[plane].width : 0;
+  const int64_t plane_floats = plane >= 0 ? plane_width * plane_width * kPlaneShapes[plane].stride *
+                                                kPlaneShapes[plane].stride : 0;  // of an input channel
+  const std::vector<PlaneBand> bands = plane >= 0 ? plane_bands(plane_width) : std::vector<PlaneBand>{};
   // Without classes, one class of every pixel and every tap.
   TapClasses all_pixels;
   all_pixels.classes.push_back(TapClass{0, s.pixels, 0, {}});
@@ -1684,7 +1713,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t tile_tasks = q.tile_tasks;
   const bool split_samples = q.split_samples;
   const int64_t tile_floats = packed_tile_floats(s);
-  const int64_t rows_per_call = plane_width > 0 ? 1 : row_panels_per_call(s.isa);
+  const int64_t rows_per_call = plane >= 0 ? 1 : row_panels_per_call(s.isa);
   const int64_t depth = q.depth;
   const int64_t block = q.block;
   const int64_t blocks = (n + block - 1) / block;
@@ -1692,7 +1721,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t mixed_floats = q.mixed_floats;
   const bool fused_mix = q.fused_mix;
   PivotedAttention pivoted;
-  const bool pivot = plane_width > 0 && fused_mix && pivot_attention(attn, n, K, pivoted);
+  const bool pivot = plane >= 0 && fused_mix && pivot_attention(attn, n, K, pivoted);
   const float* const mix_attn = pivot ? pivoted.coefficients.data() : attn;
   // Samples in pairs: the first one's mixing calls also mix the second's A
   // (each K-kernel vector loaded once for both) into a_next, where the
@@ -1757,11 +1786,11 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                              /*store_partial=*/q0 + kc < s.depth};
                 if (pivot) out.scale = &pivoted.scales[i0 + si];
                 const bool mixes = fused_mix && band == 0 && !pair_second;
-                plane_kernel(plane_width, band, mixes ? K : 0, mixes && pair_first, pivot)(
-                    kc, a_call, kc * kMR, b_group + q0 / kPlaneTaps * plane_width * plane_width,
-                    plane_width * plane_width, out, mixes ? &mix : nullptr);
+                plane_kernel(plane, band, mixes ? K : 0, mixes && pair_first, pivot)(
+                    kc, a_call, kc * kMR, b_group + q0 / kPlaneTaps * plane_floats, plane_floats, out,
+                    mixes ? &mix : nullptr);
               }
-              if (plane_width > 0) continue;
+              if (plane >= 0) continue;
               for (const TapClass& cl : pixel_classes.classes) {
                 // A class with fewer taps has that share of the steps, in
                 // B panels of its own (classes[0] has every tap).
@@ -2035,7 +2064,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
                          float* y) {
   const ConvGeometry& g = p.g;
   PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
-  if (use_plane_kernels(g, isa, g.num_kernels)) {
+  if (const int plane = plane_shape(g, isa, g.num_kernels); plane >= 0) {
     // B is the input itself: nothing to unfold.
     s.sample_b = p.plane;
     s.group_b = g.group_in_channels * g.height * g.width;
@@ -2049,7 +2078,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
       run_packed_gemm(s, x + b0 * p.plane, attn + b0 * g.num_kernels, std::min(chunk, g.batch - b0), pack_a, prepacked,
                       buffers[1],
                       [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
-                      nullptr, g.width);
+                      nullptr, plane);
     }
     return;
   }
