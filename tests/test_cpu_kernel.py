@@ -20,6 +20,7 @@ the transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
 stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
 (forward and transposed grad_x; no unfold, one call a band of output rows),
+and so does the stride-2 forward from 14x14 to 7x7,
 which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside

@@ -20,7 +20,8 @@
 // forward skips the products of padding taps (see "Padding taps skipped"),
 // and so does grad_x where it runs as the transposed conv's packed
 // forward; on AVX-512, 3x3 convs on 5x5 and 7x7 planes run both without an
-// unfold (see "Direct small planes"). Large output planes run
+// unfold, and so does the stride-2 forward from 14x14 to 7x7 (see "Direct
+// small planes"). Large output planes run
 // the library's direct conv on chunks of samples instead (see "Large output
 // planes").
 // Half and bfloat16 run in float32 and are rounded once at the end.
