@@ -1038,6 +1038,38 @@ __attribute__((target("avx512f"))) inline __m512 fmadd_broadcast(__m512 v, const
 // A panels are prefetched this many steps ahead: a row panel pair's first
 // pixel call reads them from L2 (later calls find them in L1).
 constexpr int64_t kPrefetchSteps = 16;
+
+// One step of the mixing (MicroMix) for one 16-row A panel: returns sum_k
+// attn[k] A_k at `kernels` (kernel k kernel_stride floats on) and writes it
+// to `mixed`; PAIR also writes the next sample's to `mixed_next`. UNIT: the
+// attention is pivoted (PivotedAttention), attn[0] and attn_next[0] are 1.
+// One chain of K multiply-adds per mixed vector, the attention weights
+// broadcast from memory by the instructions themselves: the 2K weight
+// registers and a tree's partial sums did not fit beside the accumulators,
+// and GCC spilled accumulators and reloaded the weights every step. AMD Zen
+// 4, perf of the forward at 512@7: the 12-pixel mixing call went from 0.95x
+// to 0.86x the time of the 13-pixel plain call beside it (the 9-pixel one at
+// 512@5, which did not spill, the same within noise).
+template <int MIX, bool PAIR, bool UNIT>
+__attribute__((target("avx512f"), always_inline)) inline __m512 mix_step(const float* kernels, int64_t kernel_stride,
+                                                                         const MicroMix& mix, float* mixed,
+                                                                         float* mixed_next) {
+  __m512 kv = _mm512_loadu_ps(kernels);
+  __m512 a = UNIT ? kv : mul_broadcast(kv, mix.attn);
+  __m512 an = PAIR ? (UNIT ? kv : mul_broadcast(kv, mix.attn_next)) : a;
+#pragma GCC unroll 8
+  for (int k = 1; k < MIX; ++k) {
+    kv = _mm512_loadu_ps(kernels + k * kernel_stride);
+    a = fmadd_broadcast(kv, mix.attn + k, a);
+    if constexpr (PAIR) an = fmadd_broadcast(kv, mix.attn_next + k, an);
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < MIX; ++k)
+    _mm_prefetch(reinterpret_cast<const char*>(kernels + k * kernel_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
+  _mm512_storeu_ps(mixed, a);
+  if constexpr (PAIR) _mm512_storeu_ps(mixed_next, an);
+  return a;
+}
 template <int RP, int NR, int MIX, bool PAIR = false, bool SKIP = false>
 __attribute__((target("avx512f,avx2,fma")))
 void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, const float* b,
@@ -1080,36 +1112,12 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   for (int64_t q = 0; q < kc; ++q) {
     __m512 ar[RP];
     if constexpr (MIX) {
-      // One chain of K multiply-adds per mixed vector, the attention weights
-      // broadcast from memory by the instructions themselves: the 2K
-      // weight registers and a tree's partial sums did not fit beside the
-      // accumulators, and GCC spilled accumulators and reloaded the weights
-      // every step. AMD Zen 4, perf of the forward at 512@7: the 12-pixel
-      // mixing call went from 0.95x to 0.86x the time of the 13-pixel plain
-      // call beside it (the 9-pixel one at 512@5, which did not spill, the
-      // same within noise).
 #pragma GCC unroll 2
       for (int r = 0; r < RP; ++r) {
-        __m512 kv = _mm512_loadu_ps(ap[r]);
-        __m512 a = mul_broadcast(kv, mix->attn);
-        __m512 an = PAIR ? mul_broadcast(kv, mix->attn_next) : a;
-#pragma GCC unroll 8
-        for (int k = 1; k < MIX; ++k) {
-          kv = _mm512_loadu_ps(ap[r] + k * mix_stride);
-          a = fmadd_broadcast(kv, mix->attn + k, a);
-          if constexpr (PAIR) an = fmadd_broadcast(kv, mix->attn_next + k, an);
-        }
-#pragma GCC unroll 8
-        for (int k = 0; k < MIX; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(ap[r] + k * mix_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
-        ar[r] = a;
-        _mm512_storeu_ps(mp[r], a);
+        ar[r] = mix_step<MIX, PAIR, false>(ap[r], mix_stride, *mix, mp[r], PAIR ? np[r] : nullptr);
         mp[r] += kMR;
         ap[r] += kMR;
-        if constexpr (PAIR) {
-          _mm512_storeu_ps(np[r], an);
-          np[r] += kMR;
-        }
+        if constexpr (PAIR) np[r] += kMR;
       }
     } else {
 #pragma GCC unroll 2
@@ -1305,24 +1313,9 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
     for (int t = 0; t < kPlaneTaps; ++t) {
       __m512 av;
       if constexpr (MIX) {
-        __m512 kv = _mm512_loadu_ps(ap);
-        av = UNIT ? kv : mul_broadcast(kv, mix->attn);
-        __m512 an = PAIR ? (UNIT ? kv : mul_broadcast(kv, mix->attn_next)) : av;
-#pragma GCC unroll 8
-        for (int k = 1; k < MIX; ++k) {
-          kv = _mm512_loadu_ps(ap + k * mix_stride);
-          av = fmadd_broadcast(kv, mix->attn + k, av);
-          if constexpr (PAIR) an = fmadd_broadcast(kv, mix->attn_next + k, an);
-        }
-#pragma GCC unroll 8
-        for (int k = 0; k < MIX; ++k)
-          _mm_prefetch(reinterpret_cast<const char*>(ap + k * mix_stride + kPrefetchSteps * kMR), _MM_HINT_T0);
-        _mm512_storeu_ps(mp, av);
+        av = mix_step<MIX, PAIR, UNIT>(ap, mix_stride, *mix, mp, np);
         mp += kMR;
-        if constexpr (PAIR) {
-          _mm512_storeu_ps(np, an);
-          np += kMR;
-        }
+        if constexpr (PAIR) np += kMR;
       } else {
         av = _mm512_loadu_ps(ap);
         _mm_prefetch(reinterpret_cast<const char*>(ap + kPrefetchSteps * kMR), _MM_HINT_T0);
