@@ -580,8 +580,9 @@ def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
 # planes, stride 2 from 14x14 to 7x7): one call a band of whole output rows
 # (5x5 whole, 7x7 as rows 0-2 and 3-6), one accumulator a pixel, the input
 # broadcast from its own plane; grad_x of the stride-1 ones through the
-# transposed conv takes them too (13x13 and 15x15 at stride 2 do not). 1 to 8 kernels mix in
-# the first band's calls (9 fall back to the padding classes); 17 rows a
+# transposed conv takes them too (13x13 at stride 2 does not). 1 to 8
+# kernels mix in the first band's calls (9 fall back to the padding
+# classes); 17 rows a
 # group leave a short row panel; 600 and 130 channels carry partial sums
 # over reduction blocks; odd batches leave a sample without a pair.
 PLANE_CASES = [
@@ -640,9 +641,10 @@ def test_plane_kernels_backward_output_masks(mask, plane_kernels):
 
 @pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2)])
 def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernels):
-    # Their sums equal the padding classes' bit for bit (same products, same
-    # order) except where the classes multiply padding: an edge row's
-    # corners. An infinite weight on tap (1, 0), which reads the padding left
+    # Their sums differ from the padding classes' only in rounding (the
+    # pivoted mixing), which a default run cannot be told apart by; where
+    # the classes multiply padding (an edge row's corners) they differ for
+    # sure. An infinite weight on tap (1, 0), which reads the padding left
     # of the top-left pixel, leaves that pixel finite on the plane kernels
     # (by default) and makes it NaN (0 * inf) on the classes.
     torch.manual_seed(0)
