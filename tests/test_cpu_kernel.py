@@ -700,6 +700,20 @@ def test_direct_weight_grad_across_chunks(monkeypatch, case, chunk_bytes, direct
     assert_matches_reference(dynamic_conv2d, case, torch.float32)
 
 
+# Where the batch's input panels exceed the budget, they are packed a slab
+# of column blocks (input channels) at a time. 30000 bytes: the grouped case
+# (48 channels a group) takes slabs of one block on AVX-512 (two: 2 + 1 on
+# AVX2) for the whole batch; DIRECT_CASES[0] slabs of one block on AVX2, and
+# on AVX-512 chunks of 4 + 1 samples too (one block of the batch does not fit).
+SLAB_CASES = [Case(3, 96, 200, 6, 6, padding=(1, 1), groups=2, num_kernels=3), DIRECT_CASES[0]]
+
+
+@pytest.mark.parametrize("case", SLAB_CASES, ids=lambda c: c.id)
+def test_direct_weight_grad_in_slabs(monkeypatch, case, threads, direct_weight_grad):
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "30000")
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
 @pytest.mark.parametrize("mask", [(False, True, False), (False, False, True)], ids=str)
 @pytest.mark.parametrize("case", DIRECT_CASES[:2], ids=lambda c: c.id)
 def test_direct_weight_grad_output_masks(case, mask, direct_weight_grad):

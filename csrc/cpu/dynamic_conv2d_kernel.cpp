@@ -522,7 +522,8 @@ at::Tensor empty_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& opt
 // scratchpad), out of which each pass (forward, grad_x, weight side) carves
 // all its buffers at once, the pool threads' slices included: what is kept
 // is the largest pass's need, not the sum of all passes', so a fwd+bwd
-// step peaks where it did with buffers freed after each pass.
+// step peaks where it did with buffers freed after each pass, except that
+// the weight side gives a larger buffer back (see pass_scratch).
 // torch.ops.chanflex.cpu_release_scratch() frees the calling thread's.
 at::Tensor& scratch_buffer() {
   thread_local at::Tensor buffer;
@@ -531,9 +532,14 @@ at::Tensor& scratch_buffer() {
 
 // One pass's buffers of floats[i] floats each (null where 0), carved out of
 // the calling thread's scratch buffer, each 64-byte aligned; valid until the
-// next pass_scratch on this thread.
+// next pass_scratch on this thread. With `fit`, a kept buffer larger than
+// the pass needs is given back first: the weight side runs beside the
+// K-fold weight gradient it writes, and the forward's or grad_x's larger
+// buffer, kept through it, stacked their scratch on top of K |W| (fwd+bwd
+// peak, 256->512@10: 48.8 -> 31.2 MiB; 1.35x the static conv's). The next
+// forward faults its buffer in again: fwd+bwd +1-3% (in-process, Zen 4).
 template <size_t N>
-std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats) {
+std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats, bool fit = false) {
   constexpr int64_t kAlign = 64 / sizeof(float);
   std::array<int64_t, N> offsets;
   int64_t total = 0;
@@ -542,7 +548,7 @@ std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats) {
     total += (floats[i] + kAlign - 1) / kAlign * kAlign;
   }
   at::Tensor& buffer = scratch_buffer();
-  if (!buffer.defined() || buffer.numel() < total) {
+  if (!buffer.defined() || buffer.numel() < total || (fit && buffer.numel() > total)) {
     buffer = at::Tensor();  // the old buffer goes before the new one comes
     buffer = at::empty({std::max<int64_t>(total, 1)}, at::TensorOptions().dtype(at::kFloat));
   }
@@ -3246,8 +3252,9 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // writing it out for dW_k += attn[b,k] G_b and dattn[b,k] = <G_b, W_k> to
 // read it back K times costs more than computing it. Here each tile of G_b
 // is accumulated in registers, one vector per weight row and run of
-// columns (cols^T panels give the vectors, dy^T panels the broadcast row
-// values), parked in a small L1 buffer with the tiles of up to 7 more
+// columns (cols^T panels give the vectors, grad_out's rows the broadcast
+// values, read in place: a packed copy of them measured no faster and
+// took as much scratch as the panels), parked in a small L1 buffer with the tiles of up to 7 more
 // samples, and folded from there into the K weight-gradient tiles and the
 // K dattn sums, reading W_k and updating dW_k in place in their own
 // row-major layout. A thread owns a
@@ -3257,7 +3264,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // depend on scheduling.
 
 // Register blocking of one call, per ISA: `samples` samples' G tiles of
-// `rows` weight rows (dy^T panel height) by `vecs` vectors of `lanes`
+// `rows` weight rows by `vecs` vectors of `lanes`
 // columns (cols^T panel width): 1 x 6 x 16 on AVX2 (12 of 16 registers);
 // 2 x 6 x 32 on AVX-512 (24 of 32; 16 loads per 24 vector FMAs).
 struct WeightGradShape {
@@ -3271,10 +3278,22 @@ constexpr int64_t kMaxGradRows = 6;
 constexpr int64_t kMaxGradSamples = 2;
 // A thread block: kGradBlockRowCalls x kGradBlockColCalls calls; at 6 x 32
 // per call that is 48 x 192 weight entries, whose K weight and dW rows (295
-// KB) stay in L2 while each sample's dy^T and cols^T panels for the block
-// (48 and 192 unfolded rows) are read once.
+// KB) stay in L2 while each sample's dy rows and cols^T panels for the
+// block (48 and 192 unfolded rows) are read once.
 constexpr int64_t kGradBlockRowCalls = 8;
 constexpr int64_t kGradBlockColCalls = 6;
+// Most bytes of the direct weight gradient's input panels at once. The
+// weight side runs beside the K-fold weight gradient it writes, which a
+// static conv does not have, so where the batch's panels are larger they
+// go in slabs of input channels (each slab reads grad_out again; chunks of
+// samples, as before, moved every block's W and dW tiles through memory
+// once more a chunk: 256->512@10 weight side +14% at 4 MiB, 512@10 +31%).
+// In-process on AMD Zen 4, weight side, one slab -> slabs of 4 MiB, ms:
+// 256->512 14->7 24.9 -> 26.0, 256@14 36.2 -> 38.0, 512@10 80.2 -> 79.2,
+// 256@21 78.7 -> 77.5; slabs of 2 MiB lost up to 13% (256@21: 88.3). The
+// fwd+bwd peak of 256->512 14->7 fell from 45.5 to 31.7 MiB (1.40x the
+// static conv's; 33.96 MiB, 1.50x, with the fitted scratch buffer alone).
+constexpr int64_t kDirectGradScratchBytes = int64_t{4} << 20;
 
 // With `direct` (see use_direct_weight_grad) the cols^T panels are the
 // input itself, channels-last: [group][panel][input pixel][lanes channels],
@@ -3283,11 +3302,11 @@ constexpr int64_t kGradBlockColCalls = 6;
 struct WeightGradBlocks {
   WeightGradShape shape;
   bool direct;
-  int64_t row_panels, col_panels;  // per group: panels of shape.rows rows and shape.lanes columns (direct: channels)
+  int64_t col_panels;              // per group: cols^T panels of shape.lanes columns (direct: channels)
   int64_t block_rows, block_cols;  // weight entries per thread block
   int64_t row_blocks, col_blocks;  // per group
   int64_t tasks;                   // groups * row_blocks * col_blocks
-  int64_t sample_dy, sample_cols;  // floats of one sample's packed dy^T and cols^T (all groups)
+  int64_t sample_cols;              // floats of one sample's packed cols^T (all groups)
 };
 
 WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool direct = false) {
@@ -3296,7 +3315,6 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
   w.direct = direct;
   const int64_t call_cols = w.shape.vecs * w.shape.lanes;
   const int64_t taps = p.g.kernel_h * p.g.kernel_w;
-  w.row_panels = (p.rows + w.shape.rows - 1) / w.shape.rows;
   w.col_panels = direct ? (p.g.group_in_channels + call_cols - 1) / call_cols * w.shape.vecs
                         : (p.cols + w.shape.lanes - 1) / w.shape.lanes;
   w.block_rows = kGradBlockRowCalls * w.shape.rows;
@@ -3304,7 +3322,6 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
   w.row_blocks = (p.rows + w.block_rows - 1) / w.block_rows;
   w.col_blocks = (p.cols + w.block_cols - 1) / w.block_cols;
   w.tasks = p.g.groups * w.row_blocks * w.col_blocks;
-  w.sample_dy = p.g.groups * w.row_panels * p.pixels * w.shape.rows;
   const int64_t panel_pixels = direct ? p.g.height * p.g.width : p.pixels;
   w.sample_cols = p.g.groups * w.col_panels * panel_pixels * w.shape.lanes;
   return w;
@@ -3368,21 +3385,22 @@ bool use_direct_weight_grad(const Plan& p, PackedIsa isa) {
          make_weight_grad_blocks(p, isa, /*direct=*/true).tasks >= 4 * at::get_num_threads();
 }
 
-// One call's operands and destination: sample s's dy^T panel (pixels x
-// dy_rows floats) at dy + s * dy_sample_stride and its cols^T panels (pixels
-// x lanes floats each, cols_panel_stride apart) at cols + s *
-// cols_sample_stride; the weight/dW tile origin (row-major, leading
-// dimension ld, kernels kernel_stride apart). `columns` of the tile's vecs x
-// lanes are valid; the rest are padding, neither read from W nor written to dW.
-// The pixels come as `pixel_rows` runs of `pixels`: a pixel advances the
-// cols^T pointers by cols_step floats and the dy^T pointer by dy_rows, a run
-// ends with a jump of cols_row_skip and dy_row_skip more (the direct weight
+// One call's operands and destination: sample s's dy rows (grad_out's
+// own, dy_row_stride floats apart) at dy + s * dy_sample_stride and its
+// cols^T panels (pixels x lanes floats each, cols_panel_stride apart) at
+// cols + s * cols_sample_stride; the weight/dW tile origin (row-major,
+// leading dimension ld, kernels kernel_stride apart). `columns` of the
+// tile's vecs x lanes are valid; the rest are padding, neither read from W
+// nor written to dW. The pixels come as `pixel_rows` runs of `pixels`: a
+// pixel advances the cols^T pointers by cols_step floats and the dy
+// pointer by one, a run ends with a jump of cols_row_skip and dy_row_skip
+// more (the direct weight
 // gradient's rectangle of the pixels whose tap reads inside the image; one
 // run with cols_step = lanes for the unfolded panels).
 struct WeightGradCall {
   int64_t pixels;
   const float* dy;
-  int64_t dy_rows, dy_sample_stride;
+  int64_t dy_row_stride, dy_sample_stride;
   const float* cols;
   int64_t cols_panel_stride, cols_sample_stride;
   int64_t columns;
@@ -3403,7 +3421,7 @@ constexpr int64_t kFoldSamples = 8;
 // Floats of one sample's G tile in that buffer: kMaxGradRows x 2 vectors.
 constexpr int64_t kFoldTileFloats = kMaxGradRows * 2 * 16;
 
-// G_s (R x CP*W) = sample (first + s)'s dy^T panel^T @ cols^T panels, for
+// G_s (R x CP*W) = sample (first + s)'s R dy rows @ cols^T panels, for
 // s < NS, accumulated in registers over the pixels and stored to
 // g + s * kFoldTileFloats as R x CP vectors. GCC vector types: the body
 // compiles to the ISA of the function it is inlined into.
@@ -3440,11 +3458,11 @@ CHANFLEX_INLINE void weight_grad_accumulate_body(const WeightGradCall& c, int64_
         }
 #pragma GCC unroll 6
         for (int r = 0; r < R; ++r) {
-          const float d = dp[s][r];
+          const float d = dp[s][r * c.dy_row_stride];
 #pragma GCC unroll 2
           for (int v = 0; v < CP; ++v) acc[s][r][v] += d * x[v];
         }
-        dp[s] += c.dy_rows;
+        dp[s] += 1;
       }
     }
 #pragma GCC unroll 2
@@ -3618,22 +3636,6 @@ WeightGradFold weight_grad_fold(PackedIsa isa, int64_t samples) {
   return (isa == PackedIsa::kAvx512 ? kWeightGradFoldsAvx512 : kWeightGradFoldsAvx2)[samples];
 }
 
-// One sample's grad_out as dy^T row panels: [group][panel][pixel][rows]
-// (rows past the group's zero).
-void pack_grad_out_transposed(const float* go, float* out, const Plan& p, const WeightGradBlocks& wb) {
-  const int64_t height = wb.shape.rows;
-  for (int64_t group = 0; group < p.g.groups; ++group) {
-    for (int64_t panel = 0; panel < wb.row_panels; ++panel) {
-      float* dst = out + (group * wb.row_panels + panel) * p.pixels * height;
-      const int64_t valid = std::min(height, p.rows - panel * height);
-      for (int64_t i = 0; i < height; ++i) {
-        const float* src = go + (group * p.rows + panel * height + i) * p.pixels;
-        for (int64_t q = 0; q < p.pixels; ++q) dst[q * height + i] = i < valid ? src[q] : 0.f;
-      }
-    }
-  }
-}
-
 // Channels [c0, c1) of one sample, unfolded as cols^T column panels:
 // [group][panel][pixel][lanes unfolded rows].
 void unfold_channels_transposed(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb,
@@ -3667,16 +3669,17 @@ void unfold_channels_transposed(const float* x, float* out, const Plan& p, const
   }
 }
 
-// Channels [c0, c1) of one sample as the direct weight gradient's input
-// panels (see WeightGradBlocks), 8 aligned channels of a group at a time
-// through transposes.
-void pack_input_channels_last(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb, int64_t c0,
-                              int64_t c1) {
+// Channels [c0, c1) of one group of one sample as the direct weight
+// gradient's input panels (see WeightGradBlocks), 8 aligned channels at a
+// time through transposes, into a slab of each group's panels [first_panel,
+// first_panel + panels).
+void pack_input_channels_last(const float* x, float* out, const Plan& p, const WeightGradBlocks& wb, int64_t panels,
+                              int64_t first_panel, int64_t c0, int64_t c1) {
   const ConvGeometry& g = p.g;
   const int64_t plane = g.height * g.width, width = wb.shape.lanes;
   for (int64_t c = c0; c < c1;) {
     const int64_t group = c / g.group_in_channels, local = c % g.group_in_channels;
-    float* dst = out + (group * wb.col_panels + local / width) * plane * width + local % width;
+    float* dst = out + (group * panels + local / width - first_panel) * plane * width + local % width;
     if (local % 8 == 0 && local + 8 <= g.group_in_channels && c + 8 <= c1) {
       transpose_rows8(x + c * plane, plane, plane, dst, width);
       c += 8;
@@ -3722,8 +3725,8 @@ struct GradBlockLayout {
 // The weight entries a thread block task owns: rows [r_begin, r_end) and
 // columns [c_begin, c_end) of one group (starting at `origin` in a kernel).
 // Row blocks fastest: a thread's consecutive blocks share their cols^T panels
-// (~1 MiB at 512@7 for the chunk, kept in L2) and stream the small dy^T
-// panels instead.
+// (~1 MiB at 512@7 for the chunk, kept in L2) and stream the small dy
+// rows instead.
 struct GradTask {
   int64_t group, r_begin, r_end, c_begin, c_end, origin;
 };
@@ -3869,26 +3872,37 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
   const WeightGradShape& shape = wb.shape;
   const int64_t call_cols = shape.vecs * shape.lanes;
   const int64_t taps = g.kernel_h * g.kernel_w;
-  // Direct: a sample's panels are its input and grad_out (no unfolded
-  // rows), so the same budget holds ~4x more samples at 3x3 (fewer passes
-  // over the blocks' W and dW tiles).
-  const int64_t direct_sample_bytes = (wb.sample_dy + wb.sample_cols) * static_cast<int64_t>(sizeof(float));
-  const int64_t budget = chunk_budget_bytes(kernel_sized_budget(p, sizeof(float)));
-  const int64_t direct_chunk = std::max<int64_t>(budget / direct_sample_bytes, at::get_num_threads());
-  const int64_t chunk = direct ? std::min<int64_t>(direct_chunk, std::max<int64_t>(g.batch, 1))
-                               : chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
+  const int64_t in_plane = g.height * g.width;
+  const int64_t batch = std::max<int64_t>(g.batch, 1);
+  // The samples of a chunk, and the column blocks of a slab: a pass packs
+  // one slab's cols^T panels for the chunk, then runs the slab's tasks.
+  // Unfolded: one slab of every column, chunks in the K kernels' size.
+  // Direct: the panels are the input itself, channels-last, and slabs of
+  // input channels for the whole batch keep them within the budget (see
+  // kDirectGradScratchBytes); chunks of samples only where one column
+  // block of the batch does not fit.
+  int64_t chunk = chunk_samples(p, g.batch, sizeof(float), kernel_sized_budget(p, sizeof(float)));
+  int64_t slab_blocks = wb.col_blocks;
+  if (direct) {
+    const int64_t budget = chunk_budget_bytes(kDirectGradScratchBytes);
+    const int64_t block_bytes = g.groups * shape.vecs * in_plane * shape.lanes * static_cast<int64_t>(sizeof(float));
+    slab_blocks = std::min(std::max<int64_t>(budget / (batch * block_bytes), 1), wb.col_blocks);
+    chunk = budget >= batch * block_bytes
+                ? batch
+                : std::min(batch, std::max<int64_t>(budget / block_bytes, at::get_num_threads()));
+  }
+  const int64_t slab_panels = direct ? slab_blocks * shape.vecs : wb.col_panels;  // per group
+  const int64_t slab_sample = direct ? g.groups * slab_panels * in_plane * shape.lanes : wb.sample_cols;
   const int64_t rows_floats = direct ? 0 : unfold_block_floats(p);
   const GradBlockLayout layout{kGradBlockRowCalls, direct ? taps : kGradBlockColCalls, call_cols, K};
   const std::vector<TapRectangle> rects = direct ? tap_rectangles(p) : std::vector<TapRectangle>();
-  const int64_t in_plane = g.height * g.width;
   // Per thread: the unfold's rows, then the block's W and dW tiles (direct:
   // and one kernel row of a block, copied out).
   const int64_t worker_floats = std::max(rows_floats, 2 * layout.floats() + (direct ? taps * call_cols : 0));
   const auto buffers =
-      pass_scratch<3>({chunk * wb.sample_dy, chunk * wb.sample_cols, at::get_num_threads() * worker_floats});
-  float* dy_chunk = buffers[0];
-  float* cols_chunk = buffers[1];
-  float* workers = buffers[2];
+      pass_scratch<2>({chunk * slab_sample, at::get_num_threads() * worker_floats}, /*fit=*/true);
+  float* cols_chunk = buffers[0];
+  float* workers = buffers[1];
   std::vector<double> attn_partial(grad_attn != nullptr ? wb.tasks * chunk * K : 0);
   const int64_t channel_blocks = (g.in_channels + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
   const bool blocks_enabled = grad_block_layout_enabled(isa);  // read (and checked) whichever path runs
@@ -3908,34 +3922,49 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     const bool use_blocks = direct || (blocks_enabled && n >= kMinBlockFoldGroups * kFoldSamples);
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
-    at::parallel_for(0, n * (channel_blocks + 1), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb0 = 0; cb0 < wb.col_blocks; cb0 += slab_blocks) {
+    const int64_t cb1 = std::min(wb.col_blocks, cb0 + slab_blocks);
+    // Per sample: the slab's channel blocks' panels, and (unfolded) the
+    // zeros of its last panel's padding columns. Direct: the lanes past a
+    // group's last channel are left as they are; they reach only G columns
+    // past the call's `columns`, which the fold never reads.
+    const int64_t slab_c0 = cb0 * call_cols, slab_c1 = std::min(cb1 * call_cols, g.group_in_channels);
+    const int64_t slab_channel_blocks = (slab_c1 - slab_c0 + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
+    const int64_t parts = direct ? g.groups * slab_channel_blocks : channel_blocks + 1;
+    at::parallel_for(0, n * parts, 1, [&](int64_t begin, int64_t end) {
       float* rows = workers + at::get_thread_num() * worker_floats;
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / (channel_blocks + 1), part = t % (channel_blocks + 1);
-        if (part == channel_blocks) {
-          pack_grad_out_transposed(go + i * g.out_channels * p.pixels, dy_chunk + i * wb.sample_dy, p, wb);
-          // Direct: the lanes past a group's last channel are left as they
-          // are; they reach only G columns past the call's `columns`, which
-          // the fold never reads.
-          if (!direct) zero_padding_columns(cols_chunk + i * wb.sample_cols, p, wb);
-          continue;
-        }
-        const int64_t c0 = part * kUnfoldChannelBlock;
+        const int64_t i = t / parts, part = t % parts;
+        float* out = cols_chunk + i * slab_sample;
         if (direct) {
-          pack_input_channels_last(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
-                                   std::min(g.in_channels, c0 + kUnfoldChannelBlock));
-          continue;
+          const int64_t c0 = part / slab_channel_blocks * g.group_in_channels + slab_c0 +
+                             part % slab_channel_blocks * kUnfoldChannelBlock;
+          const int64_t c1 = std::min(c0 + kUnfoldChannelBlock, c0 - c0 % g.group_in_channels + slab_c1);
+          pack_input_channels_last(x_chunk + i * p.plane, out, p, wb, slab_panels, cb0 * shape.vecs, c0, c1);
+        } else if (part == channel_blocks) {
+          zero_padding_columns(out, p, wb);
+        } else {
+          const int64_t c0 = part * kUnfoldChannelBlock;
+          unfold_channels_transposed(x_chunk + i * p.plane, out, p, wb, c0,
+                                     std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
         }
-        unfold_channels_transposed(x_chunk + i * p.plane, cols_chunk + i * wb.sample_cols, p, wb, c0,
-                                   std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
       }
     });
-    at::parallel_for(0, wb.tasks, 1, [&](int64_t begin, int64_t end) {
+    // Slab task l: row blocks fastest, then the slab's column blocks, then
+    // groups; its global index as grad_task takes it.
+    const int64_t slab_width = cb1 - cb0;
+    const auto slab_task = [&](int64_t l) {
+      const int64_t in_group = l % (wb.row_blocks * slab_width);
+      return (l / (wb.row_blocks * slab_width) * wb.col_blocks + cb0 + in_group / wb.row_blocks) * wb.row_blocks +
+             in_group % wb.row_blocks;
+    };
+    at::parallel_for(0, g.groups * wb.row_blocks * slab_width, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> lanes(kFoldSamples * K * shape.lanes);
       alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
       float* const w_block = workers + at::get_thread_num() * worker_floats;
       float* const dw_block = w_block + layout.floats();
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t l = begin; l < end; ++l) {
+        const int64_t task = slab_task(l);
         const GradTask t = grad_task(p, wb, task);
         const int64_t group = t.group;
         const auto block_runs = [&](const auto& run) {
@@ -3958,10 +3987,10 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         const int64_t col_calls = direct ? taps : (t.c_end - t.c_begin + call_cols - 1) / call_cols;
         // Direct: the task's channels, and its first input panel in a group's.
         const int64_t channels = direct ? (t.c_end - t.c_begin) / taps : 0;
-        const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes : 0;
+        const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes - cb0 * shape.vecs : 0;
         // The next task's W lines, spread evenly over this task's calls.
-        const bool prefetch_next = use_blocks && grad_attn != nullptr && task + 1 < end;
-        const GradTask next = prefetch_next ? grad_task(p, wb, task + 1) : t;
+        const bool prefetch_next = use_blocks && grad_attn != nullptr && l + 1 < end;
+        const GradTask next = prefetch_next ? grad_task(p, wb, slab_task(l + 1)) : t;
         const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
         const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *
                                    ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) * col_calls;
@@ -3969,14 +3998,14 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         int64_t call_index = 0;
         for (int64_t i = 0, ns; i < n; i += ns) {
           ns = std::min(kFoldSamples, n - i);
-          const float* dy_group = dy_chunk + i * wb.sample_dy + group * wb.row_panels * p.pixels * shape.rows;
-          const float* cols_group = cols_chunk + i * wb.sample_cols +
-                                    group * wb.col_panels * (direct ? in_plane : p.pixels) * shape.lanes;
+          const float* dy_group = go + (i * g.out_channels + group * p.rows) * p.pixels;
+          const float* cols_group = cols_chunk + i * slab_sample +
+                                    group * slab_panels * (direct ? in_plane : p.pixels) * shape.lanes;
           std::fill(lanes.begin(), lanes.end(), 0.f);
           const WeightGradFold fold = weight_grad_fold(isa, ns);
           for (int64_t r0 = t.r_begin; r0 < t.r_end; r0 += shape.rows) {
             const int64_t rows = std::min(shape.rows, t.r_end - r0);
-            const float* dy_panel = dy_group + (r0 / shape.rows) * p.pixels * shape.rows;
+            const float* dy_rows = dy_group + r0 * p.pixels;
             for (int64_t ci = 0; ci < col_calls; ++ci) {
               const int64_t c0 = t.c_begin + ci * call_cols;
               // The call's W_k and dW_k tiles: in the block, or in place.
@@ -3985,12 +4014,12 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
               const float* w_tiles = use_blocks ? w_block : w;
               float* dw_tiles = use_blocks ? dw_block : grad_w;
               WeightGradCall call{p.pixels,
-                                  dy_panel,
-                                  shape.rows,
-                                  wb.sample_dy,
+                                  dy_rows,
+                                  p.pixels,
+                                  g.out_channels * p.pixels,
                                   cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
                                   p.pixels * shape.lanes,
-                                  wb.sample_cols,
+                                  slab_sample,
                                   std::min(call_cols, p.cols - c0),
                                   grad_attn != nullptr ? w_tiles + at : nullptr,
                                   grad_w != nullptr ? dw_tiles + at : nullptr,
@@ -4003,8 +4032,8 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
                 const int64_t width = rc.x1 - rc.x0;
                 call.pixels = width;
                 call.pixel_rows = width > 0 ? rc.y1 - rc.y0 : 0;
-                call.dy = dy_panel + (rc.y0 * g.out_w + rc.x0) * shape.rows;
-                call.dy_row_skip = (g.out_w - width) * shape.rows;
+                call.dy = dy_rows + rc.y0 * g.out_w + rc.x0;
+                call.dy_row_skip = g.out_w - width;
                 call.cols = cols_group + (first_panel * in_plane + rc.in_y0 * g.width + rc.in_x0) * shape.lanes;
                 call.cols_panel_stride = in_plane * shape.lanes;
                 call.cols_step = g.stride[1] * shape.lanes;
@@ -4039,6 +4068,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
       }
       _mm_sfence();
     });
+    }
     if (grad_attn != nullptr) {
       for (int64_t i = 0; i < n; ++i)
         for (int64_t k = 0; k < K; ++k) {
