@@ -415,9 +415,10 @@ def _run(case, inputs):
 @pytest.mark.parametrize("cap", ["avx512", "avx2"])
 def test_winograd_default_range(monkeypatch, cap):
     # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
-    # on AVX2) whose Winograd scratch, with chunks of at least 48 K tiles,
-    # fits in the activations plus the K kernels' size, in the fewest
-    # passes (1 or 2) for which it does. Each kind of result differs from
+    # on AVX2) whose Winograd scratch fits in the activations plus the K
+    # kernels' size, in the fewest passes (1 or 2) for which it does, with
+    # chunks of one sample per thread (of at least 32 K tiles where a pass's
+    # transformed kernels exceed 16 MiB). Each kind of result differs from
     # the others in rounding, so the default's must equal bit for bit the
     # one forced for the expected path ("0": the direct one).
     monkeypatch.setenv("CHANFLEX_CPU_ISA", cap)
@@ -425,15 +426,17 @@ def test_winograd_default_range(monkeypatch, cap):
         pytest.skip(f"this CPU has no {cap}")
     from comparison import make_inputs
     torch.set_num_threads(2)  # the chunks, hence the scratch, follow the thread count
-    cases = {Case(24, 8, 8, 10, 10, padding=(1, 1)): "2",  # 100 pixels; chunks of 48 K tiles fit in 2 passes only
+    cases = {Case(12, 8, 8, 10, 10, padding=(1, 1)): "2",  # 100 pixels; chunks of 2 fit in 2 passes only
+             Case(24, 8, 8, 10, 10, padding=(1, 1)): "1",  # chunks of 2 fit in 1 pass
              Case(24, 8, 8, 9, 9, padding=(1, 1)): "0",                                 # 81 pixels: below the range
              Case(12, 8, 8, 22, 22, padding=(1, 1)): "1" if cap == "avx512" else "0",   # 484: above AVX2's range
              Case(24, 8, 8, 43, 43, padding=(1, 1)): "0",                               # 1849: above AVX-512's
              Case(2, 8, 8, 10, 10, padding=(1, 1)): "0",                                # scratch above the activations
              Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): "0",                # stride 2: not eligible
-             Case(16, 32, 32, 10, 10, padding=(1, 1)): "0",   # K |W| large: only chunks of < 48 K tiles fit
-             Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "2",  # ResNet18's layer3
-             # VGG19's conv4_x: K |W| above the activations, fits only with both
+             Case(4, 32, 32, 10, 10, padding=(1, 1)): "0",    # 2 passes: 65536 scratch floats > 62464
+             Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "1",  # ResNet18's layer3: 16 MiB of kernels
+             # VGG19's conv4_x: 64 MiB of transformed kernels in one pass, so
+             # chunks of 6 (32 K tiles): fits only in 2 passes
              Case(32, 512, 512, 10, 10, padding=(1, 1), bias=False): "2"}
     before = torch.get_num_threads()
     try:

@@ -2956,11 +2956,34 @@ void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* 
 // transformed kernels are 16/9 K |W| per pass of all 16 positions and a
 // sample's buffers 9x its activations; in one pass the fwd+bwd peak at
 // 256@14 rose from 1.32 to 1.70 of the static conv's (512@10: 2.62 to
-// 4.52); in the 2 passes it takes by default, 1.21, for fwd 27.1 -> 21.3,
-// fwd+bwd 92.3 -> 82.1 (one pass: 20.2, 81.0). Each pass redoes the input
+// 4.52); in 2 passes (with chunks of 4), 1.21, for fwd 27.1 -> 21.3,
+// fwd+bwd 92.3 -> 82.1 (one pass: 20.2, 81.0); with chunks of 2 (below)
+// one pass fits, 1.19 with the fitted scratch buffer. Each pass redoes the input
 // and kernel transforms: 4 passes lost to the direct paths (512@10 fwd+bwd
 // 188.5 vs 222.4); 2 passes won (Zen 4, fwd+bwd 241 -> 209 ms).
 constexpr int64_t kWinogradMinPixels = 100;
+
+// Samples per chunk of a pass: each chunk rereads the pass's transformed
+// kernels. Where they stay in the last-level cache (at most 16 MiB, half a
+// Zen 4 CCD's L3), the fewest samples, one per thread (even counts:
+// run_packed_gemm mixes samples in pairs), keep the chunk's buffers
+// closest; beyond it, from memory, a chunk needs 32 K sample tiles (16
+// FLOPs per byte read). In-process on AMD Zen 4, K = 4, ms, paired
+// medians against the previous rule (48 K tiles: 8 x 25 at 10x10, 4 x 49
+// at 14x14, where 256@14 took 2 passes): forward 512@10 (2 passes of 32
+// MiB kernels, chunks of 6) 0.977, 256->512@10 (2 x 16 MiB, chunks of 2)
+// 0.963, 256@14 (1 x 16 MiB, chunks of 2) 0.977 and 0.95-0.96 in repeats;
+// grad_x 0.985, 0.938, 0.943. At 512@10 chunks of 4 and 2 were slower
+// than 6 (forward 1.07, 1.13; grad_x 1.10, 1.06). Smaller chunks also take
+// less scratch.
+int64_t winograd_pass_chunk(const WinogradConv& c, const PackedGemm& s) {
+  constexpr int64_t kCachedKernelBytes = int64_t{16} << 20;
+  const int64_t kernel_bytes = prepacked_floats(s) * static_cast<int64_t>(sizeof(float));
+  const int64_t min_tiles = kernel_bytes <= kCachedKernelBytes ? 1 : 32 * s.num_kernels;
+  int64_t chunk = std::min(std::max<int64_t>((min_tiles + c.tiles - 1) / c.tiles, at::get_num_threads()), c.batch);
+  if (chunk < c.batch) chunk = std::min(chunk + chunk % 2, c.batch);
+  return chunk;
+}
 constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
 constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
 
@@ -2983,31 +3006,21 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
   }
   const int64_t max_pixels = isa == PackedIsa::kAvx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
   if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels) return false;
-  // Each chunk rereads the pass's transformed kernels (from L3 or memory):
-  // a chunk needs 48 K sample tiles (24 FLOPs per byte read), or the whole
-  // batch. At 512@10 (25 tiles), chunks of 4 made the fwd+bwd slower than
-  // the direct paths' (256->512: 92.8 vs 81.9 ms). Larger chunks gain
-  // nothing more (256@14 forward, chunks of 8 vs 4: 29.8 vs 28.6 ms) and
-  // cost memory, so a chunk is the smallest that reaches it (at least one
-  // sample per thread, even counts: run_packed_gemm mixes samples in
-  // pairs): 256@14 takes chunks of 4 x 49 tiles, 512@10 of 8 x 25, 256@21
-  // of 2 x 121.
-  const int64_t min_tiles = 48 * g.num_kernels;
-  c.chunk = std::min(std::max<int64_t>((min_tiles + c.tiles - 1) / c.tiles, at::get_num_threads()), c.batch);
-  if (c.chunk < c.batch) c.chunk = std::min(c.chunk + c.chunk % 2, c.batch);
   // The fewest passes (1 or 2) whose scratch fits in the activations plus
-  // the K kernels' size. The scratch buffer is shared by all passes and
-  // kept (see scratch_buffer), and the backward's weight side carves about
-  // as much out of it next to the K-fold weight gradient, so a fwd+bwd
-  // step peaks where it did. 512@10 forward in 2 passes: 73 -> 60 ms; its
-  // fwd+bwd peak 88.6 -> 87.6 MB (fwd alone 43.0 -> 45.2). The activations
-  // or the K kernels alone (the bound before) took it past every chunk of
-  // 48 K tiles, to the direct paths.
+  // the K kernels' size (see winograd_pass_chunk for the chunks). 512@10
+  // forward in 2 passes: 73 -> 60 ms. The activations or the K kernels
+  // alone (the bound before) took it past every chunk of 48 K tiles, to the
+  // direct paths. Since the weight side gives the scratch buffer back (see
+  // pass_scratch), a pass's scratch is not stacked on the K-fold weight
+  // gradient: its fwd+bwd peak is at most the activations held by the
+  // step plus this bound.
   const int64_t activations = c.batch * c.groups * (c.depth * c.in_h * c.in_w + c.rows * c.out_h * c.out_w);
   const int64_t bound = activations + g.num_kernels * p.kernel_size;
   for (const int64_t positions : {kWinogradPositions, kWinogradPositions / 2}) {  // 4 per pass lost to the direct paths
     c.positions = positions;
-    if (winograd_scratch_floats(winograd_gemm(isa, c, g.num_kernels), c) <= bound) return true;
+    const PackedGemm s = winograd_gemm(isa, c, g.num_kernels);
+    c.chunk = winograd_pass_chunk(c, s);
+    if (winograd_scratch_floats(s, c) <= bound) return true;
   }
   return false;
 }
