@@ -704,17 +704,18 @@ def test_direct_weight_grad_across_chunks(monkeypatch, case, chunk_bytes, direct
 
 
 # Where the batch's input panels exceed the budget, they are packed a slab
-# of column blocks (input channels) at a time. 30000 bytes: the grouped case
-# (48 channels a group) takes slabs of one block on AVX-512 (two: 2 + 1 on
-# AVX2) for the whole batch; DIRECT_CASES[0] slabs of one block on AVX2, and
-# on AVX-512 chunks of 4 + 1 samples too (one block of the batch does not fit).
-SLAB_CASES = [Case(3, 96, 200, 6, 6, padding=(1, 1), groups=2, num_kernels=3), DIRECT_CASES[0]]
+# of column blocks (input channels) at a time, each slab with at least 8
+# weight blocks a thread. 96 channels in each of 2 groups: 3 column blocks
+# on AVX-512 (6 on AVX2) and 9 row blocks a group (18 blocks a column).
+# 30000 bytes: slabs of 1 block (2 at 3 threads) for the whole batch; 20000:
+# chunks of samples as well (one block of the batch does not fit).
+SLAB_CASE = Case(3, 192, 800, 6, 6, padding=(1, 1), groups=2, num_kernels=3)
 
 
-@pytest.mark.parametrize("case", SLAB_CASES, ids=lambda c: c.id)
-def test_direct_weight_grad_in_slabs(monkeypatch, case, threads, direct_weight_grad):
-    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", "30000")
-    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+@pytest.mark.parametrize("chunk_bytes", ["30000", "20000"])
+def test_direct_weight_grad_in_slabs(monkeypatch, chunk_bytes, threads, direct_weight_grad):
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
+    assert_matches_reference(dynamic_conv2d, SLAB_CASE, torch.float32)
 
 
 @pytest.mark.parametrize("mask", [(False, True, False), (False, False, True)], ids=str)

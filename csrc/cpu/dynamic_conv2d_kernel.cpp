@@ -3295,18 +3295,23 @@ constexpr int64_t kMaxGradSamples = 2;
 // block (48 and 192 unfolded rows) are read once.
 constexpr int64_t kGradBlockRowCalls = 8;
 constexpr int64_t kGradBlockColCalls = 6;
-// Most bytes of the direct weight gradient's input panels at once. The
-// weight side runs beside the K-fold weight gradient it writes, which a
-// static conv does not have, so where the batch's panels are larger they
-// go in slabs of input channels (each slab reads grad_out again; chunks of
-// samples, as before, moved every block's W and dW tiles through memory
-// once more a chunk: 256->512@10 weight side +14% at 4 MiB, 512@10 +31%).
-// In-process on AMD Zen 4, weight side, one slab -> slabs of 4 MiB, ms:
-// 256->512 14->7 24.9 -> 26.0, 256@14 36.2 -> 38.0, 512@10 80.2 -> 79.2,
-// 256@21 78.7 -> 77.5; slabs of 2 MiB lost up to 13% (256@21: 88.3). The
-// fwd+bwd peak of 256->512 14->7 fell from 45.5 to 31.7 MiB (1.40x the
-// static conv's; 33.96 MiB, 1.50x, with the fitted scratch buffer alone).
-constexpr int64_t kDirectGradScratchBytes = int64_t{4} << 20;
+// Bytes of the direct weight gradient's input panels at once. The weight
+// side runs beside the K-fold weight gradient it writes, which a static
+// conv does not have, so the batch's panels go in slabs of input channels
+// (each slab reads grad_out again; chunks of samples, as before, moved
+// every block's W and dW tiles through memory once more a chunk:
+// 256->512@10 weight side +14% at 4 MiB, 512@10 +31%), but with at least
+// kMinSlabTasksPerThread blocks a thread in each (slabs of 6 blocks for 2
+// threads lost 13-15% at 21x21). In-process on AMD Zen 4, weight side,
+// paired medians against one slab of the whole batch: 512@10 0.98-1.01,
+// 256->512@10 1.01, 256->512 14->7 0.97, 512@7 1.04, 512@5 1.00, 256@14
+// 1.00, 128->256 28->14 1.02, 256@21 1.06, 128->256@21 1.10. The fwd+bwd
+// peak of VGG19's 512@10 fell from 53.1 MiB with slabs of 4 MiB (1.56x the
+// static conv's) to 50.0 MiB (1.48x), where the output, grad_x and the
+// K-fold gradient alone take 48.5 (and so does grad_x's Winograd pass with
+// its scratch: 50.0).
+constexpr int64_t kDirectGradScratchBytes = int64_t{1} << 20;
+constexpr int64_t kMinSlabTasksPerThread = 8;
 
 // With `direct` (see use_direct_weight_grad) the cols^T panels are the
 // input itself, channels-last: [group][panel][input pixel][lanes channels],
@@ -3900,6 +3905,9 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     const int64_t budget = chunk_budget_bytes(kDirectGradScratchBytes);
     const int64_t block_bytes = g.groups * shape.vecs * in_plane * shape.lanes * static_cast<int64_t>(sizeof(float));
     slab_blocks = std::min(std::max<int64_t>(budget / (batch * block_bytes), 1), wb.col_blocks);
+    const int64_t min_blocks = (kMinSlabTasksPerThread * at::get_num_threads() + g.groups * wb.row_blocks - 1) /
+                               (g.groups * wb.row_blocks);
+    slab_blocks = std::min(std::max(slab_blocks, min_blocks), wb.col_blocks);
     chunk = budget >= batch * block_bytes
                 ? batch
                 : std::min(batch, std::max<int64_t>(budget / block_bytes, at::get_num_threads()));
