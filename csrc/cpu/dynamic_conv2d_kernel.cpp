@@ -536,8 +536,9 @@ at::Tensor& scratch_buffer() {
 // the pass needs is given back first: the weight side runs beside the
 // K-fold weight gradient it writes, and the forward's or grad_x's larger
 // buffer, kept through it, stacked their scratch on top of K |W| (fwd+bwd
-// peak, 256->512@10: 48.8 -> 31.2 MiB; 1.35x the static conv's). The next
-// forward faults its buffer in again: fwd+bwd +1-3% (in-process, Zen 4).
+// peak at 256->512@10: 49.0 -> 37.5 MiB by this alone; see
+// kDirectGradScratchBytes for the rest). The next forward faults its
+// buffer in again: fwd+bwd +0-6% (in-process, Zen 4).
 template <size_t N>
 std::array<float*, N> pass_scratch(const std::array<int64_t, N>& floats, bool fit = false) {
   constexpr int64_t kAlign = 64 / sizeof(float);
@@ -3267,10 +3268,10 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
 // is accumulated in registers, one vector per weight row and run of
 // columns (cols^T panels give the vectors, grad_out's rows the broadcast
 // values, read in place: a packed copy of them measured no faster and
-// took as much scratch as the panels), parked in a small L1 buffer with the tiles of up to 7 more
-// samples, and folded from there into the K weight-gradient tiles and the
-// K dattn sums, reading W_k and updating dW_k in place in their own
-// row-major layout. A thread owns a
+// took as much scratch as the panels), parked in a small L1 buffer with
+// the tiles of up to 7 more samples, and folded from there into the K
+// weight-gradient tiles and the K dattn sums, reading W_k and updating dW_k
+// in place in their own row-major layout. A thread owns a
 // block of weight rows x columns for the whole chunk; the block's K weight
 // and dW rows stay in L2 while every sample passes, so dW needs no partial
 // copies, no tile buffers to gather and scatter, and the result does not
@@ -3324,7 +3325,7 @@ struct WeightGradBlocks {
   int64_t block_rows, block_cols;  // weight entries per thread block
   int64_t row_blocks, col_blocks;  // per group
   int64_t tasks;                   // groups * row_blocks * col_blocks
-  int64_t sample_cols;              // floats of one sample's packed cols^T (all groups)
+  int64_t sample_cols;             // floats of one sample's packed cols^T (all groups)
 };
 
 WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool direct = false) {
@@ -3412,9 +3413,9 @@ bool use_direct_weight_grad(const Plan& p, PackedIsa isa) {
 // nor written to dW. The pixels come as `pixel_rows` runs of `pixels`: a
 // pixel advances the cols^T pointers by cols_step floats and the dy
 // pointer by one, a run ends with a jump of cols_row_skip and dy_row_skip
-// more (the direct weight
-// gradient's rectangle of the pixels whose tap reads inside the image; one
-// run with cols_step = lanes for the unfolded panels).
+// more (the direct weight gradient's rectangle of the pixels whose tap
+// reads inside the image; one run with cols_step = lanes for the unfolded
+// panels).
 struct WeightGradCall {
   int64_t pixels;
   const float* dy;
@@ -3944,151 +3945,151 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
     const float* go = grad_out.const_data_ptr<float>() + b0 * g.out_channels * p.pixels;
     const float* x_chunk = x.const_data_ptr<float>() + b0 * p.plane;
     for (int64_t cb0 = 0; cb0 < wb.col_blocks; cb0 += slab_blocks) {
-    const int64_t cb1 = std::min(wb.col_blocks, cb0 + slab_blocks);
-    // Per sample: the slab's channel blocks' panels, and (unfolded) the
-    // zeros of its last panel's padding columns. Direct: the lanes past a
-    // group's last channel are left as they are; they reach only G columns
-    // past the call's `columns`, which the fold never reads.
-    const int64_t slab_c0 = cb0 * call_cols, slab_c1 = std::min(cb1 * call_cols, g.group_in_channels);
-    const int64_t slab_channel_blocks = (slab_c1 - slab_c0 + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
-    const int64_t parts = direct ? g.groups * slab_channel_blocks : channel_blocks + 1;
-    at::parallel_for(0, n * parts, 1, [&](int64_t begin, int64_t end) {
-      float* rows = workers + at::get_thread_num() * worker_floats;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / parts, part = t % parts;
-        float* out = cols_chunk + i * slab_sample;
-        if (direct) {
-          const int64_t c0 = part / slab_channel_blocks * g.group_in_channels + slab_c0 +
-                             part % slab_channel_blocks * kUnfoldChannelBlock;
-          const int64_t c1 = std::min(c0 + kUnfoldChannelBlock, c0 - c0 % g.group_in_channels + slab_c1);
-          pack_input_channels_last(x_chunk + i * p.plane, out, p, wb, slab_panels, cb0 * shape.vecs, c0, c1);
-        } else if (part == channel_blocks) {
-          zero_padding_columns(out, p, wb);
-        } else {
-          const int64_t c0 = part * kUnfoldChannelBlock;
-          unfold_channels_transposed(x_chunk + i * p.plane, out, p, wb, c0,
-                                     std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
+      const int64_t cb1 = std::min(wb.col_blocks, cb0 + slab_blocks);
+      // Per sample: the slab's channel blocks' panels, and (unfolded) the
+      // zeros of its last panel's padding columns. Direct: the lanes past a
+      // group's last channel are left as they are; they reach only G columns
+      // past the call's `columns`, which the fold never reads.
+      const int64_t slab_c0 = cb0 * call_cols, slab_c1 = std::min(cb1 * call_cols, g.group_in_channels);
+      const int64_t slab_channel_blocks = (slab_c1 - slab_c0 + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
+      const int64_t parts = direct ? g.groups * slab_channel_blocks : channel_blocks + 1;
+      at::parallel_for(0, n * parts, 1, [&](int64_t begin, int64_t end) {
+        float* rows = workers + at::get_thread_num() * worker_floats;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t i = t / parts, part = t % parts;
+          float* out = cols_chunk + i * slab_sample;
+          if (direct) {
+            const int64_t c0 = part / slab_channel_blocks * g.group_in_channels + slab_c0 +
+                               part % slab_channel_blocks * kUnfoldChannelBlock;
+            const int64_t c1 = std::min(c0 + kUnfoldChannelBlock, c0 - c0 % g.group_in_channels + slab_c1);
+            pack_input_channels_last(x_chunk + i * p.plane, out, p, wb, slab_panels, cb0 * shape.vecs, c0, c1);
+          } else if (part == channel_blocks) {
+            zero_padding_columns(out, p, wb);
+          } else {
+            const int64_t c0 = part * kUnfoldChannelBlock;
+            unfold_channels_transposed(x_chunk + i * p.plane, out, p, wb, c0,
+                                       std::min(g.in_channels, c0 + kUnfoldChannelBlock), rows);
+          }
         }
-      }
-    });
-    // Slab task l: row blocks fastest, then the slab's column blocks, then
-    // groups; its global index as grad_task takes it.
-    const int64_t slab_width = cb1 - cb0;
-    const auto slab_task = [&](int64_t l) {
-      const int64_t in_group = l % (wb.row_blocks * slab_width);
-      return (l / (wb.row_blocks * slab_width) * wb.col_blocks + cb0 + in_group / wb.row_blocks) * wb.row_blocks +
-             in_group % wb.row_blocks;
-    };
-    at::parallel_for(0, g.groups * wb.row_blocks * slab_width, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> lanes(kFoldSamples * K * shape.lanes);
-      alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
-      float* const w_block = workers + at::get_thread_num() * worker_floats;
-      float* const dw_block = w_block + layout.floats();
-      for (int64_t l = begin; l < end; ++l) {
-        const int64_t task = slab_task(l);
-        const GradTask t = grad_task(p, wb, task);
-        const int64_t group = t.group;
-        const auto block_runs = [&](const auto& run) {
-          for_each_grad_block_run(layout, shape.rows, p.cols, p.kernel_size, t.r_begin, t.r_end, t.c_begin, t.c_end,
-                                  run);
-        };
-        if (direct && grad_attn != nullptr) direct_block_in(w, p, t, layout, shape.rows, w_block);
-        if (!direct && use_blocks && grad_attn != nullptr)
-          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
-            std::memcpy(w_block + in_block, w + t.origin + at, len * sizeof(float));
-          });
-        // A later chunk adds to what the earlier ones left in grad_w.
-        if (direct && grad_w != nullptr && b0 > 0)
-          direct_block_in(grad_w, p, t, layout, shape.rows, dw_block);
-        if (!direct && use_blocks && grad_w != nullptr && b0 > 0)
-          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
-            std::memcpy(dw_block + in_block, grad_w + t.origin + at, len * sizeof(float));
-          });
-        // Calls per row of calls: one per tap (direct) or per call_cols columns.
-        const int64_t col_calls = direct ? taps : (t.c_end - t.c_begin + call_cols - 1) / call_cols;
-        // Direct: the task's channels, and its first input panel in a group's.
-        const int64_t channels = direct ? (t.c_end - t.c_begin) / taps : 0;
-        const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes - cb0 * shape.vecs : 0;
-        // The next task's W lines, spread evenly over this task's calls.
-        const bool prefetch_next = use_blocks && grad_attn != nullptr && l + 1 < end;
-        const GradTask next = prefetch_next ? grad_task(p, wb, slab_task(l + 1)) : t;
-        const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
-        const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *
-                                   ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) * col_calls;
-        const int64_t lines_per_call = (next_lines + task_calls - 1) / task_calls;
-        int64_t call_index = 0;
-        for (int64_t i = 0, ns; i < n; i += ns) {
-          ns = std::min(kFoldSamples, n - i);
-          const float* dy_group = go + (i * g.out_channels + group * p.rows) * p.pixels;
-          const float* cols_group = cols_chunk + i * slab_sample +
-                                    group * slab_panels * (direct ? in_plane : p.pixels) * shape.lanes;
-          std::fill(lanes.begin(), lanes.end(), 0.f);
-          const WeightGradFold fold = weight_grad_fold(isa, ns);
-          for (int64_t r0 = t.r_begin; r0 < t.r_end; r0 += shape.rows) {
-            const int64_t rows = std::min(shape.rows, t.r_end - r0);
-            const float* dy_rows = dy_group + r0 * p.pixels;
-            for (int64_t ci = 0; ci < col_calls; ++ci) {
-              const int64_t c0 = t.c_begin + ci * call_cols;
-              // The call's W_k and dW_k tiles: in the block, or in place.
-              const int64_t at = use_blocks ? layout.tile((r0 - t.r_begin) / shape.rows, ci, 0)
-                                            : t.origin + r0 * p.cols + c0;
-              const float* w_tiles = use_blocks ? w_block : w;
-              float* dw_tiles = use_blocks ? dw_block : grad_w;
-              WeightGradCall call{p.pixels,
-                                  dy_rows,
-                                  p.pixels,
-                                  g.out_channels * p.pixels,
-                                  cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
-                                  p.pixels * shape.lanes,
-                                  slab_sample,
-                                  std::min(call_cols, p.cols - c0),
-                                  grad_attn != nullptr ? w_tiles + at : nullptr,
-                                  grad_w != nullptr ? dw_tiles + at : nullptr,
-                                  use_blocks ? call_cols : p.cols,
-                                  use_blocks ? kFoldTileFloats : p.kernel_size,
-                                  /*store=*/b0 == 0 && i == 0};
-              if (direct) {
-                // Tap ci's rectangle of output pixels, and the input pixels it reads.
-                const TapRectangle& rc = rects[ci];
-                const int64_t width = rc.x1 - rc.x0;
-                call.pixels = width;
-                call.pixel_rows = width > 0 ? rc.y1 - rc.y0 : 0;
-                call.dy = dy_rows + rc.y0 * g.out_w + rc.x0;
-                call.dy_row_skip = g.out_w - width;
-                call.cols = cols_group + (first_panel * in_plane + rc.in_y0 * g.width + rc.in_x0) * shape.lanes;
-                call.cols_panel_stride = in_plane * shape.lanes;
-                call.cols_step = g.stride[1] * shape.lanes;
-                call.cols_row_skip = (g.stride[0] * g.width - width * g.stride[1]) * shape.lanes;
-                call.columns = channels;
+      });
+      // Slab task l: row blocks fastest, then the slab's column blocks, then
+      // groups; its global index as grad_task takes it.
+      const int64_t slab_width = cb1 - cb0;
+      const auto slab_task = [&](int64_t l) {
+        const int64_t in_group = l % (wb.row_blocks * slab_width);
+        return (l / (wb.row_blocks * slab_width) * wb.col_blocks + cb0 + in_group / wb.row_blocks) * wb.row_blocks +
+               in_group % wb.row_blocks;
+      };
+      at::parallel_for(0, g.groups * wb.row_blocks * slab_width, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> lanes(kFoldSamples * K * shape.lanes);
+        alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
+        float* const w_block = workers + at::get_thread_num() * worker_floats;
+        float* const dw_block = w_block + layout.floats();
+        for (int64_t l = begin; l < end; ++l) {
+          const int64_t task = slab_task(l);
+          const GradTask t = grad_task(p, wb, task);
+          const int64_t group = t.group;
+          const auto block_runs = [&](const auto& run) {
+            for_each_grad_block_run(layout, shape.rows, p.cols, p.kernel_size, t.r_begin, t.r_end, t.c_begin, t.c_end,
+                                    run);
+          };
+          if (direct && grad_attn != nullptr) direct_block_in(w, p, t, layout, shape.rows, w_block);
+          if (!direct && use_blocks && grad_attn != nullptr)
+            block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+              std::memcpy(w_block + in_block, w + t.origin + at, len * sizeof(float));
+            });
+          // A later chunk adds to what the earlier ones left in grad_w.
+          if (direct && grad_w != nullptr && b0 > 0)
+            direct_block_in(grad_w, p, t, layout, shape.rows, dw_block);
+          if (!direct && use_blocks && grad_w != nullptr && b0 > 0)
+            block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+              std::memcpy(dw_block + in_block, grad_w + t.origin + at, len * sizeof(float));
+            });
+          // Calls per row of calls: one per tap (direct) or per call_cols columns.
+          const int64_t col_calls = direct ? taps : (t.c_end - t.c_begin + call_cols - 1) / call_cols;
+          // Direct: the task's channels, and its first input panel in a group's.
+          const int64_t channels = direct ? (t.c_end - t.c_begin) / taps : 0;
+          const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes - cb0 * shape.vecs : 0;
+          // The next task's W lines, spread evenly over this task's calls.
+          const bool prefetch_next = use_blocks && grad_attn != nullptr && l + 1 < end;
+          const GradTask next = prefetch_next ? grad_task(p, wb, slab_task(l + 1)) : t;
+          const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
+          const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *
+                                     ((t.r_end - t.r_begin + shape.rows - 1) / shape.rows) * col_calls;
+          const int64_t lines_per_call = (next_lines + task_calls - 1) / task_calls;
+          int64_t call_index = 0;
+          for (int64_t i = 0, ns; i < n; i += ns) {
+            ns = std::min(kFoldSamples, n - i);
+            const float* dy_group = go + (i * g.out_channels + group * p.rows) * p.pixels;
+            const float* cols_group = cols_chunk + i * slab_sample +
+                                      group * slab_panels * (direct ? in_plane : p.pixels) * shape.lanes;
+            std::fill(lanes.begin(), lanes.end(), 0.f);
+            const WeightGradFold fold = weight_grad_fold(isa, ns);
+            for (int64_t r0 = t.r_begin; r0 < t.r_end; r0 += shape.rows) {
+              const int64_t rows = std::min(shape.rows, t.r_end - r0);
+              const float* dy_rows = dy_group + r0 * p.pixels;
+              for (int64_t ci = 0; ci < col_calls; ++ci) {
+                const int64_t c0 = t.c_begin + ci * call_cols;
+                // The call's W_k and dW_k tiles: in the block, or in place.
+                const int64_t at = use_blocks ? layout.tile((r0 - t.r_begin) / shape.rows, ci, 0)
+                                              : t.origin + r0 * p.cols + c0;
+                const float* w_tiles = use_blocks ? w_block : w;
+                float* dw_tiles = use_blocks ? dw_block : grad_w;
+                WeightGradCall call{p.pixels,
+                                    dy_rows,
+                                    p.pixels,
+                                    g.out_channels * p.pixels,
+                                    cols_group + (c0 / shape.lanes) * p.pixels * shape.lanes,
+                                    p.pixels * shape.lanes,
+                                    slab_sample,
+                                    std::min(call_cols, p.cols - c0),
+                                    grad_attn != nullptr ? w_tiles + at : nullptr,
+                                    grad_w != nullptr ? dw_tiles + at : nullptr,
+                                    use_blocks ? call_cols : p.cols,
+                                    use_blocks ? kFoldTileFloats : p.kernel_size,
+                                    /*store=*/b0 == 0 && i == 0};
+                if (direct) {
+                  // Tap ci's rectangle of output pixels, and the input pixels it reads.
+                  const TapRectangle& rc = rects[ci];
+                  const int64_t width = rc.x1 - rc.x0;
+                  call.pixels = width;
+                  call.pixel_rows = width > 0 ? rc.y1 - rc.y0 : 0;
+                  call.dy = dy_rows + rc.y0 * g.out_w + rc.x0;
+                  call.dy_row_skip = g.out_w - width;
+                  call.cols = cols_group + (first_panel * in_plane + rc.in_y0 * g.width + rc.in_x0) * shape.lanes;
+                  call.cols_panel_stride = in_plane * shape.lanes;
+                  call.cols_step = g.stride[1] * shape.lanes;
+                  call.cols_row_skip = (g.stride[0] * g.width - width * g.stride[1]) * shape.lanes;
+                  call.columns = channels;
+                }
+                prefetch_fold_rows(call, rows, K);
+                if (prefetch_next) prefetch_grad_block(w, p, next, K, call_index++ * lines_per_call, lines_per_call);
+                for (int64_t s0 = 0, together; s0 < ns; s0 += together) {
+                  together = std::min(shape.samples, ns - s0);
+                  weight_grad_accumulate(isa, together, rows)(call, s0, g_tiles + s0 * kFoldTileFloats);
+                }
+                fold(call, rows, g_tiles, attn + (b0 + i) * K, K, lanes.data());
               }
-              prefetch_fold_rows(call, rows, K);
-              if (prefetch_next) prefetch_grad_block(w, p, next, K, call_index++ * lines_per_call, lines_per_call);
-              for (int64_t s0 = 0, together; s0 < ns; s0 += together) {
-                together = std::min(shape.samples, ns - s0);
-                weight_grad_accumulate(isa, together, rows)(call, s0, g_tiles + s0 * kFoldTileFloats);
-              }
-              fold(call, rows, g_tiles, attn + (b0 + i) * K, K, lanes.data());
+            }
+            // The block's share of dattn[b0 + i + s, k], lanes summed in double.
+            for (int64_t sk = 0; sk < ns * K && grad_attn != nullptr; ++sk) {
+              double sum = 0;
+              for (int64_t l = 0; l < shape.lanes; ++l) sum += lanes[sk * shape.lanes + l];
+              attn_partial[(task * chunk + i) * K + sk] = sum;
             }
           }
-          // The block's share of dattn[b0 + i + s, k], lanes summed in double.
-          for (int64_t sk = 0; sk < ns * K && grad_attn != nullptr; ++sk) {
-            double sum = 0;
-            for (int64_t l = 0; l < shape.lanes; ++l) sum += lanes[sk * shape.lanes + l];
-            attn_partial[(task * chunk + i) * K + sk] = sum;
-          }
+          if (direct && grad_w != nullptr)
+            direct_block_out(isa, dw_block, p, t, layout, shape.rows, last_chunk, dw_block + layout.floats(), grad_w);
+          if (!direct && use_blocks && grad_w != nullptr)
+            block_runs([&](int64_t at, int64_t in_block, int64_t len) {
+              if (last_chunk)
+                copy_streaming(grad_w + t.origin + at, dw_block + in_block, len, isa);
+              else
+                std::memcpy(grad_w + t.origin + at, dw_block + in_block, len * sizeof(float));
+            });
         }
-        if (direct && grad_w != nullptr)
-          direct_block_out(isa, dw_block, p, t, layout, shape.rows, last_chunk, dw_block + layout.floats(), grad_w);
-        if (!direct && use_blocks && grad_w != nullptr)
-          block_runs([&](int64_t at, int64_t in_block, int64_t len) {
-            if (last_chunk)
-              copy_streaming(grad_w + t.origin + at, dw_block + in_block, len, isa);
-            else
-              std::memcpy(grad_w + t.origin + at, dw_block + in_block, len * sizeof(float));
-          });
-      }
-      _mm_sfence();
-    });
+        _mm_sfence();
+      });
     }
     if (grad_attn != nullptr) {
       for (int64_t i = 0; i < n; ++i)
