@@ -349,7 +349,9 @@ def test_large_weight_gradients_come_from_a_pool():
 # forward and grad_x (the transposed, flipped kernels; pad 2 - padding, which
 # crops where padding > 2). Odd planes end in half-used tiles; 130 rows end
 # in a ragged row panel; 520 deep carries partial sums over two reduction
-# blocks (the forward of the first, grad_x of the second).
+# blocks (the forward of the first, grad_x of the second). From 36 tiles a
+# sample (13x13, 12x12, 5x37 here) the GEMMs mix A in a pass of their own,
+# below it in the micro-kernels (AVX-512 up to 8 kernels).
 WINOGRAD_CASES = [
     Case(3, 16, 16, 7, 7, padding=(1, 1)),                             # 16 tiles, the last row and column half-used
     Case(4, 20, 18, 5, 6, padding=(1, 1), num_kernels=3),

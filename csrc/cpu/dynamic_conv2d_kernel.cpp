@@ -630,6 +630,7 @@ struct PackedGemm {
   int64_t group_b;       // floats of one group's packed B: pixel_panels * depth * kNR
   int64_t sample_b;      // floats of one sample's packed B: groups * group_b
   int64_t depth_multiple = 8;  // reduction blocks are a multiple of this (taps per channel with TapClasses)
+  bool separate_mix = false;   // mix A in a pass of its own even where the micro-kernels could (see winograd_gemm)
 };
 
 PackedGemm make_packed_gemm(PackedIsa isa, int64_t m, int64_t depth, const Plan& p) {
@@ -1641,7 +1642,7 @@ PackedGemmBlocking packed_gemm_blocking(const PackedGemm& s, int64_t n) {
   q.depth = std::min(s.depth, ((s.depth + depth_blocks - 1) / depth_blocks + multiple - 1) / multiple * multiple);
   q.block = q.split_samples ? std::clamp<int64_t>(q.tile_tasks * n / threads, 1, kPackedSampleBlock)
                             : kPackedSampleBlock;
-  q.fused_mix = mixes_in_micro_kernel(s.isa, s.num_kernels);
+  q.fused_mix = !s.separate_mix && mixes_in_micro_kernel(s.isa, s.num_kernels);
   q.mixed_floats = q.fused_mix ? (kMaxRowPanels + (q.tiles.size + kMR - 1) / kMR) * q.depth * kMR
                                 : q.block * ((q.tiles.size + kMR - 1) / kMR) * q.depth * kMR;
   q.kernel_floats = s.num_kernels * ((q.tiles.size + kMR - 1) / kMR) * q.depth * kMR;
@@ -2472,6 +2473,19 @@ WinogradConv winograd_grad_x_conv(const Plan& p) {
   return c;
 }
 
+// From this many tiles a sample, Winograd's GEMMs mix A in a pass of its own
+// (mix_packed_tile: blocks of samples from each kernel load, the mixed
+// panels read back from L2) rather than in the first call of each row-panel
+// pair, whose 8 kernel loads a step held it at 2.4x a plain call's time for
+// 1.67x its FMAs (256@14, perf). AMD Zen 4, in-process paired medians,
+// separate / fused (with the next tile's kernels requested into L2):
+// forward 256@14 0.958-0.959, 256@13 0.965, 256@12 (36 tiles) 0.989,
+// 512@12 0.972, 256@16 0.926, 256@21 0.963, 128->256@21 0.928, 128@28
+// 0.990, 128@42 0.993, 64->128@42 0.973; grad_x 256@14 0.969, 128@28 0.986,
+// 256@21 0.968; but at 10x10 (25 tiles), where a mixed panel serves fewer
+// tiles, forward 512@10 1.059, 256->512@10 1.106, grad_x 256->512@10 1.118.
+constexpr int64_t kWinogradSeparateMixTiles = 36;
+
 PackedGemm winograd_gemm(PackedIsa isa, const WinogradConv& c, int64_t num_kernels) {
   PackedGemm s;
   s.isa = isa;
@@ -2486,6 +2500,7 @@ PackedGemm winograd_gemm(PackedIsa isa, const WinogradConv& c, int64_t num_kerne
   // 36 KiB) they all fell into one L1 set.
   s.group_b = s.pixel_panels * s.depth * kNR + kWinogradPad;
   s.sample_b = s.groups * s.group_b;
+  s.separate_mix = c.tiles >= kWinogradSeparateMixTiles;
   return s;
 }
 
