@@ -1434,7 +1434,8 @@ int plane_shape(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
 // of its own for blocks of samples (AVX-512 A/B, ms, separate -> in the
 // micro-kernel, K = 4: fwd 512@7 35.3 -> 33.8, 512@10 68.6 -> 64.1, 512@5
 // 22.4 -> 20.4, 256@14 31.0 -> 30.9; grad_x 37.6 -> 35.5, 68.5 -> 67.9,
-// 22.4 -> 21.9, 32.2 -> 31.2).
+// 22.4 -> 21.9, 32.2 -> 31.2). Winograd's GEMMs of 36 tiles and more mix
+// in the pass anyway (PackedGemm::separate_mix, see winograd_gemm).
 inline bool mixes_in_micro_kernel(PackedIsa isa, int64_t num_kernels) {
   return isa == PackedIsa::kAvx512 && num_kernels >= 1 && num_kernels <= kMaxMicroMixKernels;
 }
