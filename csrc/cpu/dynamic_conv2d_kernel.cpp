@@ -1760,14 +1760,17 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
       const int64_t nr = std::min(tiles.size, s.m - r0);
       const int64_t panels = (nr + kMR - 1) / kMR;
       // The thread's next tile's prepacked kernels, requested into L2 a line
-      // a step by this tile's calls, so that its mixing calls (which read
-      // each kernel vector once for a pair of samples) find them there, not
-      // in L3 or memory. Only tiles that fit twice in L2 beside the B panels.
-      // (Winograd at 256@14: 16 MiB of transformed kernels, each tile mixed
-      // for one pair of samples per chunk. AMD Zen 4, perf: the mixing call
-      // from 2.8 to 2.4 times a plain call's time; in-process paired medians,
-      // forward 0.980-0.986, grad_x 0.994; 128@28, 256@21, 512@10 and
-      // 256->512@10 within 1%.)
+      // a step by this tile's calls, so that its mixing (in the micro-kernels
+      // or mix_packed_tile, each kernel vector read once for the chunk's
+      // samples) finds them there, not in L3 or memory. Only tiles that fit
+      // twice in L2 beside the B panels. (Winograd at 256@14: 16 MiB of
+      // transformed kernels, each tile mixed for one pair of samples per
+      // chunk. AMD Zen 4, in-process paired medians, with / without: with
+      // the fused mixing, forward 0.980-0.986 (perf: the mixing call from
+      // 2.8 to 2.4 times a plain call's time), grad_x 0.994, 128@28, 256@21,
+      // 512@10 and 256->512@10 within 1%; with Winograd's mixing pass
+      // (winograd_gemm), forward 256@14 0.908, 256@21 0.957, 128@28 0.978,
+      // 256->512@10 (fused) 0.961.)
       const bool l2_next_tile = prepacked != nullptr && !split_samples && tile_task + 1 < end &&
                                 tile_floats * static_cast<int64_t>(sizeof(float)) <= kL2PrefetchTileBytes;
       const char* l2_next = l2_next_tile ? reinterpret_cast<const char*>(prepacked + (tile_task + 1) * tile_floats)
