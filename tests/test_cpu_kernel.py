@@ -83,6 +83,11 @@ TILED_CASES = [
     Case(5, 6, 40, 25, 23, padding=(2, 1), dilation=(2, 1), groups=2, bias=False),
     Case(4, 64, 70, 40, 40, kernel=(1, 1), stride=(2, 2), num_kernels=9),  # 5 row panels, the last 6 rows
     Case(2, 3, 20, 3, 203, padding=(1, 1), stride=(1, 2)),           # 102-pixel rows: a ragged last pixel panel
+    # The BLAS grad_x folds each sample's tile of whole channels into grad_x
+    # right after its GEMM where such tiles split evenly across threads
+    # (the stem above at 2 threads does not: 3 channels, one a tile):
+    Case(3, 64, 16, 17, 17, stride=(2, 2), padding=(1, 1)),          # 4 tiles of 16 channels (144 rows)
+    Case(3, 30, 12, 15, 15, stride=(2, 2), padding=(1, 1), groups=3),  # 10 channels a group: 5 a tile at 2 threads
 ]
 
 

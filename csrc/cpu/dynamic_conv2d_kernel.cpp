@@ -41,6 +41,7 @@
 #include <cstring>
 #include <iterator>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
@@ -254,6 +255,26 @@ Tiling make_tiling(int64_t extent, int64_t groups, bool balance) {
   return {extent, size, (extent + size - 1) / size};
 }
 
+// Tiles of a group's `extent` = channels * taps unfolded rows that hold whole
+// channels, so that the thread owning a tile owns the input planes its rows
+// fold into: the fewest channels that make at least 64 rows and a multiple of
+// 16 (BLAS's edge cases cost: 64->128 at 56x56, stride 2, 3x3, grad_x 0.91
+// of the time at 144 rows, 0.98 at 72, 1.10 at 63), else about 64 rows; as
+// many tiles as split evenly across threads where the channels allow.
+Tiling make_channel_tiling(int64_t extent, int64_t taps, int64_t groups) {
+  constexpr int64_t kMinRows = 64, kMaxAlignedRows = 160, kRowMultiple = 16;
+  const int64_t threads = at::get_num_threads();
+  const int64_t channels = extent / taps;
+  const int64_t aligned = std::lcm(taps, kRowMultiple);
+  const int64_t aligned_rows = (kMinRows + aligned - 1) / aligned * aligned;
+  const int64_t per_tile = aligned_rows <= kMaxAlignedRows ? aligned_rows / taps
+                                                           : std::max<int64_t>(1, (kMinRows + taps / 2) / taps);
+  int64_t count = (channels + per_tile - 1) / per_tile;
+  while ((groups * count) % threads != 0 && count < channels) ++count;
+  const int64_t tile_channels = (channels + count - 1) / count;
+  return {extent, tile_channels * taps, (channels + tile_channels - 1) / tile_channels};
+}
+
 // Runs body(begin, end) over contiguous, evenly split ranges of [0, tasks),
 // one per thread; serially when there are fewer tasks than threads, so that
 // each GEMM can use every thread.
@@ -344,16 +365,17 @@ void unfold_channel(const T* x, T* cols, const Plan& p, int64_t c) {
   unfold_channel_rows(x, cols, p.pixels, p, c, 0, p.g.out_h);
 }
 
+// Writes one input plane (H, W) as the sum of its channel's kh * kw
+// unfolded rows, p.pixels apart from `rows` on.
 template <typename T>
 __attribute__((optimize("no-tree-loop-distribute-patterns")))
-void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
+void fold_plane(const T* rows, T* plane, const Plan& p) {
   const ConvGeometry& g = p.g;
   const int64_t sw = g.stride[1];
-  T* plane = x + c * g.height * g.width;
   for (int64_t j = 0; j < g.height * g.width; ++j) plane[j] = T(0);
   for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
     for (int64_t kj = 0; kj < g.kernel_w; ++kj) {
-      const T* src = cols + ((c * g.kernel_h + ki) * g.kernel_w + kj) * p.pixels;
+      const T* src = rows + (ki * g.kernel_w + kj) * p.pixels;
       const int64_t col_off = kj * g.dilation[1] - g.padding[1];
       int64_t lo, hi;
       valid_range(col_off, sw, g.width, g.out_w, &lo, &hi);
@@ -369,6 +391,11 @@ void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
       }
     }
   }
+}
+
+template <typename T>
+void fold_channel(const T* cols, T* x, const Plan& p, int64_t c) {
+  fold_plane(cols + c * p.g.kernel_h * p.g.kernel_w * p.pixels, x + c * p.g.height * p.g.width, p);
 }
 
 // Runs body(b, c) for every sample b < n and input channel c, in parallel:
@@ -4164,21 +4191,36 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
   // Each chunk packs and unpacks every weight tile once, so large weights get
   // larger chunks: up to the size of the K-fold weight gradient returned anyway.
   const int64_t chunk = chunk_samples(p, g.batch, sizeof(T), kernel_sized_budget(p, sizeof(T)));
-  const Tiling tiles = make_tiling(p.cols, g.groups, /*balance=*/true);
+  const int64_t threads = at::get_num_threads();
+  Tiling tiles = make_tiling(p.cols, g.groups, /*balance=*/true);
+  // grad_x: where tiles of whole channels still split evenly across threads,
+  // each sample's unfolded gradient tile is folded into grad_x right after its
+  // GEMM, while in cache, instead of a chunk of unfolded samples written to
+  // memory and folded afterwards (64->128 at 56x56, stride 2: that buffer is
+  // 1.8 MiB a sample, and zeroing it, BLAS's beta = 0 pass, ran at memory speed).
+  const int64_t taps = g.kernel_h * g.kernel_w;
+  bool fold_in_tile = false;
+  if (need_x && !p.identity_unfold) {
+    const Tiling channel_tiles = make_channel_tiling(p.cols, taps, g.groups);
+    const int64_t tasks = g.groups * channel_tiles.count;
+    if (tasks % threads == 0 || tasks >= 4 * threads) {
+      tiles = channel_tiles;
+      fold_in_tile = true;
+    }
+  }
   const int64_t tile_tasks = g.groups * tiles.count;
   // Column tiles are independent, so a thread that owns a tile accumulates its
   // dW_k columns without races. Layers with fewer tiles than threads (tiny
   // weights) also split the samples into fixed slices; each (tile, slice)
   // writes its own partial dW, summed in slice order afterwards, so the
   // result does not depend on thread scheduling.
-  const int64_t threads = at::get_num_threads();
   const bool split_samples = tile_tasks < threads;
   const int64_t max_slices = split_samples ? (threads + tile_tasks - 1) / tile_tasks : 1;
   const int64_t max_tile = p.rows * tiles.size;
   const at::TensorOptions opts = grad_out.options();
   at::Tensor cols_buffer, dcols_buffer;
   if (need_g && !p.identity_unfold) cols_buffer = at::empty({chunk * p.unfolded}, opts);
-  if (need_x && !p.identity_unfold) dcols_buffer = at::empty({chunk * p.unfolded}, opts);
+  if (need_x && !p.identity_unfold && !fold_in_tile) dcols_buffer = at::empty({chunk * p.unfolded}, opts);
   // dattn partial sums per (tile, sample, kernel), reduced after the chunk.
   std::vector<double> attn_partial(grad_attn != nullptr ? tile_tasks * chunk * K : 0);
   std::vector<T> slice_dw(split_samples && grad_w != nullptr ? tile_tasks * max_slices * K * max_tile : 0);
@@ -4195,8 +4237,9 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
       }
     }
     // With a 1x1 unit-stride conv the unfolded gradient is grad_x itself.
-    T* dcols = need_x ? (p.identity_unfold ? grad_x + b0 * p.plane : dcols_buffer.data_ptr<T>())
-                      : nullptr;
+    T* dcols = !need_x || fold_in_tile ? nullptr
+               : p.identity_unfold      ? grad_x + b0 * p.plane
+                                        : dcols_buffer.data_ptr<T>();
     const T* go = grad_out.const_data_ptr<T>() + b0 * g.out_channels * p.pixels;
     std::fill(attn_partial.begin(), attn_partial.end(), 0.0);
 
@@ -4212,6 +4255,7 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
       std::vector<T> dw_pack(grad_w != nullptr ? K * max_tile : 0);
       std::vector<T> w_mixed(need_x ? block * max_tile : 0);
       std::vector<T> g_tile(need_g ? block * max_tile : 0);
+      std::vector<T> dcols_tile(fold_in_tile ? tiles.size * p.pixels : 0);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t tile_task = unit / slices;
         const int64_t slice = unit % slices;
@@ -4238,8 +4282,15 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
             const T* go_g = go + (i * g.out_channels + group * p.rows) * p.pixels;
             const int64_t unfolded_off = i * p.unfolded + (group * p.cols + c0) * p.pixels;
             if (need_x) {
+              T* dst = fold_in_tile ? dcols_tile.data() : dcols + unfolded_off;
               gemm_row_major<T>(true, false, nc, p.pixels, p.rows, w_mixed.data() + s * tile_elems,
-                                nc, go_g, p.pixels, T(0), dcols + unfolded_off, p.pixels);
+                                nc, go_g, p.pixels, T(0), dst, p.pixels);
+              if (fold_in_tile) {
+                const int64_t c_first = (group * p.cols + c0) / taps;
+                T* planes = grad_x + (b0 + i) * p.plane + c_first * g.height * g.width;
+                for (int64_t j = 0; j < nc / taps; ++j)
+                  fold_plane(dst + j * taps * p.pixels, planes + j * g.height * g.width, p);
+              }
             }
             if (need_g) {
               gemm_row_major<T>(false, true, p.rows, nc, p.pixels, go_g, p.pixels,
@@ -4293,7 +4344,7 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
       });
     }
 
-    if (need_x && !p.identity_unfold) {
+    if (need_x && !p.identity_unfold && !fold_in_tile) {
       fold_samples(dcols, grad_x + b0 * p.plane, p, n);
     }
     if (grad_attn != nullptr) {
