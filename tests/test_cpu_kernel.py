@@ -12,7 +12,8 @@ larger planes and float64 take the BLAS path; output planes of at least 441 pixe
 (weight side) with 16+ input channels per group run the library's conv on
 chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
 Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
-to 42x42, 21x21 on AVX2, whose scratch fits in their activations): the direct-path tests here
+to 42x42, 21x21 on AVX2, in batches of at least 4 samples and 768 output pixels,
+1536 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. The packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
@@ -381,6 +382,7 @@ WINOGRAD_CASES = [
     Case(2, 24, 520, 5, 5, padding=(1, 1)),
     Case(4, 16, 32, 12, 12, padding=(1, 1), layout="channels_last"),
     Case(2, 8, 8, 5, 37, padding=(1, 1)),                               # output rows of 16 + 16 + 5 pixels
+    Case(1, 16, 24, 10, 10, padding=(1, 1)),                            # one sample (forced; never by default)
 ]
 
 
@@ -434,7 +436,8 @@ def _run(case, inputs):
 @pytest.mark.parametrize("cap", ["avx512", "avx2"])
 def test_winograd_default_range(monkeypatch, cap):
     # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
-    # on AVX2) whose Winograd scratch fits in the activations plus the K
+    # on AVX2), batches of at least 4 samples and 768 output pixels (1536 on
+    # AVX2), whose Winograd scratch fits in the activations plus the K
     # kernels' size, in the fewest passes (1 or 2) for which it does, with
     # chunks of one sample per thread (of at least 32 K tiles where a pass's
     # transformed kernels exceed 16 MiB). Each kind of result differs from
@@ -445,14 +448,21 @@ def test_winograd_default_range(monkeypatch, cap):
         pytest.skip(f"this CPU has no {cap}")
     from comparison import make_inputs
     torch.set_num_threads(2)  # the chunks, hence the scratch, follow the thread count
-    cases = {Case(12, 8, 8, 10, 10, padding=(1, 1)): "2",  # 100 pixels; chunks of 2 fit in 2 passes only
+    avx512 = cap == "avx512"
+    cases = {Case(16, 64, 64, 10, 10, padding=(1, 1)): "2",  # 100 pixels; chunks of 2 fit in 2 passes only
              Case(24, 8, 8, 10, 10, padding=(1, 1)): "1",  # chunks of 2 fit in 1 pass
              Case(24, 8, 8, 9, 9, padding=(1, 1)): "0",                                 # 81 pixels: below the range
-             Case(12, 8, 8, 22, 22, padding=(1, 1)): "1" if cap == "avx512" else "0",   # 484: above AVX2's range
+             Case(12, 8, 8, 22, 22, padding=(1, 1)): "1" if avx512 else "0",            # 484: above AVX2's range
              Case(24, 8, 8, 43, 43, padding=(1, 1)): "0",                               # 1849: above AVX-512's
-             Case(2, 8, 8, 10, 10, padding=(1, 1)): "0",                                # scratch above the activations
              Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): "0",                # stride 2: not eligible
-             Case(4, 32, 32, 10, 10, padding=(1, 1)): "0",    # 2 passes: 65536 scratch floats > 62464
+             Case(4, 32, 32, 14, 14, padding=(1, 1)): "0",    # 784 pixels in the batch, but 2 passes' scratch is
+                                                              # above the activations plus the kernels
+             # Batches too small to pay for the kernel transforms (each of
+             # these takes Winograd, in 2 passes, without the batch rule).
+             Case(3, 128, 128, 10, 10, padding=(1, 1)): "0",                            # 3 samples
+             Case(7, 8, 8, 10, 10, padding=(1, 1)): "0",                                # 700 pixels in the batch
+             Case(8, 8, 8, 10, 10, padding=(1, 1)): "2" if avx512 else "0",             # 800
+             Case(12, 8, 8, 10, 10, padding=(1, 1)): "2" if avx512 else "0",            # 1200
              Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "1",  # ResNet18's layer3: 16 MiB of kernels
              # VGG19's conv4_x: 64 MiB of transformed kernels in one pass, so
              # chunks of 6 (32 K tiles): fits only in 2 passes

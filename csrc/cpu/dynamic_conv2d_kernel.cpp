@@ -3099,6 +3099,16 @@ int64_t winograd_pass_chunk(const WinogradConv& c, const PackedGemm& s) {
 }
 constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
 constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
+// Transforming and packing the K kernels is a cost per call that the
+// batch's samples must pay back: by default at least 4 samples and this
+// many output pixels in the batch. Measured break-even (forward, against
+// the direct paths, 2 threads): AVX-512 at 512@10 about 7 samples, 256@14
+// and 256@21 3-4, 128@28 and 128@42 4-5; AVX2, whose transforms take
+// twice the instructions, 256@14 8, 256@21 4-5, 512@10 12-16. Below them
+// Winograd cost up to 1.75x the direct forward (512@10, 2 samples).
+constexpr int64_t kWinogradMinBatchPixelsAvx512 = 768;
+constexpr int64_t kWinogradMinBatchPixelsAvx2 = 1536;
+constexpr int64_t kWinogradMinBatch = 4;
 
 bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradConv& c) {
   const ConvGeometry& g = p.g;
@@ -3117,8 +3127,13 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
     c.chunk = winograd_chunk(c, winograd_gemm(isa, c, g.num_kernels), budget);
     return true;
   }
-  const int64_t max_pixels = isa == PackedIsa::kAvx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
-  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels) return false;
+  const bool avx512 = isa == PackedIsa::kAvx512;
+  const int64_t max_pixels = avx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
+  const int64_t min_batch_pixels = avx512 ? kWinogradMinBatchPixelsAvx512 : kWinogradMinBatchPixelsAvx2;
+  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels || g.batch < kWinogradMinBatch ||
+      g.batch * p.pixels < min_batch_pixels) {
+    return false;
+  }
   // The fewest passes (1 or 2) whose scratch fits in the activations plus
   // the K kernels' size (see winograd_pass_chunk for the chunks). 512@10
   // forward in 2 passes: 73 -> 60 ms. The activations or the K kernels
@@ -3340,9 +3355,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const Plan p = make_plan(g);
   const PackedIsa isa = packed_isa();
   WinogradConv winograd_c = winograd_forward_conv(p);
-  // Not for one sample: transforming the K kernels costs more than it saves
-  // (batch 1, 512@10: 2.1x the static conv against 1.2x packed).
-  const bool winograd = g.batch > 1 && plan_winograd(p, dtype, isa, winograd_c);
+  const bool winograd = plan_winograd(p, dtype, isa, winograd_c);
   const bool packed = use_packed(p, dtype, isa);
   const bool streamed = !packed && use_stream_forward(p, dtype, isa);
   // One sample: the packed paths mix each kernel tile in cache as they apply
