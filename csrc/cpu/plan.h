@@ -1,0 +1,131 @@
+// The shapes of one call in the loops' terms, chunk budgets and tilings.
+//
+// Part of the CPU kernel (dynamic_conv2d_kernel.cpp, which includes these
+// headers in order; each builds on the ones before it). Not a public header:
+// everything here has internal linkage, in the kernel's anonymous namespace.
+#pragma once
+
+#include "loops.h"
+
+namespace chanflex {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Shapes of one call, in the terms the loops use.
+
+struct Plan {
+  ConvGeometry g;
+  int64_t rows;         // C_out / groups: rows of one group's weight matrix
+  int64_t cols;         // C_in / groups * kh * kw: its columns
+  int64_t pixels;       // H_out * W_out
+  int64_t group_size;   // rows * cols
+  int64_t kernel_size;  // groups * rows * cols = |W| of one kernel
+  int64_t plane;        // C_in * H * W: one input sample
+  int64_t unfolded;     // C_in * kh * kw * pixels: one unfolded sample
+  bool identity_unfold; // 1x1, stride 1, no padding: unfold(x) is x itself
+};
+
+Plan make_plan(const ConvGeometry& g) {
+  Plan p;
+  p.g = g;
+  p.rows = g.out_channels / g.groups;
+  p.cols = g.group_in_channels * g.kernel_h * g.kernel_w;
+  p.pixels = g.out_h * g.out_w;
+  p.group_size = p.rows * p.cols;
+  p.kernel_size = g.groups * p.group_size;
+  p.plane = g.in_channels * g.height * g.width;
+  p.unfolded = g.groups * p.cols * p.pixels;
+  p.identity_unfold = g.kernel_h == 1 && g.kernel_w == 1 && g.stride[0] == 1 &&
+                      g.stride[1] == 1 && g.padding[0] == 0 && g.padding[1] == 0;
+  TORCH_CHECK(std::max({p.rows, p.cols, p.pixels}) < INT_MAX,
+              "dynamic_conv2d: matrix dimensions must be < 2^31, got rows=", p.rows,
+              ", cols=", p.cols, ", pixels=", p.pixels);
+  return p;
+}
+
+// Budget for one chunk of unfolded samples: CHANFLEX_CPU_CHUNK_BYTES when set
+// (tests use a tiny one to cross chunk boundaries), else `fallback`.
+int64_t chunk_budget_bytes(int64_t fallback) {
+  const char* env = std::getenv("CHANFLEX_CPU_CHUNK_BYTES");
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == '\0' && value > 0,
+                "CHANFLEX_CPU_CHUNK_BYTES: expected a positive integer, got '", env, "'");
+    return value;
+  }
+  return fallback;
+}
+
+// 8 MiB keeps a forward chunk's unfolded input in the last-level cache and the
+// working memory near a static convolution's.
+constexpr int64_t kForwardChunkBytes = int64_t{8} << 20;
+
+// Samples per chunk: as many unfolded samples as fit the budget, but at
+// least one per thread so single-tile layers still run in parallel.
+int64_t chunk_samples(const Plan& p, int64_t batch, size_t elem, int64_t budget) {
+  const int64_t per_sample = std::max<int64_t>(1, p.unfolded * static_cast<int64_t>(elem));
+  const int64_t fit = std::max<int64_t>(chunk_budget_bytes(budget) / per_sample, 1);
+  return std::min<int64_t>(std::max<int64_t>(fit, at::get_num_threads()), std::max<int64_t>(batch, 1));
+}
+
+// Chunk budget of passes that pack every weight tile once per chunk: up to the
+// size of the K kernels (no more than the K-fold weight gradient the backward
+// returns anyway), so large weights are packed few times.
+int64_t kernel_sized_budget(const Plan& p, size_t elem) {
+  return std::max(kForwardChunkBytes, p.g.num_kernels * p.kernel_size * static_cast<int64_t>(elem));
+}
+
+// Tiles of one weight dimension of length `extent`: about 64 wide, where
+// single-threaded BLAS runs at its best on these shapes (a K-kernel tile of a
+// 512x4608 layer is then ~5 MiB, resident in the last-level cache while every
+// sample of the chunk uses it). With `balance`, as many tiles per group that
+// the tile count over all groups splits evenly across threads (the backward
+// gives each thread whole tiles).
+struct Tiling {
+  int64_t extent, size, count;  // tile i covers [i * size, min(extent, (i + 1) * size))
+};
+
+Tiling make_tiling(int64_t extent, int64_t groups, bool balance) {
+  constexpr int64_t kTarget = 64;
+  const int64_t threads = at::get_num_threads();
+  int64_t count = (extent + kTarget - 1) / kTarget;
+  while (balance && (groups * count) % threads != 0 && extent / (count + 1) >= 16) ++count;
+  const int64_t size = (extent + count - 1) / count;
+  return {extent, size, (extent + size - 1) / size};
+}
+
+// Tiles of a group's `extent` = channels * taps unfolded rows that hold whole
+// channels, so that the thread owning a tile owns the input planes its rows
+// fold into: the fewest channels that make at least 64 rows and a multiple of
+// 16 (BLAS's edge cases cost: 64->128 at 56x56, stride 2, 3x3, grad_x 0.91
+// of the time at 144 rows, 0.98 at 72, 1.10 at 63), else about 64 rows; as
+// many tiles as split evenly across threads where the channels allow.
+Tiling make_channel_tiling(int64_t extent, int64_t taps, int64_t groups) {
+  constexpr int64_t kMinRows = 64, kMaxAlignedRows = 160, kRowMultiple = 16;
+  const int64_t threads = at::get_num_threads();
+  const int64_t channels = extent / taps;
+  const int64_t aligned = std::lcm(taps, kRowMultiple);
+  const int64_t aligned_rows = (kMinRows + aligned - 1) / aligned * aligned;
+  const int64_t per_tile = aligned_rows <= kMaxAlignedRows ? aligned_rows / taps
+                                                           : std::max<int64_t>(1, (kMinRows + taps / 2) / taps);
+  int64_t count = (channels + per_tile - 1) / per_tile;
+  while ((groups * count) % threads != 0 && count < channels) ++count;
+  const int64_t tile_channels = (channels + count - 1) / count;
+  return {extent, tile_channels * taps, (channels + tile_channels - 1) / tile_channels};
+}
+
+// Runs body(begin, end) over contiguous, evenly split ranges of [0, tasks),
+// one per thread; serially when there are fewer tasks than threads, so that
+// each GEMM can use every thread.
+template <typename F>
+void for_each_range(int64_t tasks, const F& body) {
+  if (tasks >= at::get_num_threads()) {
+    at::parallel_for(0, tasks, 1, body);
+  } else {
+    body(0, tasks);
+  }
+}
+
+}  // namespace
+}  // namespace chanflex

@@ -1,0 +1,169 @@
+// AVX-512 kernels of 3x3 pad-1 convs on 5x5 and 7x7 planes (and 14x14 -> 7x7, stride 2), without an unfold.
+//
+// Part of the CPU kernel (dynamic_conv2d_kernel.cpp, which includes these
+// headers in order; each builds on the ones before it). Not a public header:
+// everything here has internal linkage, in the kernel's anonymous namespace.
+#pragma once
+
+#include "micro_kernels.h"
+
+namespace chanflex {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Direct small planes (forward and transposed grad_x, AVX-512): 3x3, pad 1
+// convs onto W x W output planes (kPlaneShapes: stride 1 on 5x5 and 7x7,
+// stride 2 from 14x14 to 7x7).
+//
+// The padding classes still multiply the corners of the edge rows (177
+// products a channel pair at 5x5, where the direct conv does 169) and split
+// the plane into calls of 3 to 9 pixels that stream A again each (at 512@5
+// the 3- and 5-pixel calls took 10-40% more per product than the 9-pixel
+// one). Here one call covers a
+// band of whole rows (the whole plane at 5x5; rows 0-2 and 3-6 at 7x7)
+// with one accumulator a pixel (16 rows of A): for each tap, one A vector
+// times exactly the pixels whose input is inside the image, each input
+// value broadcast from the sample's own plane by the FMA itself. No
+// unfolded B is written, and the products are those of the direct conv.
+struct PlaneShape {
+  int64_t width, stride;  // output width (and height); input planes are stride x width square
+};
+constexpr PlaneShape kPlaneShapes[] = {{5, 1}, {7, 1}, {7, 2}};
+constexpr int kPlaneTaps = 9;
+
+// The kc steps (kc / 9 channels, 9 taps each) of one 16-row A panel (or,
+// MIX, of the K kernels' panels, mixed as in micro_kernel_avx512) times
+// output rows [ROW0, ROW0 + ROWS) of a W x W plane at stride S (input
+// planes S W x S W): b is the first channel's input plane, b_plane floats
+// between channels. Sums go as in
+// micro_kernel_avx512 (MicroOut), pixel j of the band its column j.
+// UNIT: the attention is pivoted (PivotedAttention): attn[0] (and
+// attn_next[0]) are 1 and kernel 0 enters the mixed vectors unscaled.
+template <int W, int S, int ROW0, int ROWS, int MIX, bool PAIR, bool UNIT = false>
+__attribute__((target("avx512f,avx2,fma")))
+void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, int64_t b_plane,
+                         const MicroOut& out, const MicroMix* mix) {
+  constexpr int NP = ROWS * W;
+  constexpr int IW = S * W;  // input width and height
+  static_assert(NP <= 28, "one register a pixel, beside A and the mixing's");
+  __m512 acc[NP];
+#pragma GCC unroll 28
+  for (int j = 0; j < NP; ++j)
+    acc[j] = out.load_partial ? _mm512_load_ps(out.partial + j * out.partial_ld) : _mm512_setzero_ps();
+  const float* ap = MIX ? mix->kernels : a;
+  float* mp = MIX ? mix->mixed : nullptr;
+  float* np = PAIR ? mix->mixed_next : nullptr;
+  const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
+  const int64_t channels = kc / kPlaneTaps;
+  for (int64_t c = 0; c < channels; ++c, b += b_plane) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane), _MM_HINT_T0);
+    for (int line = 16; line < IW * IW; line += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + line), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + IW * IW - 1), _MM_HINT_T0);
+#pragma GCC unroll 9
+    for (int t = 0; t < kPlaneTaps; ++t) {
+      __m512 av;
+      if constexpr (MIX) {
+        av = mix_step<MIX, PAIR, UNIT>(ap, mix_stride, *mix, mp, np);
+        mp += kMR;
+        if constexpr (PAIR) np += kMR;
+      } else {
+        av = _mm512_loadu_ps(ap);
+        _mm_prefetch(reinterpret_cast<const char*>(ap + kPrefetchSteps * kMR), _MM_HINT_T0);
+      }
+      ap += kMR;
+      const int ki = t / 3, kj = t % 3;
+#pragma GCC unroll 28
+      for (int j = 0; j < NP; ++j) {
+        const int ih = S * (ROW0 + j / W) + ki - 1, iw = S * (j % W) + kj - 1;
+        if (ih >= 0 && ih < IW && iw >= 0 && iw < IW) acc[j] = fmadd_broadcast(av, b + ih * IW + iw, acc[j]);
+      }
+    }
+  }
+  if (out.store_partial) {
+#pragma GCC unroll 28
+    for (int j = 0; j < NP; ++j) _mm512_store_ps(out.partial + j * out.partial_ld, acc[j]);
+    return;
+  }
+  alignas(64) float tile[NP][kMR];
+  const __m512 scale = _mm512_set1_ps(out.scale != nullptr ? *out.scale : 1.f);
+#pragma GCC unroll 28
+  for (int j = 0; j < NP; ++j) _mm512_store_ps(tile[j], _mm512_mul_ps(acc[j], scale));
+  for (int64_t i = 0; i < out.mr; ++i) {
+    float* row = out.c + i * out.ldc;
+    for (int j = 0; j < NP; ++j) row[j] = tile[j][i];
+  }
+}
+
+// The bands of output rows one call covers: (first row, rows), at most 28
+// pixels each; the first band takes the mixing calls, so it is the smaller.
+struct PlaneBand {
+  int64_t row0, rows;
+};
+inline std::vector<PlaneBand> plane_bands(int64_t width) {
+  if (width == 5) return {{0, 5}};
+  return {{0, 3}, {3, 4}};
+}
+
+template <int W, int S, int ROW0, int ROWS, bool PAIR, bool UNIT, size_t... MIX>
+constexpr std::array<MicroKernel, kMaxMicroMixKernels + 1> plane_kernel_row(std::index_sequence<MIX...>) {
+  if constexpr (PAIR)
+    return {nullptr, plane_kernel_avx512<W, S, ROW0, ROWS, static_cast<int>(MIX) + 1, true, UNIT>...};
+  else return {plane_kernel_avx512<W, S, ROW0, ROWS, 0, false>,
+               plane_kernel_avx512<W, S, ROW0, ROWS, static_cast<int>(MIX) + 1, false, UNIT>...};
+}
+// [shape (kPlaneShapes)][band][unit][pair][kernels it mixes, 0: none (not
+// for pairs)]; the second band never mixes.
+using PlaneKernelRow = std::array<MicroKernel, kMaxMicroMixKernels + 1>;
+using PlaneBandKernels = std::array<std::array<PlaneKernelRow, 2>, 2>;
+template <int W, int S, int ROWS>
+constexpr PlaneBandKernels first_band_kernels() {
+  return {std::array<PlaneKernelRow, 2>{
+              plane_kernel_row<W, S, 0, ROWS, false, false>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+              plane_kernel_row<W, S, 0, ROWS, true, false>(std::make_index_sequence<kMaxMicroMixKernels>{})},
+          std::array<PlaneKernelRow, 2>{
+              plane_kernel_row<W, S, 0, ROWS, false, true>(std::make_index_sequence<kMaxMicroMixKernels>{}),
+              plane_kernel_row<W, S, 0, ROWS, true, true>(std::make_index_sequence<kMaxMicroMixKernels>{})}};
+}
+template <int W, int S, int ROW0, int ROWS>
+constexpr PlaneBandKernels later_band_kernels() {
+  constexpr PlaneKernelRow plain{plane_kernel_avx512<W, S, ROW0, ROWS, 0, false>};
+  return {std::array<PlaneKernelRow, 2>{plain, {}}, std::array<PlaneKernelRow, 2>{plain, {}}};
+}
+const PlaneBandKernels kPlaneKernels[std::size(kPlaneShapes)][2] = {
+    {first_band_kernels<5, 1, 5>(), {}},
+    {first_band_kernels<7, 1, 3>(), later_band_kernels<7, 1, 3, 4>()},
+    {first_band_kernels<7, 2, 3>(), later_band_kernels<7, 2, 3, 4>()}};
+
+MicroKernel plane_kernel(int shape, size_t band, int64_t mix_kernels, bool pair, bool unit) {
+  const MicroKernel kernel = kPlaneKernels[shape][band][unit][pair][mix_kernels];
+  TORCH_CHECK(kernel != nullptr, "plane_kernel: no kernel for shape ", shape, ", band ", band, ", mixing ",
+              mix_kernels, pair ? " (pair)" : "");
+  return kernel;
+}
+
+// The kPlaneShapes index of a forward (or grad_x's transposed forward) of
+// geometry g on the plane kernels, -1 where it does not take them: AVX-512
+// float32, 3x3, undilated, pad 1, one of kPlaneShapes, the K kernels mixed
+// in the micro-kernel; CHANFLEX_CPU_DIRECT_PLANES=0 switches them off
+// (tests, A/Bs).
+int plane_shape(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
+  const char* env = std::getenv("CHANFLEX_CPU_DIRECT_PLANES");
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1",
+              "CHANFLEX_CPU_DIRECT_PLANES: expected '0' or '1', got '", value, "'");
+  if (value == "0" || isa != PackedIsa::kAvx512 || num_kernels < 1 || num_kernels > kMaxMicroMixKernels) return -1;
+  if (g.kernel_h != 3 || g.kernel_w != 3 || g.dilation[0] != 1 || g.dilation[1] != 1 || g.padding[0] != 1 ||
+      g.padding[1] != 1 || g.stride[0] != g.stride[1])
+    return -1;
+  for (int shape = 0; shape < static_cast<int>(std::size(kPlaneShapes)); ++shape) {
+    const PlaneShape& ps = kPlaneShapes[shape];
+    if (g.stride[0] == ps.stride && g.out_h == ps.width && g.out_w == ps.width && g.height == ps.stride * ps.width &&
+        g.width == ps.stride * ps.width)
+      return shape;
+  }
+  return -1;
+}
+
+}  // namespace
+}  // namespace chanflex
