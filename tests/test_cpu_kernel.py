@@ -249,14 +249,16 @@ def test_half_precision_through_tiles(dtype):
 
 
 # Batch 1's forward: float32 on AVX2 and AVX-512 takes the packed, plane or
-# streamed paths with one sample; float64, the generic ISA and planes above
-# both run mix-then-conv through the library. The backward is the fused one.
+# (3x3 and smaller kernels) streamed paths with one sample; float64, the
+# generic ISA, larger streamed kernels and planes above both run
+# mix-then-conv through the library. The backward is the fused one.
 BATCH_ONE_CASES = [
     Case(1, 6, 8, 9, 9, padding=(1, 1), groups=2, dilation=(2, 1)),  # packed (81 pixels)
     Case(1, 4, 6, 8, 8, kernel=(1, 1), stride=(2, 2)),               # packed 1x1 strided
     Case(1, 24, 40, 7, 7, padding=(1, 1)),                           # AVX-512: the 7x7 plane kernels
     Case(1, 20, 36, 14, 14, stride=(2, 2), padding=(1, 1)),          # AVX-512: stride-2 plane kernels, 14 -> 7
     Case(1, 20, 70, 19, 18, padding=(1, 1)),                         # 342 pixels, 180 deep: streamed
+    Case(1, 3, 16, 48, 48, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a 7x7 stem, 576 pixels: the library
     Case(1, 32, 40, 24, 24, padding=(1, 1)),                         # 576 pixels, 288 deep: the library
 ]
 

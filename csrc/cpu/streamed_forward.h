@@ -28,6 +28,9 @@ constexpr int64_t kStreamMaxDepth = 256;
 // Output pixels per task (whole output rows, at least one): enough calls to
 // reuse each A panel from L1, a B block of at most 256 x 192 floats in L2.
 constexpr int64_t kStreamBlockPixels = 192;
+// Kernel taps up to which a single sample streams rather than mixing its
+// kernel for the library's conv (see dynamic_conv2d_forward_cpu).
+constexpr int64_t kStreamOneSampleMaxTaps = 9;
 
 bool use_stream_forward(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
   return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels > packed_max_pixels(isa) &&
