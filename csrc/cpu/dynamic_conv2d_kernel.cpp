@@ -253,9 +253,9 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   // One sample: the packed paths mix each kernel tile in cache as they apply
   // it, reading the K kernels once and writing no mixed kernel; elsewhere
   // (float64, no packed ISA) mix it once and run the library's conv. Batch 1,
-  // fp32, AVX-512, against mix-then-conv (of the static conv, no page faults
-  // in either): 512@5 1.20 vs 1.97, 512@7 1.30 vs 1.96, 256@14 1.28 vs 1.44
-  // (AVX2 alike). Streamed stems win with 3x3 kernels (3->64@224 0.87 of
+  // fp32, AVX-512, against mix-then-conv (of the static conv, interleaved in
+  // one process): 512@5 1.20 vs 1.97, 512@7 1.30 vs 1.96, 256@14 1.28 vs
+  // 1.44 (AVX2 alike). Streamed stems win with 3x3 kernels (3->64@224 0.87 of
   // mix-then-conv) and lose with larger ones (7x7/2 @224 1.07-1.22, 5x5 1.02-1.10).
   const bool streamed_one = streamed && g.kernel_h * g.kernel_w <= kStreamOneSampleMaxTaps;
   const bool one_sample_library = g.batch == 1 && !packed && !streamed_one;
