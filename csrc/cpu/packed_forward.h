@@ -35,7 +35,19 @@ void pack_weight_rows(const float* w_group, int64_t kernel_stride, int64_t cols,
       for (int64_t half = 0; half < 2; ++half) {
         const int64_t row0 = panel * kMR + half * 8;
         const float* src0 = w_group + k * kernel_stride + (r0 + row0) * cols + q0;
+        // The next 8 rows' runs (this kernel's, else the next kernel's first
+        // rows) are requested while these are copied: runs of kc floats
+        // rows apart are too short for the hardware prefetchers. AMD Zen 4,
+        // in-process A/B, forward with / without: batch 1 512@7 0.97, 512@5
+        // 0.93, 256->512 14->7 0.95, 128->256 28->14 0.94; batch 32 512@7
+        // 0.96, 512@5 0.98, 256@14 0.98.
+        const bool next_here = row0 + 8 < nr;
+        const float* next = next_here ? src0 + 8 * cols
+                                      : (k + 1 < num_kernels ? w_group + (k + 1) * kernel_stride + r0 * cols + q0 : nullptr);
+        const int64_t next_rows = next_here ? std::min<int64_t>(8, nr - row0 - 8) : std::min<int64_t>(8, nr);
         for (int64_t q = 0; q < kc8; q += 8) {
+          if (next != nullptr && q % 16 == 0)
+            for (int64_t i = 0; i < next_rows; ++i) __builtin_prefetch(next + i * cols + q, 0, 3);
           __m256 m[8];
           for (int64_t i = 0; i < 8; ++i)
             m[i] = row0 + i < nr ? _mm256_loadu_ps(src0 + i * cols + q) : _mm256_setzero_ps();
