@@ -82,12 +82,16 @@ def assert_matches_reference(fn: Callable, case: Case, dtype: torch.dtype = torc
     """fn's output and its gradients for x, weight, attn, bias equal the float64 reference's.
 
     fn runs on the inputs cast to ``dtype`` and moved to ``device`` (layout
-    kept); the reference runs in float64 on the CPU on the same values; one
-    random grad_out is shared.
+    kept); the reference runs in float64 on the CPU on the same values (the
+    inputs and grad_out rounded to ``dtype`` first, so that the tolerance
+    measures fn's error, not the rounding of its inputs: a bfloat16 input
+    is off by up to 2^-9 of itself, and a gradient that is a cancelling sum
+    of many products inherits that times the products' size); one random
+    grad_out is shared.
     """
     inputs = inputs if inputs is not None else make_inputs(case, seed)
     names = ("x", "weight", "attn", "bias")
-    ref_in = [None if t is None else t.detach().clone().requires_grad_(grads) for t in inputs]
+    ref_in = [None if t is None else t.detach().to(dtype).to(torch.float64).requires_grad_(grads) for t in inputs]
     ours_in = [None if t is None else t.detach().to(device=device, dtype=dtype).requires_grad_(grads) for t in inputs]
     if ours_in[0] is not None and case.layout == "channels_last":
         ours_in[0] = ours_in[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_(grads)
@@ -104,6 +108,7 @@ def assert_matches_reference(fn: Callable, case: Case, dtype: torch.dtype = torc
     if not grads:
         return
     grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grad_out = grad_out.to(dtype).to(torch.float64)
     leaves = [(n, r, o) for n, r, o in zip(names, ref_in, ours_in) if r is not None]
     ref_grads = torch.autograd.grad(expected, [r for _, r, _ in leaves], grad_out, allow_unused=True)
     our_grads = torch.autograd.grad(actual, [o for _, _, o in leaves], grad_out.to(device=device, dtype=dtype),
