@@ -248,35 +248,6 @@ void transpose_rows8(const float* src, int64_t ld, int64_t pixels, float* dst, i
     for (int64_t i = 0; i < 8; ++i) dst[q * width + i] = src[i * ld + q];
 }
 
-// Lines the AVX-512 kernels request into L2 as they go, lines_per_step a
-// step, from a list of equal runs that several calls walk in turn (the raw
-// kernel rows the next pack copies, see run_packed_gemm): the pack then
-// reads from L2 what it would wait for from memory, a run per row.
-struct L2Cursor {
-  const char* line = nullptr;          // the next line to request
-  const char* run_end = nullptr;       // the end of the current run
-  const char* const* next_run = nullptr;  // the starts of the runs after it
-  const char* const* last_run = nullptr;  // one past the final start
-  int64_t run_bytes = 0;
-  int64_t lines_per_step = 0;          // 0: nothing (left) to request
-};
-
-__attribute__((always_inline)) inline void l2_cursor_step(L2Cursor& c) {
-  for (int64_t i = 0; i < c.lines_per_step; ++i) {
-    if (c.line >= c.run_end) {
-      if (c.next_run == c.last_run) {
-        c.lines_per_step = 0;
-        return;
-      }
-      const char* start = *c.next_run++;
-      c.line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(start) & ~uintptr_t{63});
-      c.run_end = start + c.run_bytes;
-    }
-    _mm_prefetch(c.line, _MM_HINT_T1);
-    c.line += 64;
-  }
-}
-
 // Where one micro-kernel call's sums start and end. A product deeper than
 // one reduction block carries partial sums from block to block in `partial`,
 // pixel-major (pixel j's rows at partial + j * partial_ld, 64-byte aligned),
@@ -306,8 +277,6 @@ struct MicroOut {
   // AVX-512 kernels: a cache line a step requested into L2 from here on (the
   // next row tile's prepacked kernels, see run_packed_gemm), none if null.
   const char* l2_prefetch = nullptr;
-  // AVX-512 kernels: further lines to request into L2, a few a step, none if null.
-  L2Cursor* l2_cursor = nullptr;
 };
 
 // A call that mixes its own A panels (AVX-512): the first pixel call of a
@@ -512,11 +481,9 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
   // Without a target, the line of A the step loads anyway (no branch a step).
   const char* l2_line = out.l2_prefetch != nullptr ? out.l2_prefetch : reinterpret_cast<const char*>(ap[0]);
   const int64_t l2_step = out.l2_prefetch != nullptr ? 64 : kMR * sizeof(float);
-  L2Cursor cursor = out.l2_cursor != nullptr ? *out.l2_cursor : L2Cursor{};
   for (int64_t q = 0; q < kc; ++q) {
     _mm_prefetch(l2_line, _MM_HINT_T1);
     l2_line += l2_step;
-    l2_cursor_step(cursor);
     __m512 ar[RP];
     if constexpr (MIX) {
 #pragma GCC unroll 2
@@ -557,7 +524,6 @@ void micro_kernel_avx512(int64_t kc, const float* a, int64_t a_panel_stride, con
       for (int r = 0; r < RP; ++r) acc[r][j] = _mm512_fmadd_ps(ar[r], bj, acc[r][j]);
     }
   }
-  if (out.l2_cursor != nullptr) *out.l2_cursor = cursor;
   if (out.store_partial) {
 #pragma GCC unroll 14
     for (int j = 0; j < NR; ++j)

@@ -286,12 +286,6 @@ bool pivot_attention(const float* attn, int64_t n, int64_t num_kernels, PivotedA
   return true;
 }
 
-// Where the raw kernel data of a pack_a call lies: runs_of(group, r0, nr,
-// q0, kc, starts) appends the starts of the equal runs that pack_a(group,
-// r0, nr, q0, kc, ...) reads, in its order, and returns their bytes (for
-// requesting them into L2 ahead of the pack, see L2Cursor).
-using KernelRuns = std::function<int64_t(int64_t, int64_t, int64_t, int64_t, int64_t, std::vector<const char*>&)>;
-
 // For the n samples of a chunk and every group: C_i = (sum_k attn[i,k] A_k) @ B_i.
 // pack_a(group, r0, nr, q0, kc, out) writes the K kernels' rows [r0, r0 +
 // nr) and reduction steps [q0, q0 + kc) of a group's A in panel layout (see
@@ -303,12 +297,11 @@ using KernelRuns = std::function<int64_t(int64_t, int64_t, int64_t, int64_t, int
 // permuted order, and b_packed holds each class's taps only (see TapClasses).
 // With a plane shape (plane_shape, not -1), b_packed is the samples' input
 // itself (s.sample_b and s.group_b apart, s.depth_multiple == 9) and the
-// plane kernels take the calls, band by band. With kernel_runs (AVX-512),
-// each thread's calls request the raw kernel data of its next pack into L2.
+// plane kernels take the calls, band by band.
 template <typename PackA, typename OutBlock>
 void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* attn, int64_t n,
                      const PackA& pack_a, const float* prepacked, float* workers, const OutBlock& out_block,
-                     const TapClasses* classes = nullptr, int plane = -1, const KernelRuns* kernel_runs = nullptr) {
+                     const TapClasses* classes = nullptr, int plane = -1) {
   TORCH_CHECK(classes == nullptr || s.depth_multiple == classes->taps,
               "run_packed_gemm: tap classes need reduction blocks of whole channels");
   TORCH_CHECK(plane < 0 || (classes == nullptr && s.depth_multiple == kPlaneTaps),
@@ -348,8 +341,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
     float* const a_mixed = a_scratch + scratch_floats;
     float* const a_next = a_mixed + kMaxRowPanels * depth * kMR;  // pair mixing: the next sample's tile
     float* const partials = a_mixed + mixed_floats;  // sample i's tile at i * pixels * partial_ld
-    std::vector<const char*> run_starts;  // the next pack's raw kernel runs (kernel_runs)
-    L2Cursor cursor;
     // A run of units on one tile: its sample blocks [block_begin, block_end).
     for (int64_t unit = begin, run_end; unit < end; unit = run_end) {
       const int64_t tile_task = split_samples ? unit / blocks : unit;
@@ -386,48 +377,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
         if (pack) pack_a(group, r0, nr, q0, kc, a_scratch);
         const float* a_kernels = pack ? a_scratch : prepacked + tile_task * tile_floats;
         const int64_t a_depth = pack ? kc : s.depth, a_q0 = pack ? 0 : q0;
-        // The raw kernel runs of this thread's next pack (the tile's next
-        // depth block, else its next tile's first), requested into L2 by this
-        // block's calls, spread over their steps: the pack then copies from
-        // L2 instead of waiting on memory a run at a time. AMD Zen 4, forward,
-        // in-process A/B, with / without: batch 1 (where the pack is 30-40% of
-        // the time) 256->512 14->7 0.92-0.94, 512@5 0.92-0.94, 512@7 0.95,
-        // 256@14 0.95-0.97, 512@10 0.95-0.97, 256->512@10 0.92-0.98, 64->128
-        // and 128->256 at stride 2 0.97-1.0; batch 32 within noise (0.97-1.02).
-        L2Cursor* l2_cursor = nullptr;
-        const bool next_block = q0 + depth < s.depth;
-        if (pack && kernel_runs != nullptr && s.isa == PackedIsa::kAvx512 &&
-            (next_block || (!split_samples && tile_task + 1 < end))) {
-          const int64_t next_task = next_block ? tile_task : tile_task + 1;
-          const int64_t next_q0 = next_block ? q0 + depth : 0;
-          const int64_t next_r0 = (next_task % tiles.count) * tiles.size;
-          run_starts.clear();
-          const int64_t run_bytes = (*kernel_runs)(next_task / tiles.count, next_r0, std::min(tiles.size, s.m - next_r0),
-                                                   next_q0, std::min(depth, s.depth - next_q0), run_starts);
-          // Steps of this block's calls: each sample's calls of each row panel (pair).
-          int64_t calls_steps = 0;
-          if (plane >= 0) {
-            calls_steps = static_cast<int64_t>(bands.size()) * kc;
-          } else {
-            for (const TapClass& cl : pixel_classes.classes) {
-              const int64_t class_kc = classes != nullptr && static_cast<int64_t>(cl.taps.size()) < classes->taps
-                                           ? kc / classes->taps * static_cast<int64_t>(cl.taps.size()) : kc;
-              for (int64_t local = 0; local < cl.pixels; local += call_pixels(s.isa, local, cl.pixels))
-                calls_steps += class_kc;
-            }
-          }
-          const int64_t samples = std::min(n, block_end * block) - block_begin * block;
-          const int64_t steps = samples * ((panels + rows_per_call - 1) / rows_per_call) * calls_steps;
-          const int64_t lines = static_cast<int64_t>(run_starts.size()) * ((run_bytes + 63) / 64 + 1);
-          if (!run_starts.empty() && steps > 0) {
-            cursor = L2Cursor{};
-            cursor.next_run = run_starts.data();
-            cursor.last_run = run_starts.data() + run_starts.size();
-            cursor.run_bytes = run_bytes;
-            cursor.lines_per_step = std::clamp<int64_t>((lines + steps - 1) / steps, 1, 4);
-            l2_cursor = &cursor;
-          }
-        }
         for (int64_t blk = block_begin; blk < block_end; ++blk) {
           const int64_t i0 = blk * block;
           const int64_t ns = std::min(block, n - i0);
@@ -460,7 +409,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                              /*load_partial=*/q0 > 0,
                              /*store_partial=*/q0 + kc < s.depth};
                 if (pivot) out.scale = &pivoted.scales[i0 + si];
-                out.l2_cursor = l2_cursor;
                 const bool mixes = fused_mix && band == 0 && !pair_second;
                 plane_kernel(plane, band, mixes ? K : 0, mixes && pair_first, pivot)(
                     kc, a_call, kc * kMR, b_group + q0 / kPlaneTaps * plane_floats, plane_floats, out,
@@ -486,7 +434,6 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                                /*load_partial=*/q0 > 0,
                                /*store_partial=*/q0 + kc < s.depth};
                   if (classes != nullptr) out.pixel_index = classes->order.data() + first;
-                  out.l2_cursor = l2_cursor;
                   if (l2_next != nullptr && l2_next < l2_end) {
                     out.l2_prefetch = l2_next;
                     l2_next += class_kc * 64;
@@ -742,7 +689,7 @@ void unfold_channels_classes(PackedIsa isa, const float* x, float* packed, const
 // pack_weight_rows does (see run_packed_gemm).
 template <typename PackA>
 void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const PackA& pack_a, const float* attn,
-                         float* y, const KernelRuns* kernel_runs = nullptr) {
+                         float* y) {
   const ConvGeometry& g = p.g;
   PackedGemm s = make_packed_gemm(isa, /*m=*/p.rows, /*depth=*/p.cols, p);
   if (const int plane = plane_shape(g, isa, g.num_kernels); plane >= 0) {
@@ -759,7 +706,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
       run_packed_gemm(s, x + b0 * p.plane, attn + b0 * g.num_kernels, std::min(chunk, g.batch - b0), pack_a, prepacked,
                       buffers[1],
                       [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
-                      nullptr, plane, kernel_runs);
+                      nullptr, plane);
     }
     return;
   }
@@ -800,7 +747,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
     });
     run_packed_gemm(s, b_chunk, attn + b0 * g.num_kernels, n, pack_a, prepacked, workers,
                     [&](int64_t i, int64_t group) { return y + ((b0 + i) * g.out_channels + group * p.rows) * p.pixels; },
-                    skip_taps ? &classes : nullptr, -1, kernel_runs);
+                    skip_taps ? &classes : nullptr);
   }
 }
 
@@ -808,15 +755,7 @@ void forward_packed(PackedIsa isa, const Plan& p, const at::Tensor& x, const flo
   auto pack_a = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc, float* out) {
     pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, p.g.num_kernels, r0, nr, q0, kc, out);
   };
-  // pack_weight_rows reads each kernel's rows [r0, r0 + nr), columns [q0, q0 + kc).
-  const KernelRuns kernel_runs = [&](int64_t group, int64_t r0, int64_t nr, int64_t q0, int64_t kc,
-                                     std::vector<const char*>& starts) {
-    for (int64_t k = 0; k < p.g.num_kernels; ++k)
-      for (int64_t r = r0; r < r0 + nr; ++r)
-        starts.push_back(reinterpret_cast<const char*>(w + group * p.group_size + k * p.kernel_size + r * p.cols + q0));
-    return kc * static_cast<int64_t>(sizeof(float));
-  };
-  forward_packed_with(isa, p, x.const_data_ptr<float>(), pack_a, attn, y, &kernel_runs);
+  forward_packed_with(isa, p, x.const_data_ptr<float>(), pack_a, attn, y);
 }
 
 // grad_x of a stride-1 conv is the forward conv of grad_out with each

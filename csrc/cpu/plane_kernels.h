@@ -55,7 +55,6 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
   float* np = PAIR ? mix->mixed_next : nullptr;
   const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
   const int64_t channels = kc / kPlaneTaps;
-  L2Cursor cursor = out.l2_cursor != nullptr ? *out.l2_cursor : L2Cursor{};
   for (int64_t c = 0; c < channels; ++c, b += b_plane) {
     _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane), _MM_HINT_T0);
     for (int line = 16; line < IW * IW; line += 16)
@@ -63,7 +62,6 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
     _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + IW * IW - 1), _MM_HINT_T0);
 #pragma GCC unroll 9
     for (int t = 0; t < kPlaneTaps; ++t) {
-      l2_cursor_step(cursor);
       __m512 av;
       if constexpr (MIX) {
         av = mix_step<MIX, PAIR, UNIT>(ap, mix_stride, *mix, mp, np);
@@ -82,7 +80,6 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
       }
     }
   }
-  if (out.l2_cursor != nullptr) *out.l2_cursor = cursor;
   if (out.store_partial) {
 #pragma GCC unroll 28
     for (int j = 0; j < NP; ++j) _mm512_store_ps(out.partial + j * out.partial_ld, acc[j]);
