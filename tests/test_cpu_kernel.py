@@ -15,7 +15,9 @@ Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
 to 42x42, 21x21 on AVX2, in batches of at least 4 samples and 768 output pixels,
 1536 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
-on. The packed forward skips the products of padding taps by default where
+on. On AVX-512 the weight side of one-group Winograd convs may run in the
+transform domain too (CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD; by default where its
+scratch fits in the Winograd grad_x's); its tests force it on. The packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
 the transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
@@ -424,7 +426,8 @@ def test_winograd_across_chunks(monkeypatch, case, chunk_bytes, threads, winogra
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (True, False, True)], ids=str)
 @pytest.mark.parametrize("case", [WINOGRAD_CASES[3], WINOGRAD_CASES[4]], ids=lambda c: c.id)
 def test_winograd_backward_output_masks(case, mask, winograd_passes):
-    # grad_x by Winograd, the weight side by the direct paths, in any combination.
+    # grad_x by Winograd, the weight side by the direct paths (these cases are
+    # too small for the Winograd weight side's default), in any combination.
     assert_masked_backward_matches(case, mask)
 
 
@@ -486,6 +489,77 @@ def test_winograd_default_range(monkeypatch, cap):
             # Ineligible convs (stride 2) take the direct path whatever the switch says.
             assert expected in taken and (expected == "0" or len(taken) == 1), \
                 f"{case.id}: expected the default to take {expected!r}, it matches {taken}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["1", "2", "16"], ids=lambda n: f"wgrad-passes{n}")
+def winograd_weight_grad(request, monkeypatch):
+    # The Winograd weight side (AVX-512, one group) in 1, 2 or 16 passes over
+    # the 16 transform positions (each pass adds its positions' share to dW).
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx512":
+        pytest.skip("the Winograd weight side runs on AVX-512 only")
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD", request.param)
+    return request.param
+
+
+# 9 samples: chunks of 4, 4 and 1; 40 in channels: a full and a partial
+# 32-channel tile; 30 out channels: a task of 24 and one of 6 (12 padded).
+WINOGRAD_WEIGHT_GRAD_CASES = WINOGRAD_CASES + [Case(9, 40, 30, 8, 9, padding=(1, 1), num_kernels=5)]
+
+
+@pytest.mark.parametrize("case", WINOGRAD_WEIGHT_GRAD_CASES, ids=lambda c: c.id)
+def test_winograd_weight_grad_matches_reference(case, threads, winograd_weight_grad):
+    # The forward and grad_x by the direct paths (the autouse switch), dW and
+    # dattn by Winograd (groups > 1 fall back to the direct weight side).
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(False, True, False), (False, False, True)], ids=str)
+def test_winograd_weight_grad_output_masks(mask, winograd_weight_grad):
+    # dW alone (no kernels transformed for dattn) and dattn alone.
+    assert_masked_backward_matches(WINOGRAD_WEIGHT_GRAD_CASES[-1], mask)
+
+
+def test_winograd_weight_grad_default(monkeypatch):
+    # By default the weight side takes Winograd where the Winograd grad_x runs
+    # by default and, in the fewest of 1, 2, 4 or 8 passes, the K-fold weight
+    # gradient plus this side's scratch (the pass's K accumulators and U_k,
+    # and 4 samples' transformed panels) fit in that grad_x pass's scratch.
+    # Forced runs differ from the direct side and from each other in
+    # rounding, so the default's dW must equal one of them bit for bit.
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx512":
+        pytest.skip("the Winograd weight side runs on AVX-512 only")
+    from comparison import make_inputs
+    monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the grad_x pass's chunks, hence its scratch, follow the thread count
+    # ResNet18's layer3 at a smaller batch: grad_x's pass holds the 16 MiB
+    # of transformed kernels; in 4 passes the weight side needs 4 x 1/16 of
+    # its 16/9 K |W| twice, 4 samples' panels and dW: 4.2 + 4.2 + 1.6 + 9.4
+    # MB, below 20.5. In 2 passes 8.5 + 8.5 + 3.2 + 9.4 MB do not fit.
+    # VGG19's conv4_x: K |W| = 37.7 MB, beyond grad_x's 2-pass scratch.
+    cases = {Case(32, 256, 256, 14, 14, padding=(1, 1), bias=False): "4",
+             Case(32, 512, 512, 10, 10, padding=(1, 1), bias=False): "0",
+             Case(8, 64, 64, 9, 9, padding=(1, 1), bias=False): "0"}  # 81 pixels: no Winograd grad_x by default
+    try:
+        for case, expected in cases.items():
+            x, weight, attn, _ = make_inputs(case)
+            grad_out = torch.randn(case.batch, case.out_channels, case.height, case.width)  # 3x3, pad 1, stride 1
+
+            def weight_grad():
+                return _backward(case, x.float(), weight.float(), attn.float(), grad_out)[1]
+
+            monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD", raising=False)
+            default = weight_grad()
+            forced = {}
+            for value in ("0", "1", "2", "4", "8"):
+                monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD", value)
+                forced[value] = weight_grad()
+            taken = [value for value, grad in forced.items() if torch.equal(default, grad)]
+            assert taken == [expected], f"{case.id}: expected the default to take {expected!r}, it matches {taken}"
     finally:
         torch.set_num_threads(before)
 
@@ -608,6 +682,18 @@ def test_forward_switches_reject_other_values(monkeypatch, variable, expected):
     monkeypatch.setenv(variable, "yes")
     with pytest.raises(RuntimeError, match=f"{variable}: expected {expected}, got 'yes'"):
         dynamic_conv2d(x, weight, attn, padding=1)
+
+
+def test_winograd_weight_grad_switch_rejects_other_values(monkeypatch):
+    # The backward's weight side reads it on every float32 layer it runs.
+    from comparison import make_inputs
+    x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(SKIP_CASES[0]))
+    grad_out = torch.ones_like(dynamic_conv2d(x, weight, attn, padding=1))
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD", "yes")
+    expected = "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD: expected '0', '1', '2', '4', '8' or '16', got 'yes'"
+    with pytest.raises(RuntimeError, match=expected):
+        torch.ops.chanflex.dynamic_conv2d_backward(grad_out, x, weight, attn, None, [1, 1], [1, 1], [1, 1], 1,
+                                                   [False, True, True, False])
 
 
 # Plane kernels (AVX-512 float32; 3x3, pad 1: stride 1 on 5x5 and 7x7

@@ -22,7 +22,8 @@
 // forward; on AVX-512, 3x3 convs on 5x5 and 7x7 planes run both without an
 // unfold, and so does the stride-2 forward from 14x14 to 7x7
 // (plane_kernels.h); 3x3 stride-1 layers on 10x10 to 42x42 planes run
-// their forward and grad_x as Winograd F(2x2, 3x3) (winograd.h). Large
+// their forward and grad_x as Winograd F(2x2, 3x3) (winograd.h), and on
+// AVX-512 their weight side where it fits (winograd_weight_grad.h). Large
 // output planes run the library's direct conv on chunks of samples instead
 // (see "Large output planes" below).
 // Half and bfloat16 run in float32 and are rounded once at the end.
@@ -38,6 +39,7 @@
 #include "streamed_forward.h"  // wide, shallow layers' forward
 #include "winograd.h"          // Winograd F(2x2, 3x3)
 #include "weight_grad.h"       // the packed weight gradient
+#include "winograd_weight_grad.h"  // Winograd F(2x2, 3x3) weight gradient
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -543,7 +545,9 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.
     const bool packed_x = kernel_x && use_packed(p, dtype, isa);
-    const bool packed_g = (kernel_w || kernel_attn) && use_packed_weight_grad(p, dtype, isa);
+    WinogradGradPlan winograd_plan;
+    const bool winograd_g = (kernel_w || kernel_attn) && plan_winograd_weight_grad(p, dtype, isa, winograd_plan);
+    const bool packed_g = (kernel_w || kernel_attn) && !winograd_g && use_packed_weight_grad(p, dtype, isa);
     // Stride 1 where the transposed conv's padding classes skip enough:
     // grad_x as that conv's packed forward.
     ConvGeometry transposed;
@@ -556,13 +560,19 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
       backward_data_packed(isa, p, go, w_c.const_data_ptr<float>(), attn_c.const_data_ptr<float>(),
                            grad_x.data_ptr<float>());
     }
+    if (winograd_g) {
+      winograd_weight_grad(winograd_plan, p, go.const_data_ptr<float>(), x_c.const_data_ptr<float>(),
+                           kernel_attn ? w_c.const_data_ptr<float>() : nullptr, attn_c.const_data_ptr<float>(),
+                           kernel_w ? grad_w.data_ptr<float>() : nullptr,
+                           kernel_attn ? grad_attn.data_ptr<float>() : nullptr);
+    }
     if (packed_g) {
       weight_grad_packed(isa, p, go, x_c, kernel_attn ? w_c.const_data_ptr<float>() : nullptr,
                          attn_c.const_data_ptr<float>(), kernel_w ? grad_w.data_ptr<float>() : nullptr,
                          kernel_attn ? grad_attn.data_ptr<float>() : nullptr);
     }
     const bool blas_x = kernel_x && !packed_x;
-    const bool blas_g = (kernel_w || kernel_attn) && !packed_g;
+    const bool blas_g = (kernel_w || kernel_attn) && !packed_g && !winograd_g;
     if (blas_g && kernel_w) grad_w.zero_();
     if (blas_x || blas_g) {
       AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {

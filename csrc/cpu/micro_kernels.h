@@ -185,12 +185,14 @@ inline void transpose8x8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// The flipped taps of 8 adjacent 9-tap runs (run i at src + 9 i; runs from
-// `valid` on read as zeros): taps[t] lane i = src[9 i + 8 - t]. The first 8
-// taps through one 8x8 register transpose, the 9th element by element
-// (grad_x's A: W's 9-tap runs of 16 input channels are adjacent).
+// The taps of 8 adjacent 9-tap runs (run i at src + 9 i; runs from `valid`
+// on read as zeros): taps[t] lane i = src[9 i + t], or src[9 i + 8 - t]
+// when FLIPPED. The first 8 taps through one 8x8 register transpose, the
+// 9th element by element (grad_x's A: W's 9-tap runs of 16 input channels
+// are adjacent; so are the weight side's).
+template <bool FLIPPED>
 __attribute__((target("avx2,fma")))
-inline void flipped_taps8(const float* src, int64_t valid, __m256 taps[9]) {
+inline void taps8(const float* src, int64_t valid, __m256 taps[9]) {
   __m256 m[8];
   alignas(32) float last[8];
   for (int64_t i = 0; i < 8; ++i) {
@@ -198,8 +200,8 @@ inline void flipped_taps8(const float* src, int64_t valid, __m256 taps[9]) {
     last[i] = i < valid ? src[i * 9 + 8] : 0.f;
   }
   transpose8x8(m);
-  taps[0] = _mm256_load_ps(last);
-  for (int t = 1; t < 9; ++t) taps[t] = m[8 - t];
+  for (int t = 0; t < 8; ++t) taps[FLIPPED ? 8 - t : t] = m[t];
+  taps[FLIPPED ? 0 : 8] = _mm256_load_ps(last);
 }
 
 // Streaming copies of n floats (n a multiple of the vector width, dst

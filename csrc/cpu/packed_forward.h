@@ -807,7 +807,7 @@ void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64
           __builtin_prefetch(w_rows + (row + kFlippedRowsAhead) * cols + t * kMR, 0, 3);
         if (taps == 9 && t == 0 && q + 9 <= q0 + kc) {
           // A whole row's 9 steps at once from its 144 contiguous floats
-          // (flipped_taps8), not 16 loads 9 floats apart per step. AMD Zen
+          // (taps8), not 16 loads 9 floats apart per step. AMD Zen
           // 4, grad_x, interleaved, ms: 512@5 21.5 -> 20.7 and 25.9 ->
           // 24.8, 512@7 35.7 -> 35.1 and 43.9 -> 42.5 (bitwise equal).
           for (int64_t row_ahead = 1; row_ahead < 9 && row + kFlippedRowsAhead < row_end; ++row_ahead)
@@ -816,7 +816,7 @@ void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64
           const float* src = w_rows + row * cols;
           for (int64_t half = 0; half < 2; ++half) {
             __m256 steps[9];
-            flipped_taps8(src + half * 72, valid - half * 8, steps);
+            taps8<true>(src + half * 72, valid - half * 8, steps);
             for (int s = 0; s < 9; ++s) _mm256_storeu_ps(dst + s * kMR + half * 8, steps[s]);
           }
           q += 8;

@@ -205,7 +205,7 @@ void winograd_prepack_panel_avx512(const WinogradPanel& pn) {
     for (; q < pn.depth; ++q) {
       const float* src = pn.w + q * pn.step_stride;
       __m256 halves[2][9];
-      for (int64_t half = 0; half < 2; ++half) flipped_taps8(src + half * 72, pn.valid - half * 8, halves[half]);
+      for (int64_t half = 0; half < 2; ++half) taps8<true>(src + half * 72, pn.valid - half * 8, halves[half]);
       WinogradVec g[9];
       for (int t = 0; t < 9; ++t)
         g[t] = reinterpret_cast<WinogradVec>(_mm512_castpd_ps(_mm512_insertf64x4(
@@ -338,6 +338,44 @@ void winograd_input_tiles_avx2(const float* even, const float* odd, int64_t cols
 // Prefetching the runs a few panels ahead (for writing) gained nothing.
 constexpr int64_t kWinogradInputBlock = 8;
 
+// The zero-bordered plane that covers every tile's 4x4 patch of conv `c`,
+// split into its even and odd columns for winograd_input_tiles: padded_h
+// rows from -pad_h of `cols` floats each (a vector's loads past the last
+// tile stay inside), columns [j0, j1) of the padded rows the plane's
+// (negative pads crop it), the rest zero.
+struct WinogradSplit {
+  int64_t tiles_h, padded_h, cols, j0, j1;
+
+  explicit WinogradSplit(const WinogradConv& c)
+      : tiles_h(c.tiles / c.tiles_w), padded_h(2 * tiles_h + 2), cols(c.tiles_w + 1 + kMR) {
+    const int64_t padded_w = 2 * c.tiles_w + 2;  // columns from -pad_w
+    j0 = std::clamp<int64_t>(c.pad_w, 0, padded_w);
+    j1 = std::clamp<int64_t>(c.in_w + c.pad_w, j0, padded_w);
+  }
+  int64_t floats() const { return 2 * padded_h * cols; }  // even columns' rows, then odd columns'
+};
+
+// Splits one input plane `src` (in_h x in_w) into `even` and `odd` (see WinogradSplit).
+CHANFLEX_INLINE void winograd_split_plane(const WinogradConv& c, const WinogradSplit& sp, const float* src,
+                                          float* even, float* odd) {
+  for (int64_t r = 0; r < sp.padded_h; ++r) {
+    const int64_t h = r - c.pad_h;
+    float* e = even + r * sp.cols;
+    float* o = odd + r * sp.cols;
+    std::fill(e, e + c.tiles_w + 1, 0.f);
+    std::fill(o, o + c.tiles_w + 1, 0.f);
+    if (h < 0 || h >= c.in_h) continue;
+    const float* row = src + h * c.in_w;  // padded column j is row[j - pad_w]
+    int64_t j = sp.j0;
+    if (j % 2 == 1 && j < sp.j1) o[j++ / 2] = row[sp.j0 - c.pad_w];
+    for (; j + 1 < sp.j1; j += 2) {
+      e[j / 2] = row[j - c.pad_w];
+      o[j / 2] = row[j + 1 - c.pad_w];
+    }
+    if (j < sp.j1) e[j / 2] = row[j - c.pad_w];
+  }
+}
+
 // V = B^T d B of every tile of samples [0, n) of `in` (n x groups * depth
 // planes of in_h x in_w), into run_packed_gemm's B panels for the pass's
 // positions (position pos of conv group g is its group (pos - c.first) *
@@ -350,48 +388,25 @@ constexpr int64_t kWinogradInputBlock = 8;
 void winograd_input_transform(const WinogradConv& c, const PackedGemm& s, const float* in, int64_t n, float* b) {
   const int64_t channels = c.groups * c.depth;
   const int64_t plane = c.in_h * c.in_w;
-  const int64_t tiles_h = c.tiles / c.tiles_w;
-  const int64_t padded_h = 2 * tiles_h + 2, padded_w = 2 * c.tiles_w + 2;  // rows from -pad_h, columns from -pad_w
-  constexpr int64_t kMaxLanes = kMR;
-  const int64_t cols = c.tiles_w + 1 + kMaxLanes;  // a vector's loads past the last tile stay inside
-  const int64_t v_ld = c.tiles + kMaxLanes;        // and so do its stores
+  const WinogradSplit sp(c);
+  const int64_t v_ld = c.tiles + kMR;  // a vector's stores past the last tile stay inside
   const int64_t pos_stride = c.groups * s.group_b;
   const auto tiles_fn = s.isa == PackedIsa::kAvx512 ? winograd_input_tiles_avx512 : winograd_input_tiles_avx2;
-  // Columns [j0, j1) of the padded rows hold the plane's (negative pads crop
-  // it), the rest are zero.
-  const int64_t j0 = std::clamp<int64_t>(c.pad_w, 0, padded_w);
-  const int64_t j1 = std::clamp<int64_t>(c.in_w + c.pad_w, j0, padded_w);
   const int64_t block = kWinogradInputBlock;
   const int64_t q_blocks = (c.depth + block - 1) / block;
   at::parallel_for(0, n * c.groups * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> split(2 * padded_h * cols, 0.f);  // even columns' rows, then odd columns'
+    std::vector<float> split(sp.floats(), 0.f);
     std::vector<float> v(block * kWinogradPositions * v_ld);
     float* const even = split.data();
-    float* const odd = even + padded_h * cols;
+    float* const odd = even + sp.padded_h * sp.cols;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / (c.groups * q_blocks), group = task / q_blocks % c.groups;
       const int64_t q0 = task % q_blocks * block, q1 = std::min(q0 + block, c.depth);
       for (int64_t q = q0; q < q1; ++q) {
-        const float* src = in + (i * channels + group * c.depth + q) * plane;
-        for (int64_t r = 0; r < padded_h; ++r) {
-          const int64_t h = r - c.pad_h;
-          float* e = even + r * cols;
-          float* o = odd + r * cols;
-          std::fill(e, e + c.tiles_w + 1, 0.f);
-          std::fill(o, o + c.tiles_w + 1, 0.f);
-          if (h < 0 || h >= c.in_h) continue;
-          const float* row = src + h * c.in_w;  // padded column j is row[j - pad_w]
-          int64_t j = j0;
-          if (j % 2 == 1 && j < j1) o[j++ / 2] = row[j0 - c.pad_w];
-          for (; j + 1 < j1; j += 2) {
-            e[j / 2] = row[j - c.pad_w];
-            o[j / 2] = row[j + 1 - c.pad_w];
-          }
-          if (j < j1) e[j / 2] = row[j - c.pad_w];
-        }
+        winograd_split_plane(c, sp, in + (i * channels + group * c.depth + q) * plane, even, odd);
         // Only the pass's positions: AMD Zen 4, 256@14 forward (2 passes),
         // perf: the transform 0.056 -> 0.042 of the micro-kernels' time.
-        tiles_fn(even, odd, cols, tiles_h, c.tiles_w, c.first / 4, (c.first + c.positions + 3) / 4,
+        tiles_fn(even, odd, sp.cols, sp.tiles_h, c.tiles_w, c.first / 4, (c.first + c.positions + 3) / 4,
                  v.data() + (q - q0) * kWinogradPositions * v_ld, v_ld);
       }
       float* dst = b + i * s.sample_b + group * s.group_b;
@@ -636,27 +651,21 @@ constexpr int64_t kWinogradMinBatchPixelsAvx512 = 768;
 constexpr int64_t kWinogradMinBatchPixelsAvx2 = 1536;
 constexpr int64_t kWinogradMinBatch = 4;
 
-bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradConv& c) {
+// 3x3, stride 1, undilated float32 on a packed ISA.
+bool winograd_eligible(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
   const ConvGeometry& g = p.g;
-  const bool eligible = dtype == at::kFloat && isa != PackedIsa::kGeneric && g.kernel_h == 3 && g.kernel_w == 3 &&
-                        g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 && g.dilation[1] == 1 &&
-                        g.batch > 0;
-  const int64_t kernels_bytes = g.num_kernels * p.kernel_size * static_cast<int64_t>(sizeof(float));
-  const int64_t budget = chunk_budget_bytes(std::max(kForwardChunkBytes, kernels_bytes));
-  const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD");
-  if (env != nullptr && *env != '\0') {
-    const std::string value(env);
-    TORCH_CHECK(value == "0" || value == "1" || value == "2" || value == "4",
-                "CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got '", value, "'");
-    if (!eligible || value == "0") return false;
-    c.positions = kWinogradPositions / std::stoi(value);
-    c.chunk = winograd_chunk(c, winograd_gemm(isa, c, g.num_kernels), budget);
-    return true;
-  }
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && g.kernel_h == 3 && g.kernel_w == 3 &&
+         g.stride[0] == 1 && g.stride[1] == 1 && g.dilation[0] == 1 && g.dilation[1] == 1 && g.batch > 0;
+}
+
+// The default rule for an eligible conv (see plan_winograd), its passes and
+// chunks set in `c`.
+bool plan_winograd_default(const Plan& p, PackedIsa isa, WinogradConv& c) {
+  const ConvGeometry& g = p.g;
   const bool avx512 = isa == PackedIsa::kAvx512;
   const int64_t max_pixels = avx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
   const int64_t min_batch_pixels = avx512 ? kWinogradMinBatchPixelsAvx512 : kWinogradMinBatchPixelsAvx2;
-  if (!eligible || p.pixels < kWinogradMinPixels || p.pixels > max_pixels || g.batch < kWinogradMinBatch ||
+  if (p.pixels < kWinogradMinPixels || p.pixels > max_pixels || g.batch < kWinogradMinBatch ||
       g.batch * p.pixels < min_batch_pixels) {
     return false;
   }
@@ -677,6 +686,24 @@ bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradC
     if (winograd_scratch_floats(s, c) <= bound) return true;
   }
   return false;
+}
+
+bool plan_winograd(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradConv& c) {
+  const ConvGeometry& g = p.g;
+  const bool eligible = winograd_eligible(p, dtype, isa);
+  const int64_t kernels_bytes = g.num_kernels * p.kernel_size * static_cast<int64_t>(sizeof(float));
+  const int64_t budget = chunk_budget_bytes(std::max(kForwardChunkBytes, kernels_bytes));
+  const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD");
+  if (env != nullptr && *env != '\0') {
+    const std::string value(env);
+    TORCH_CHECK(value == "0" || value == "1" || value == "2" || value == "4",
+                "CHANFLEX_CPU_WINOGRAD: expected '0', '1', '2' or '4', got '", value, "'");
+    if (!eligible || value == "0") return false;
+    c.positions = kWinogradPositions / std::stoi(value);
+    c.chunk = winograd_chunk(c, winograd_gemm(isa, c, g.num_kernels), budget);
+    return true;
+  }
+  return eligible && plan_winograd_default(p, isa, c);
 }
 
 }  // namespace

@@ -1,0 +1,450 @@
+// Winograd F(2x2, 3x3) weight side: dW and dattn.
+//
+// Part of the CPU kernel (dynamic_conv2d_kernel.cpp, which includes these
+// headers in order; each builds on the ones before it). Not a public header:
+// everything here has internal linkage, in the kernel's anonymous namespace.
+#pragma once
+
+#include "weight_grad.h"
+
+namespace chanflex {
+namespace {
+
+// ---------------------------------------------------------------------------
+// With Y = A^T [U .* V] A per 2x2 output tile (winograd.h; U = G g G^T the
+// transformed kernel, V = B^T d B the tile's input patch), a sample's
+// gradient of U is dU_b[pos] = sum_tiles M_b[pos] V_b[pos]^T per transform
+// position, with M = A dY A^T the tile's 2x2 output gradient lifted to 4x4
+// (zero past the plane), and its kernel gradient is G_b = G^T dU_b G. So
+//   dW_k = G^T (sum_b attn[b,k] dU_b) G,  dattn[b,k] = <G_b, W_k> = <dU_b, U_k>,
+// and per position dU_b is a GEMM (in x out channels) whose reduction is the
+// tiles: 16 positions x 49 tiles a channel pair at 14x14 against the direct
+// weight gradient's 9 taps x 196 pixels, 0.44 of its multiply-adds (0.50 at
+// 10x10, 0.55 at 21x21). Each GEMM output tile (32 in x 12 out channels, the
+// forward's micro-kernel with V's 16-channel panels as A and M's 6-channel
+// panels as B) is folded, 4 samples' tiles at once, into the K accumulators
+// of dW_k in the transformed domain and into the samples' K dattn dot
+// products with U_k. The accumulators are the transformed gradient (16/9 K
+// |W|, and U_k as much): a pass over the batch keeps those of some
+// positions only and at its end adds their share G^T (.) G to dW, so that
+// the scratch stays within what the Winograd grad_x pass held (see
+// plan_winograd_weight_grad). AVX-512, one group.
+
+constexpr int64_t kWgCallChannels = 2 * kMR;  // in channels of a call: two 16-channel A panels
+constexpr int64_t kWgCallOuts = 2 * kNR;      // out channels of a call: two 6-channel B panels
+constexpr int64_t kWgTaskOuts = 2 * kWgCallOuts;
+
+struct WinogradGradPlan {
+  WinogradConv c;          // the forward's conv: its tiles and pads
+  int64_t num_kernels = 0;
+  int64_t c_pad = 0;       // in channels, to a multiple of kWgCallChannels
+  int64_t o_pad = 0;       // out channels, to a multiple of kWgCallOuts
+  int64_t positions = 0;   // per pass
+  int64_t chunk = 0;       // samples per chunk
+
+  int64_t c_panels() const { return c_pad / kMR; }
+  int64_t o_panels() const { return o_pad / kNR; }
+  int64_t c_tiles() const { return c_pad / kWgCallChannels; }
+  int64_t o_tiles() const { return (o_pad + kWgTaskOuts - 1) / kWgTaskOuts; }
+  // The pass's K accumulators in blocks, one per (task, position, call): a
+  // call's fold reads and writes one block, K x 12 out x 32 in channels,
+  // and the calls before it request it into L2 (see winograd_weight_grad).
+  int64_t block_floats() const { return num_kernels * kWgCallOuts * kWgCallChannels; }
+  int64_t acc_floats() const { return o_tiles() * c_tiles() * positions * (kWgTaskOuts / kWgCallOuts) * block_floats(); }
+  // Where accumulator (k, pos, o, c) lies.
+  int64_t acc_index(int64_t k, int64_t pos, int64_t o, int64_t c) const {
+    const int64_t task = o / kWgTaskOuts * c_tiles() + c / kWgCallChannels;
+    const int64_t block = (task * positions + pos) * (kWgTaskOuts / kWgCallOuts) + o % kWgTaskOuts / kWgCallOuts;
+    return block * block_floats() + (k * kWgCallOuts + o % kWgCallOuts) * kWgCallChannels + c % kWgCallChannels;
+  }
+  // A chunk's V panels [pos][c panel][sample][tile][16] and M panels
+  // [pos][o panel][sample][tile][6].
+  int64_t sample_floats() const { return positions * c.tiles * (c_pad + o_pad); }
+  // The accumulators, the pass's U_k (laid out alike) and a chunk's panels.
+  int64_t scratch_floats() const { return 2 * acc_floats() + chunk * sample_floats(); }
+};
+
+WinogradGradPlan winograd_grad_plan(const Plan& p, int64_t passes, int64_t chunk) {
+  WinogradGradPlan w;
+  w.c = winograd_forward_conv(p);
+  w.num_kernels = p.g.num_kernels;
+  w.c_pad = (w.c.depth + kWgCallChannels - 1) / kWgCallChannels * kWgCallChannels;
+  w.o_pad = (w.c.rows + kWgCallOuts - 1) / kWgCallOuts * kWgCallOuts;
+  w.positions = kWinogradPositions / passes;
+  w.chunk = std::min(chunk, p.g.batch);
+  return w;
+}
+
+// Samples per chunk: a task reads its accumulators and U_k once a chunk (from
+// L3 or memory), so a few samples, and at least one per thread.
+int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads()); }
+
+// Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
+// group, 3x3 stride 1 undilated, as CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD says
+// ("0": never; "1", "2", "4", "8" or "16": every such conv, in that many
+// passes; tests use them), or else by default (unless CHANFLEX_CPU_WINOGRAD
+// is "0") where the Winograd grad_x would run by default and the K-fold
+// weight gradient plus this path's scratch, in the fewest passes, fit in
+// that grad_x pass's scratch: the backward's peak then stays where it was.
+bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
+  const ConvGeometry& g = p.g;
+  const bool eligible = winograd_eligible(p, dtype, isa) && isa == PackedIsa::kAvx512 && g.groups == 1;
+  const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
+  if (env != nullptr && *env != '\0') {
+    const std::string value(env);
+    TORCH_CHECK(value == "0" || value == "1" || value == "2" || value == "4" || value == "8" || value == "16",
+                "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD: expected '0', '1', '2', '4', '8' or '16', got '", value, "'");
+    if (!eligible || value == "0") return false;
+    w = winograd_grad_plan(p, std::stoi(value), winograd_grad_chunk());
+    return true;
+  }
+  const char* winograd = std::getenv("CHANFLEX_CPU_WINOGRAD");
+  if (!eligible || (winograd != nullptr && std::string(winograd) == "0")) return false;
+  WinogradConv grad_x = winograd_grad_x_conv(p);
+  if (!plan_winograd_default(p, isa, grad_x)) return false;
+  const int64_t bound = winograd_scratch_floats(winograd_gemm(isa, grad_x, g.num_kernels), grad_x);
+  for (const int64_t passes : {1, 2, 4, 8}) {
+    w = winograd_grad_plan(p, passes, winograd_grad_chunk());
+    if (w.scratch_floats() + g.num_kernels * p.kernel_size <= bound) return true;
+  }
+  return false;
+}
+
+// M = A dY A^T of every tile of samples [0, n) (dy: n x out channels planes
+// of out_h x out_w) into the chunk's M panels, for the pass's positions
+// [first, first + positions). Per (sample, block of kWgOutBlock out
+// channels) the block's planes are transposed to pixel-major, so that a
+// tile's 4 pixels are 4 vectors over 12 out channels (two 6-channel
+// panels), each position's vector then stored as two 6-float runs. Out
+// channels past the last are zero. A = [1 0; 1 1; 1 -1; 0 -1].
+constexpr int64_t kWgOutBlock = 4 * kWgCallOuts;
+
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_grad_out_block(const WinogradGradPlan& w, const float* dy, int64_t i, int64_t block, int64_t first,
+                             float* pixels, float* m) {
+  const WinogradConv& c = w.c;
+  const int64_t plane = c.out_h * c.out_w;
+  const int64_t o0 = block * kWgOutBlock, outs = std::min(kWgOutBlock, c.rows - o0);
+  transpose_strided(dy + (i * c.rows + o0) * plane, plane, outs, plane, pixels, kWgOutBlock);
+  const int64_t panels = w.o_panels();
+  const __m512i upper6 = _mm512_setr_epi32(6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5);
+  auto store6 = [](float* dst, __m256 lanes) __attribute__((target("avx512f,avx2,fma"))) {
+    _mm_storeu_ps(dst, _mm256_castps256_ps128(lanes));
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(lanes, 1));
+  };
+  for (int64_t part = 0; part * kWgCallOuts < std::min(kWgOutBlock, w.o_pad - o0); ++part) {
+    const int64_t valid = std::clamp<int64_t>(outs - part * kWgCallOuts, 0, kWgCallOuts);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const int64_t panel = (o0 + part * kWgCallOuts) / kNR;
+    for (int64_t t = 0; t < c.tiles; ++t) {
+      const int64_t y = t / c.tiles_w * 2, x = t % c.tiles_w * 2;
+      __m512 px[4];  // the tile's pixels (0, 0), (0, 1), (1, 0), (1, 1); zero past the plane
+      for (int64_t e = 0; e < 4; ++e) {
+        const int64_t py = y + e / 2, pxx = x + e % 2;
+        px[e] = py < c.out_h && pxx < c.out_w
+                    ? _mm512_maskz_loadu_ps(mask, pixels + (py * c.out_w + pxx) * kWgOutBlock + part * kWgCallOuts)
+                    : _mm512_setzero_ps();
+      }
+      const __m512 p = px[0], q = px[1], r = px[2], z = px[3];
+      const __m512 rows[4][2] = {{p, q},
+                                 {_mm512_add_ps(p, r), _mm512_add_ps(q, z)},
+                                 {_mm512_sub_ps(p, r), _mm512_sub_ps(q, z)},
+                                 {_mm512_sub_ps(_mm512_setzero_ps(), r), _mm512_sub_ps(_mm512_setzero_ps(), z)}};
+      for (int64_t pos = 0; pos < w.positions; ++pos) {
+        const int64_t a = (first + pos) / 4, b = (first + pos) % 4;
+        const __m512 u = rows[a][0], v = rows[a][1];
+        const __m512 value = b == 0 ? u : b == 1 ? _mm512_add_ps(u, v) : b == 2 ? _mm512_sub_ps(u, v)
+                                                                               : _mm512_sub_ps(_mm512_setzero_ps(), v);
+        // Channels 0-5 to this panel, 6-11 to the next, from registers
+        // (masked stores, or a store and reloads of its parts, took most of
+        // the transform's time on AMD Zen 4).
+        float* dst = m + ((pos * panels + panel) * w.chunk + i) * c.tiles * kNR + t * kNR;
+        store6(dst, _mm512_castps512_ps256(value));
+        store6(dst + w.chunk * c.tiles * kNR, _mm512_castps512_ps256(_mm512_permutexvar_ps(upper6, value)));
+      }
+    }
+  }
+}
+
+// V = B^T d B of every tile of samples [0, n) (x: n x in channels planes)
+// into the chunk's V panels, for the pass's positions: per (sample, panel
+// of 16 channels) each channel's tiles as the forward's transform computes
+// them (winograd_input_tiles, rows of tiles), then per position and tile
+// the 16 channels' values by one gather. Channels past the last are zero.
+struct WinogradGradInput {
+  const WinogradGradPlan& w;
+  WinogradSplit sp;
+  int64_t v_ld;            // a vector's stores past the last tile stay inside
+  int64_t channel_floats;  // one channel's rows of tiles, every position
+  explicit WinogradGradInput(const WinogradGradPlan& plan)
+      : w(plan), sp(plan.c), v_ld(plan.c.tiles + kMR), channel_floats(kWinogradPositions * v_ld) {}
+};
+
+// One (sample, channel panel) of winograd_grad_input_transform; `rows` holds
+// 16 channels' rows of tiles, `even` and `odd` one split plane. The rows go
+// to the panel's [tile][16 channels] layout through 8x8 register transposes
+// (per-tile gathers across the 16 rows took a third more of the weight
+// side's time).
+void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int64_t i, int64_t panel, int64_t first,
+                               float* rows, float* even, float* odd, float* v) {
+  const WinogradGradPlan& w = in.w;
+  const WinogradConv& c = w.c;
+  const int64_t plane = c.in_h * c.in_w;
+  const int64_t valid = std::clamp<int64_t>(c.depth - panel * kMR, 0, kMR);
+  const int64_t a0 = first / 4, a1 = (first + w.positions + 3) / 4;  // rows of B^T d the pass needs
+  for (int64_t l = 0; l < kMR; ++l) {
+    float* channel = rows + l * in.channel_floats;
+    if (l >= valid) {
+      std::fill(channel + a0 * 4 * in.v_ld, channel + a1 * 4 * in.v_ld, 0.f);
+      continue;
+    }
+    winograd_split_plane(c, in.sp, x + (i * c.depth + panel * kMR + l) * plane, even, odd);
+    winograd_input_tiles_avx512(even, odd, in.sp.cols, in.sp.tiles_h, c.tiles_w, a0, a1, channel, in.v_ld);
+  }
+  for (int64_t pos = 0; pos < w.positions; ++pos)
+    transpose_strided(rows + (first + pos) * in.v_ld, in.channel_floats, kMR, c.tiles,
+                      v + ((pos * w.c_panels() + panel) * w.chunk + i) * c.tiles * kMR, kMR);
+}
+
+// A chunk's M and V panels for the pass's positions, in one parallel region
+// (its tasks: every sample's blocks of out channels, then its panels of in
+// channels).
+void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const float* x, int64_t n, int64_t first,
+                              float* m, float* v) {
+  const WinogradGradInput in(w);
+  const int64_t out_blocks = (w.o_pad + kWgOutBlock - 1) / kWgOutBlock, panels = w.c_panels();
+  at::parallel_for(0, n * (out_blocks + panels), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> pixels, split, rows;  // each task kind's buffers, on its first task
+    for (int64_t task = begin; task < end; ++task) {
+      if (task < n * out_blocks) {
+        if (pixels.empty()) pixels.assign(w.c.out_h * w.c.out_w * kWgOutBlock, 0.f);
+        winograd_grad_out_block(w, dy, task / out_blocks, task % out_blocks, first, pixels.data(), m);
+        continue;
+      }
+      if (split.empty()) {
+        split.assign(in.sp.floats(), 0.f);
+        rows.resize(kMR * in.channel_floats);
+      }
+      const int64_t t = task - n * out_blocks;
+      winograd_grad_input_panel(in, x, t / panels, t % panels, first, rows.data(), split.data(),
+                                split.data() + in.sp.padded_h * in.sp.cols, v);
+    }
+  });
+}
+
+// The pass's U_k = G W_k G^T, [k][pos][o_pad][c_pad] as the accumulators;
+// zero past the last in or out channel. One (kernel, out channel) row.
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_grad_kernel_row(const WinogradGradPlan& w, const float* weight, int64_t k, int64_t o, int64_t first,
+                              float* u) {
+  const WinogradConv& c = w.c;
+  for (int64_t cb = 0; cb < w.c_pad; cb += kMR) {
+    const int64_t valid = o < c.rows ? std::clamp<int64_t>(c.depth - cb, 0, kMR) : 0;
+    // W's row of out channel o: a 9-tap run per in channel.
+    const float* src = weight + (k * c.rows + std::min(o, c.rows - 1)) * c.depth * 9 + cb * 9;
+    __m256 halves[2][9];
+    for (int64_t half = 0; half < 2; ++half) taps8<false>(src + half * 72, valid - half * 8, halves[half]);
+    WinogradVec g[9];
+    for (int t = 0; t < 9; ++t)
+      g[t] = reinterpret_cast<WinogradVec>(_mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castps_pd(_mm512_castps256_ps512(halves[0][t])), _mm256_castps_pd(halves[1][t]), 1)));
+    WinogradVec transformed[kWinogradPositions];
+    winograd_kernel_transform(g, transformed);
+    for (int64_t pos = 0; pos < w.positions; ++pos)
+      std::memcpy(u + w.acc_index(k, pos, o, cb), &transformed[first + pos],
+                  sizeof(WinogradVec));
+  }
+}
+
+void winograd_grad_pass_kernels(const WinogradGradPlan& w, const float* weight, int64_t first, float* u) {
+  at::parallel_for(0, w.num_kernels * w.o_pad, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ko = begin; ko < end; ++ko) winograd_grad_kernel_row(w, weight, ko / w.o_pad, ko % w.o_pad, first, u);
+  });
+}
+
+// NS samples' G of one call (partials: NS x `outs` rows of 32 in channels)
+// folded into the K accumulators (acc_k rows acc_ld apart, kernels
+// acc_stride apart) as acc_k += sum_s attn[s][k] G_s, and into each
+// sample's K dattn lanes as dots[s][k] += G_s .* U_k (U_k laid out as the
+// accumulators; none if u is null): each accumulator and U_k vector moves
+// through L2 once for the NS samples.
+constexpr int64_t kWgFoldSamples = 4;
+constexpr int64_t kWgPartialFloats = kWgCallOuts * kWgCallChannels;
+
+template <int NS>
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_grad_fold(const float* partials, int64_t outs, const float* attn, int64_t num_kernels, float* acc,
+                        const float* u, int64_t acc_ld, int64_t acc_stride, float* dots) {
+  for (int64_t k = 0; k < num_kernels; ++k) {
+    __m512 a[NS], d[NS];
+    for (int s = 0; s < NS; ++s) {
+      a[s] = _mm512_set1_ps(attn[s * num_kernels + k]);
+      d[s] = _mm512_setzero_ps();
+    }
+    float* ak = acc + k * acc_stride;
+    const float* uk = u != nullptr ? u + k * acc_stride : nullptr;
+    for (int64_t j = 0; j < outs; ++j) {
+      for (int64_t h = 0; h < kWgCallChannels; h += kMR) {
+        __m512 g[NS];
+        for (int s = 0; s < NS; ++s) g[s] = _mm512_load_ps(partials + s * kWgPartialFloats + j * kWgCallChannels + h);
+        float* row = ak + j * acc_ld + h;
+        __m512 sum = _mm512_loadu_ps(row);
+        for (int s = 0; s < NS; ++s) sum = _mm512_fmadd_ps(a[s], g[s], sum);
+        _mm512_storeu_ps(row, sum);
+        if (uk == nullptr) continue;
+        const __m512 uv = _mm512_loadu_ps(uk + j * acc_ld + h);
+        for (int s = 0; s < NS; ++s) d[s] = _mm512_fmadd_ps(g[s], uv, d[s]);
+      }
+    }
+    if (uk == nullptr) continue;
+    for (int s = 0; s < NS; ++s) {
+      float* out = dots + (s * num_kernels + k) * kMR;
+      _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), d[s]));
+    }
+  }
+}
+
+using WinogradGradFold = void (*)(const float*, int64_t, const float*, int64_t, float*, const float*, int64_t, int64_t,
+                                  float*);
+constexpr WinogradGradFold kWinogradGradFolds[kWgFoldSamples + 1] = {
+    nullptr, winograd_grad_fold<1>, winograd_grad_fold<2>, winograd_grad_fold<3>, winograd_grad_fold<4>};
+
+// G's rows (4 x 3): dW = G^T dU G, so tap (i, j) of kernel gradient takes
+// G[a][i] G[b][j] of position (a, b).
+constexpr float kWinogradG[4][3] = {{1.f, 0.f, 0.f}, {.5f, .5f, .5f}, {.5f, -.5f, .5f}, {0.f, 0.f, 1.f}};
+
+// dW_k (=, or += with `add`) the pass's share G^T acc_k G, for one kernel
+// and out channel, 16 in channels a step.
+__attribute__((target("avx512f,avx2,fma")))
+void winograd_grad_store_row(const WinogradGradPlan& w, const float* acc, int64_t k, int64_t o, int64_t first,
+                             bool add, float* grad_w) {
+  const WinogradConv& c = w.c;
+  for (int64_t cb = 0; cb < c.depth; cb += kMR) {
+    __m512 taps[9];
+    for (int t = 0; t < 9; ++t) taps[t] = _mm512_setzero_ps();
+    for (int64_t pos = 0; pos < w.positions; ++pos) {
+      const __m512 x = _mm512_loadu_ps(acc + w.acc_index(k, pos, o, cb));
+      const int64_t a = (first + pos) / 4, b = (first + pos) % 4;
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          const float coef = kWinogradG[a][i] * kWinogradG[b][j];
+          if (coef != 0.f) taps[i * 3 + j] = _mm512_fmadd_ps(_mm512_set1_ps(coef), x, taps[i * 3 + j]);
+        }
+    }
+    // The 9 tap vectors to 16 in channels' 9-tap runs: per 8 channels one
+    // 8x8 register transpose (taps 0-7), the 9th tap element by element.
+    alignas(64) float by_tap[9][kMR];
+    for (int t = 0; t < 9; ++t) _mm512_store_ps(by_tap[t], taps[t]);
+    float* dst = grad_w + ((k * c.rows + o) * c.depth + cb) * 9;
+    const int64_t valid = std::min<int64_t>(kMR, c.depth - cb);
+    for (int64_t half = 0; half * 8 < valid; ++half) {
+      float* runs = dst + half * 72;
+      const int64_t channels = std::min<int64_t>(8, valid - half * 8);
+      __m256 rows[8];
+      for (int t = 0; t < 8; ++t) rows[t] = _mm256_load_ps(by_tap[t] + half * 8);
+      transpose8x8(rows);  // rows[l]: taps 0-7 of channel l
+      for (int64_t l = 0; l < channels; ++l) {
+        __m256 run = rows[l];
+        float last = by_tap[8][half * 8 + l];
+        if (add) {
+          run = _mm256_add_ps(run, _mm256_loadu_ps(runs + l * 9));
+          last += runs[l * 9 + 8];
+        }
+        _mm256_storeu_ps(runs + l * 9, run);
+        runs[l * 9 + 8] = last;
+      }
+    }
+  }
+}
+
+void winograd_grad_store(const WinogradGradPlan& w, const float* acc, int64_t first, bool add, float* grad_w) {
+  at::parallel_for(0, w.num_kernels * w.c.rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ko = begin; ko < end; ++ko)
+      winograd_grad_store_row(w, acc, ko / w.c.rows, ko % w.c.rows, first, add, grad_w);
+  });
+}
+
+// grad_w (K x out x in x 3 x 3, written) and grad_attn (batch x K, written)
+// of the conv `p` from grad_out and x (both contiguous float32); either may
+// be null (weight is read only for grad_attn).
+void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float* grad_out, const float* x,
+                          const float* weight, const float* attn, float* grad_w, float* grad_attn) {
+  const WinogradConv& c = w.c;
+  const int64_t K = w.num_kernels, tiles = c.tiles;
+  const auto buffers = pass_scratch<4>({w.acc_floats(), w.acc_floats(), w.chunk * w.positions * tiles * w.c_pad,
+                                        w.chunk * w.positions * tiles * w.o_pad},
+                                       /*fit=*/true);
+  float* const acc = buffers[0];
+  float* const u = buffers[1];
+  float* const v = buffers[2];
+  float* const m = buffers[3];
+  const int64_t tasks = w.o_tiles() * w.c_tiles();
+  std::vector<double> dattn(grad_attn != nullptr ? p.g.batch * K : 0, 0.0);
+  std::vector<double> partial_dattn(grad_attn != nullptr ? tasks * w.chunk * K : 0);
+  const MicroKernel micro = micro_kernel(PackedIsa::kAvx512, 2, kWgCallOuts);
+  for (int64_t first = 0; first < kWinogradPositions; first += w.positions) {
+    if (grad_attn != nullptr) winograd_grad_pass_kernels(w, weight, first, u);
+    for (int64_t b0 = 0; b0 < p.g.batch; b0 += w.chunk) {
+      const int64_t n = std::min(w.chunk, p.g.batch - b0);
+      winograd_grad_transforms(w, grad_out + b0 * c.rows * c.out_h * c.out_w, x + b0 * c.depth * c.in_h * c.in_w, n,
+                               first, m, v);
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        alignas(64) float partials[kWgFoldSamples * kWgPartialFloats];
+        std::vector<float> dots(w.chunk * K * kMR);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t o0 = task / w.c_tiles() * kWgTaskOuts, c0 = task % w.c_tiles() * kWgCallChannels;
+          const int64_t calls = std::min(kWgTaskOuts, w.o_pad - o0) / kWgCallOuts;
+          const int64_t task_blocks = w.positions * (kWgTaskOuts / kWgCallOuts);
+          float* const task_acc = acc + task * task_blocks * w.block_floats();
+          if (b0 == 0) std::fill_n(task_acc, task_blocks * w.block_floats(), 0.f);
+          std::fill(dots.begin(), dots.end(), 0.f);
+          for (int64_t pos = 0; pos < w.positions; ++pos) {
+            const float* a = v + (pos * w.c_panels() + c0 / kMR) * w.chunk * tiles * kMR;
+            for (int64_t call = 0; call < calls; ++call) {
+              const int64_t oc = o0 + call * kWgCallOuts;
+              const int64_t outs = std::clamp<int64_t>(c.rows - oc, 0, kWgCallOuts);
+              if (outs == 0) continue;
+              const float* b = m + (pos * w.o_panels() + oc / kNR) * w.chunk * tiles * kNR;
+              const int64_t at = w.acc_index(0, pos, oc, c0);
+              // The next block's accumulators and U_k requested into L2 by
+              // the first group's calls, a line a step, half a block a call
+              // (acc from memory or L3 otherwise stalled the folds).
+              const bool has_next = pos * 2 + call + 1 < task_blocks;
+              const char* next[2] = {reinterpret_cast<const char*>(acc + at + w.block_floats()),
+                                     reinterpret_cast<const char*>(u + at + w.block_floats())};
+              const int64_t half_block = w.block_floats() * static_cast<int64_t>(sizeof(float)) / 2;
+              // Samples in groups: their G tiles, then one fold.
+              for (int64_t i0 = 0; i0 < n; i0 += kWgFoldSamples) {
+                const int64_t ns = std::min(kWgFoldSamples, n - i0);
+                for (int64_t s = 0; s < ns; ++s) {
+                  MicroOut out{nullptr, 0, kMR, partials + s * kWgPartialFloats, kWgCallChannels,
+                               /*load_partial=*/false, /*store_partial=*/true};
+                  if (has_next && i0 == 0 && (s < 2 || grad_attn != nullptr))
+                    out.l2_prefetch = next[s / 2] + s % 2 * half_block;
+                  micro(tiles, a + (i0 + s) * tiles * kMR, w.chunk * tiles * kMR, b + (i0 + s) * tiles * kNR,
+                        w.chunk * tiles * kNR, out, nullptr);
+                }
+                kWinogradGradFolds[ns](partials, outs, attn + (b0 + i0) * K, K, acc + at,
+                                       grad_attn != nullptr ? u + at : nullptr, kWgCallChannels,
+                                       kWgCallOuts * kWgCallChannels, dots.data() + i0 * K * kMR);
+              }
+            }
+          }
+          for (int64_t ik = 0; ik < n * K && grad_attn != nullptr; ++ik) {
+            double sum = 0;
+            for (int64_t l = 0; l < kMR; ++l) sum += dots[ik * kMR + l];
+            partial_dattn[task * w.chunk * K + ik] = sum;
+          }
+        }
+      });
+      for (int64_t i = 0; i < n && grad_attn != nullptr; ++i)
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t t = 0; t < tasks; ++t) dattn[(b0 + i) * K + k] += partial_dattn[(t * w.chunk + i) * K + k];
+    }
+    if (grad_w != nullptr) winograd_grad_store(w, acc, first, /*add=*/first > 0, grad_w);
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(dattn.size()); ++i) grad_attn[i] = static_cast<float>(dattn[i]);
+}
+
+}  // namespace
+}  // namespace chanflex
