@@ -26,9 +26,8 @@ namespace {
 // of dW_k in the transformed domain and into the samples' K dattn dot
 // products with U_k. The accumulators are the transformed gradient (16/9 K
 // |W|, and U_k as much): a pass over the batch keeps those of some
-// positions only and at its end adds their share G^T (.) G to dW, so that
-// the scratch stays within what the Winograd grad_x pass held (see
-// plan_winograd_weight_grad). AVX-512, one group.
+// positions only and at its end adds their share G^T (.) G to dW. AVX-512,
+// one group; off by default (see plan_winograd_weight_grad).
 
 constexpr int64_t kWgCallChannels = 2 * kMR;  // in channels of a call: two 16-channel A panels
 constexpr int64_t kWgCallOuts = 2 * kNR;      // out channels of a call: two 6-channel B panels
@@ -80,34 +79,29 @@ WinogradGradPlan winograd_grad_plan(const Plan& p, int64_t passes, int64_t chunk
 int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads()); }
 
 // Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
-// group, 3x3 stride 1 undilated, as CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD says
-// ("0": never; "1", "2", "4", "8" or "16": every such conv, in that many
-// passes; tests use them), or else by default (unless CHANFLEX_CPU_WINOGRAD
-// is "0") where the Winograd grad_x would run by default and the K-fold
-// weight gradient plus this path's scratch, in the fewest passes, fit in
-// that grad_x pass's scratch: the backward's peak then stays where it was.
+// group, 3x3 stride 1 undilated, where CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD
+// says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
+// "0" or unset: never). Off by default: in-process A/Bs gave the weight
+// side 0.80-0.91 of the direct side's time and fwd+bwd 0.91-0.93 at 256@14
+// and 21x21, but within the full benchmark the 256@14 fwd+bwd took 1.07-1.17x
+// the direct side's in three of three runs and was bimodal in a replay of
+// ResNet18's layers (0.80 or 1.005 of the static conv, against 0.84-0.85
+// direct): its scratch, shrunk from the Winograd grad_x pass's and grown
+// back by the next forward, is faulted in afresh each step when glibc maps
+// it anew (with its heap kept, 0.82-0.84). In passes whose scratch plus the
+// K-fold gradient fit in the Winograd grad_x pass's scratch (4 at 256@14
+// and 21x21, chunks of 4) the step's peak would stay where it is.
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
-  const bool eligible = winograd_eligible(p, dtype, isa) && isa == PackedIsa::kAvx512 && g.groups == 1;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
-  if (env != nullptr && *env != '\0') {
-    const std::string value(env);
-    TORCH_CHECK(value == "0" || value == "1" || value == "2" || value == "4" || value == "8" || value == "16",
-                "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD: expected '0', '1', '2', '4', '8' or '16', got '", value, "'");
-    if (!eligible || value == "0") return false;
-    w = winograd_grad_plan(p, std::stoi(value), winograd_grad_chunk());
-    return true;
-  }
-  const char* winograd = std::getenv("CHANFLEX_CPU_WINOGRAD");
-  if (!eligible || (winograd != nullptr && std::string(winograd) == "0")) return false;
-  WinogradConv grad_x = winograd_grad_x_conv(p);
-  if (!plan_winograd_default(p, isa, grad_x)) return false;
-  const int64_t bound = winograd_scratch_floats(winograd_gemm(isa, grad_x, g.num_kernels), grad_x);
-  for (const int64_t passes : {1, 2, 4, 8}) {
-    w = winograd_grad_plan(p, passes, winograd_grad_chunk());
-    if (w.scratch_floats() + g.num_kernels * p.kernel_size <= bound) return true;
-  }
-  return false;
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1" || value == "2" || value == "4" || value == "8" ||
+                  value == "16",
+              "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD: expected '0', '1', '2', '4', '8' or '16', got '", value, "'");
+  const bool eligible = winograd_eligible(p, dtype, isa) && isa == PackedIsa::kAvx512 && g.groups == 1;
+  if (!eligible || value.empty() || value == "0") return false;
+  w = winograd_grad_plan(p, std::stoi(value), winograd_grad_chunk());
+  return true;
 }
 
 // M = A dY A^T of every tile of samples [0, n) (dy: n x out channels planes
