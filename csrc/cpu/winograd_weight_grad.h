@@ -58,9 +58,8 @@ struct WinogradGradPlan {
   }
   // A chunk's V panels [pos][c panel][sample][tile][16] and M panels
   // [pos][o panel][sample][tile][6].
-  int64_t sample_floats() const { return positions * c.tiles * (c_pad + o_pad); }
-  // The accumulators, the pass's U_k (laid out alike) and a chunk's panels.
-  int64_t scratch_floats() const { return 2 * acc_floats() + chunk * sample_floats(); }
+  int64_t v_floats() const { return chunk * positions * c.tiles * c_pad; }
+  int64_t m_floats() const { return chunk * positions * c.tiles * o_pad; }
 };
 
 WinogradGradPlan winograd_grad_plan(const Plan& p, int64_t passes, int64_t chunk) {
@@ -365,9 +364,8 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
                           const float* weight, const float* attn, float* grad_w, float* grad_attn) {
   const WinogradConv& c = w.c;
   const int64_t K = w.num_kernels, tiles = c.tiles;
-  const auto buffers = pass_scratch<4>({w.acc_floats(), w.acc_floats(), w.chunk * w.positions * tiles * w.c_pad,
-                                        w.chunk * w.positions * tiles * w.o_pad},
-                                       /*fit=*/true);
+  // The accumulators, the pass's U_k (laid out alike), a chunk's panels.
+  const auto buffers = pass_scratch<4>({w.acc_floats(), w.acc_floats(), w.v_floats(), w.m_floats()}, /*fit=*/true);
   float* const acc = buffers[0];
   float* const u = buffers[1];
   float* const v = buffers[2];
@@ -388,7 +386,8 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
         for (int64_t task = begin; task < end; ++task) {
           const int64_t o0 = task / w.c_tiles() * kWgTaskOuts, c0 = task % w.c_tiles() * kWgCallChannels;
           const int64_t calls = std::min(kWgTaskOuts, w.o_pad - o0) / kWgCallOuts;
-          const int64_t task_blocks = w.positions * (kWgTaskOuts / kWgCallOuts);
+          constexpr int64_t kCallsPerTask = kWgTaskOuts / kWgCallOuts;
+          const int64_t task_blocks = w.positions * kCallsPerTask;
           float* const task_acc = acc + task * task_blocks * w.block_floats();
           if (b0 == 0) std::fill_n(task_acc, task_blocks * w.block_floats(), 0.f);
           std::fill(dots.begin(), dots.end(), 0.f);
@@ -403,7 +402,7 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
               // The next block's accumulators and U_k requested into L2 by
               // the first group's calls, a line a step, half a block a call
               // (acc from memory or L3 otherwise stalled the folds).
-              const bool has_next = pos * 2 + call + 1 < task_blocks;
+              const bool has_next = pos * kCallsPerTask + call + 1 < task_blocks;
               const char* next[2] = {reinterpret_cast<const char*>(acc + at + w.block_floats()),
                                      reinterpret_cast<const char*>(u + at + w.block_floats())};
               const int64_t half_block = w.block_floats() * static_cast<int64_t>(sizeof(float)) / 2;
