@@ -23,7 +23,7 @@
 // unfold, and so does the stride-2 forward from 14x14 to 7x7
 // (plane_kernels.h); 3x3 stride-1 layers on 10x10 to 42x42 planes run
 // their forward and grad_x as Winograd F(2x2, 3x3) (winograd.h), and on
-// AVX-512 their weight side where it fits (winograd_weight_grad.h). Large
+// AVX-512, opt-in, their weight side (winograd_weight_grad.h). Large
 // output planes run the library's direct conv on chunks of samples instead
 // (see "Large output planes" below).
 // Half and bfloat16 run in float32 and are rounded once at the end.

@@ -84,10 +84,10 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // side 0.80-0.91 of the direct side's time and fwd+bwd 0.91-0.93 at 256@14
 // and 21x21, but within the full benchmark the 256@14 fwd+bwd took 0.89-0.95
 // of the static conv in three runs against 0.83 and 0.87 without it the
-// same day, and was bimodal in a replay of ResNet18's layers (0.80 or 1.005,
-// against 0.84-0.85 direct): its scratch, shrunk from the Winograd grad_x pass's and grown
-// back by the next forward, is faulted in afresh each step when glibc maps
-// it anew (with its heap kept, 0.82-0.84). In passes whose scratch plus the
+// same day, and was bimodal in a replay of ResNet18's layers (0.80 or
+// 1.005, against 0.84-0.85 direct): its scratch, shrunk from the Winograd
+// grad_x pass's and grown back by the next forward, is faulted in afresh
+// each step when glibc maps it anew (with its heap kept, 0.82-0.84). In passes whose scratch plus the
 // K-fold gradient fit in the Winograd grad_x pass's scratch (4 at 256@14
 // and 21x21, chunks of 4) the step's peak would stay where it is.
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
