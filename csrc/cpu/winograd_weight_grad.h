@@ -80,16 +80,19 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
 // group, 3x3 stride 1 undilated, where CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD
 // says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
-// "0" or unset: never). Off by default: in-process A/Bs gave the weight
-// side 0.80-0.91 of the direct side's time and fwd+bwd 0.91-0.93 at 256@14
-// and 21x21, but within the full benchmark the 256@14 fwd+bwd took 0.89-0.95
-// of the static conv in three runs against 0.83 and 0.87 without it the
-// same day, and was bimodal in a replay of ResNet18's layers (0.80 or
-// 1.005, against 0.84-0.85 direct): its scratch, shrunk from the Winograd
-// grad_x pass's and grown back by the next forward, is faulted in afresh
-// each step when glibc maps it anew (with its heap kept, 0.82-0.84). In passes whose scratch plus the
-// K-fold gradient fit in the Winograd grad_x pass's scratch (4 at 256@14
-// and 21x21, chunks of 4) the step's peak would stay where it is.
+// "0" or unset: never). Off by default: alone, the weight side took
+// 0.80-0.95 of the direct side's time (256@14, 21x21, in-process A/Bs),
+// but whole fwd+bwd steps, interleaved with the direct side in one process
+// after the layers before them, ran in one of two modes from process to
+// process: 0.93-1.00 of the direct side's time or 1.11-1.26, 256@14 and
+// 128->256@21 alike in a process (9 of 19 processes slow, 2026-12-06;
+// 256@21 0.90-1.11). Not page faults (2474 a step at 256@14 against the
+// direct side's 4180), the scratch's tail released with madvise instead of
+// the buffer freed (both modes), ASLR (setarch -R: both modes) or the
+// chunk of samples (8, 16: both modes); the cause is open. In passes whose
+// scratch plus the K-fold gradient fit in the Winograd grad_x pass's
+// scratch (4 at 256@14 and 21x21, chunks of 4) the step's peak would stay
+// where it is.
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
