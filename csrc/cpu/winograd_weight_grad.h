@@ -80,19 +80,22 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
 // group, 3x3 stride 1 undilated, where CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD
 // says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
-// "0" or unset: never). Off by default: alone, the weight side took
-// 0.80-0.95 of the direct side's time (256@14, 21x21, in-process A/Bs),
-// but whole fwd+bwd steps, interleaved with the direct side in one process
-// after the layers before them, ran in one of two modes from process to
-// process: 0.93-1.00 of the direct side's time or 1.11-1.26, 256@14 and
-// 128->256@21 alike in a process (9 of 19 processes slow, 2026-12-06;
-// 256@21 0.90-1.11). Not page faults (2474 a step at 256@14 against the
-// direct side's 4180), the scratch's tail released with madvise instead of
-// the buffer freed (both modes), ASLR (setarch -R: both modes) or the
-// chunk of samples (8, 16: both modes); the cause is open. In passes whose
-// scratch plus the K-fold gradient fit in the Winograd grad_x pass's
-// scratch (4 at 256@14 and 21x21, chunks of 4) the step's peak would stay
-// where it is.
+// "0" or unset: never). Off by default, for a slow mode on the
+// development VM: alone, the weight side took 0.80-0.95 of the direct
+// side's time in in-process A/Bs, but interleaved with it in one process
+// for 6 minutes (256@14, 218 blocks of 6 paired calls) it took 1.21-1.45x
+// (fwd+bwd 1.03-1.22x) in 137 blocks and 0.84-1.00 (fwd+bwd 0.89-1.04) in
+// spells of 10-90 s, while the direct side's own time barely moved (36-47
+// ms). It streams its accumulators and U_k (16/9 K |W| each a pass)
+// through the last-level cache once per chunk of samples, where the
+// direct side accumulates in per-thread blocks over the batch: the slow
+// mode is presumably that cache or memory under load from outside (no
+// hardware counters on the VM to tell). Not page faults (2474 a step at
+// 256@14 against the direct side's 4180), the scratch's tail released
+// with madvise instead of the buffer freed, ASLR (setarch -R) or chunks of
+// 8 and 16 samples: all show both modes. In passes whose scratch plus the
+// K-fold gradient fit in the Winograd grad_x pass's scratch (4 at 256@14
+// and 21x21, chunks of 4) the step's peak would stay where it is.
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
