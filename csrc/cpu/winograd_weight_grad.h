@@ -86,16 +86,16 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // for 6 minutes (256@14, 218 blocks of 6 paired calls) it took 1.21-1.45x
 // (fwd+bwd 1.03-1.22x) in 137 blocks and 0.84-1.00 (fwd+bwd 0.89-1.04) in
 // spells of 10-90 s, while the direct side's own time barely moved (36-47
-// ms). It streams its accumulators and U_k (16/9 K |W| each a pass)
-// through the last-level cache once per chunk of samples, where the
-// direct side accumulates in per-thread blocks over the batch: the slow
-// mode is presumably that cache or memory under load from outside (no
-// hardware counters on the VM to tell). Not page faults (2474 a step at
-// 256@14 against the direct side's 4180), the scratch's tail released
-// with madvise instead of the buffer freed, ASLR (setarch -R) or chunks of
-// 8 and 16 samples: all show both modes. In passes whose scratch plus the
-// K-fold gradient fit in the Winograd grad_x pass's scratch (4 at 256@14
-// and 21x21, chunks of 4) the step's peak would stay where it is.
+// ms), and the guest saw no steal time in either. What slows is open (the
+// VM has no hardware counters): not the accumulators and U_k streamed
+// through the last-level cache once per chunk of 4 samples (with the
+// whole batch as one chunk, in 8 or 16 passes, it is slower in both modes
+// and the slow mode stays), page faults (2474 a step at 256@14 against
+// the direct side's 4180), the scratch's tail released with madvise
+// instead of the buffer freed, or ASLR (setarch -R). In passes whose
+// scratch plus the K-fold gradient fit in the Winograd grad_x pass's
+// scratch (4 at 256@14 and 21x21, chunks of 4) the step's peak would stay
+// where it is.
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
