@@ -82,7 +82,9 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
 // "0" or unset: never). Off by default, for a slow mode on the
 // development VM: alone, the weight side took 0.80-0.95 of the direct
-// side's time in in-process A/Bs, but interleaved with it in one process
+// side's time in in-process A/Bs (0.77-0.86 at 256@14 since the
+// transforms' tasks go by sample, see winograd_grad_transforms; 1.14-1.28
+// in the slow mode below), but interleaved with it in one process
 // for 6 minutes (256@14, 218 blocks of 6 paired calls) it took 1.21-1.45x
 // (fwd+bwd 1.03-1.22x) in 137 blocks and 0.84-1.00 (fwd+bwd 0.89-1.04) in
 // spells of 10-90 s, while the direct side's own time barely moved (36-47
@@ -211,7 +213,7 @@ void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int6
 // both kinds alike. With every sample's out blocks first (before), one
 // thread took all of them: at 256@14 the weight side alone took 0.86-0.95
 // of the direct side's time, 0.77-0.86 so (interleaved in one process; in
-// the VM's slow mode 1.23-1.34 and 1.14-1.28).
+// the VM's slow mode 1.20-1.34 and 1.14-1.28).
 void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const float* x, int64_t n, int64_t first,
                               float* m, float* v) {
   const WinogradGradInput in(w);
