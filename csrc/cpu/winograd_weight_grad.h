@@ -212,7 +212,7 @@ void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int6
 // panels of in channels), so that each thread's contiguous share holds
 // both kinds alike. With every sample's out blocks first (before), one
 // thread took all of them: at 256@14 the weight side alone took 0.86-0.95
-// of the direct side's time, 0.77-0.86 so (interleaved in one process; in
+// of the direct side's time, now 0.77-0.86 (interleaved in one process; in
 // the VM's slow mode 1.20-1.34 and 1.14-1.28).
 void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const float* x, int64_t n, int64_t first,
                               float* m, float* v) {
