@@ -83,21 +83,25 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // "0" or unset: never). Off by default, for a slow mode on the
 // development VM: alone, the weight side took 0.80-0.95 of the direct
 // side's time in in-process A/Bs (0.77-0.86 at 256@14 since the
-// transforms' tasks go by sample, see winograd_grad_transforms; 1.14-1.28
-// in the slow mode below), but interleaved with it in one process
-// for 6 minutes (256@14, 218 blocks of 6 paired calls) it took 1.21-1.45x
-// (fwd+bwd 1.03-1.22x) in 137 blocks and 0.84-1.00 (fwd+bwd 0.89-1.04) in
-// spells of 10-90 s, while the direct side's own time barely moved (36-47
-// ms), and the guest saw no steal time in either. What slows is open (the
-// VM has no hardware counters): not the accumulators and U_k streamed
-// through the last-level cache once per chunk of 4 samples (with the
-// whole batch as one chunk, in 8 or 16 passes, it is slower in both modes
-// and the slow mode stays), page faults (2474 a step at 256@14 against
-// the direct side's 4180), the scratch's tail released with madvise
-// instead of the buffer freed, or ASLR (setarch -R). In passes whose
-// scratch plus the K-fold gradient fit in the Winograd grad_x pass's
-// scratch (4 at 256@14 and 21x21, chunks of 4) the step's peak would stay
-// where it is.
+// transforms' tasks go by sample, see winograd_grad_transforms), but
+// interleaved with it in one process for 6 minutes (256@14, 218 blocks of
+// 6 paired calls) it took 1.21-1.45x (fwd+bwd 1.03-1.22x) in 137 blocks
+// and 0.84-1.00 (fwd+bwd 0.89-1.04) in spells of 10-90 s, while the direct
+// side's own time barely moved (36-47 ms). The mode looks like the host's
+// memory traffic: a 2-thread copy through a few MiB slowed 10-33% with it,
+// a 2-thread GEMM in L2 7%, and with one thread pinned to either vCPU the
+// weight side mostly kept its fast-mode time (61-64 ms in 3 of 5 slow
+// blocks). It streams the accumulators and U_k through the last-level
+// cache once per chunk, about 410 MB a call at 256@14 (4 passes, chunks of
+// 4: some 4 multiply-adds a byte), where the direct side keeps its blocks
+// in L2. Larger chunks and fewer passes stream less (slow mode, 256@14:
+// chunks of 8 in 2 passes 0.96-1.10 of the direct side against 1.15-1.27)
+// but take about 24 MB of scratch against 10 (in passes whose scratch
+// plus the K-fold gradient fit in the Winograd grad_x pass's scratch, 4 at
+// 256@14 and 21x21 in chunks of 4, the step's peak stays where it is).
+// Also ruled out: page faults (2474 a step at 256@14 against the direct
+// side's 4180), the scratch's tail released with madvise instead of the
+// buffer freed, and ASLR (setarch -R).
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
@@ -114,11 +118,19 @@ bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa is
 // M = A dY A^T of every tile of samples [0, n) (dy: n x out channels planes
 // of out_h x out_w) into the chunk's M panels, for the pass's positions
 // [first, first + positions). Per (sample, block of kWgOutBlock out
-// channels) the block's planes are transposed to pixel-major, so that a
-// tile's 4 pixels are 4 vectors over 12 out channels (two 6-channel
+// channels), one row of tiles at a time: the block's two pixel rows are
+// transposed to pixel-major (`pixels`, 2 x out_w x kWgOutBlock floats), so
+// that a tile's 4 pixels are 4 vectors over 12 out channels (two 6-channel
 // panels), each position's vector then stored as two 6-float runs. Out
-// channels past the last are zero. A = [1 0; 1 1; 1 -1; 0 -1].
+// channels past the last are zero. A = [1 0; 1 1; 1 -1; 0 -1]. A row of
+// tiles at a time rather than the whole plane (37 KiB at 14x14, past L1),
+// the weight side alone over the direct side's, interleaved in one
+// process (medians of 3-s blocks): 256@14 1.25 -> 1.18 in the slow mode
+// (above; 65 blocks), 0.89 -> 0.92 in the fast one (14); 512@10 1.52 ->
+// 1.42 (slow); 256@21 within 2%.
 constexpr int64_t kWgOutBlock = 4 * kWgCallOuts;
+
+int64_t winograd_grad_pixels_floats(const WinogradConv& c) { return 2 * c.out_w * kWgOutBlock; }
 
 __attribute__((target("avx512f,avx2,fma")))
 void winograd_grad_out_block(const WinogradGradPlan& w, const float* dy, int64_t i, int64_t block, int64_t first,
@@ -126,42 +138,45 @@ void winograd_grad_out_block(const WinogradGradPlan& w, const float* dy, int64_t
   const WinogradConv& c = w.c;
   const int64_t plane = c.out_h * c.out_w;
   const int64_t o0 = block * kWgOutBlock, outs = std::min(kWgOutBlock, c.rows - o0);
-  transpose_strided(dy + (i * c.rows + o0) * plane, plane, outs, plane, pixels, kWgOutBlock);
   const int64_t panels = w.o_panels();
   const __m512i upper6 = _mm512_setr_epi32(6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5);
   auto store6 = [](float* dst, __m256 lanes) __attribute__((target("avx512f,avx2,fma"))) {
     _mm_storeu_ps(dst, _mm256_castps256_ps128(lanes));
     _mm_storel_pi(reinterpret_cast<__m64*>(dst + 4), _mm256_extractf128_ps(lanes, 1));
   };
-  for (int64_t part = 0; part * kWgCallOuts < std::min(kWgOutBlock, w.o_pad - o0); ++part) {
-    const int64_t valid = std::clamp<int64_t>(outs - part * kWgCallOuts, 0, kWgCallOuts);
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-    const int64_t panel = (o0 + part * kWgCallOuts) / kNR;
-    for (int64_t t = 0; t < c.tiles; ++t) {
-      const int64_t y = t / c.tiles_w * 2, x = t % c.tiles_w * 2;
-      __m512 px[4];  // the tile's pixels (0, 0), (0, 1), (1, 0), (1, 1); zero past the plane
-      for (int64_t e = 0; e < 4; ++e) {
-        const int64_t py = y + e / 2, pxx = x + e % 2;
-        px[e] = py < c.out_h && pxx < c.out_w
-                    ? _mm512_maskz_loadu_ps(mask, pixels + (py * c.out_w + pxx) * kWgOutBlock + part * kWgCallOuts)
-                    : _mm512_setzero_ps();
-      }
-      const __m512 p = px[0], q = px[1], r = px[2], z = px[3];
-      const __m512 rows[4][2] = {{p, q},
-                                 {_mm512_add_ps(p, r), _mm512_add_ps(q, z)},
-                                 {_mm512_sub_ps(p, r), _mm512_sub_ps(q, z)},
-                                 {_mm512_sub_ps(_mm512_setzero_ps(), r), _mm512_sub_ps(_mm512_setzero_ps(), z)}};
-      for (int64_t pos = 0; pos < w.positions; ++pos) {
-        const int64_t a = (first + pos) / 4, b = (first + pos) % 4;
-        const __m512 u = rows[a][0], v = rows[a][1];
-        const __m512 value = b == 0 ? u : b == 1 ? _mm512_add_ps(u, v) : b == 2 ? _mm512_sub_ps(u, v)
-                                                                               : _mm512_sub_ps(_mm512_setzero_ps(), v);
-        // Channels 0-5 to this panel, 6-11 to the next, from registers
-        // (masked stores, or a store and reloads of its parts, took most of
-        // the transform's time on AMD Zen 4).
-        float* dst = m + ((pos * panels + panel) * w.chunk + i) * c.tiles * kNR + t * kNR;
-        store6(dst, _mm512_castps512_ps256(value));
-        store6(dst + w.chunk * c.tiles * kNR, _mm512_castps512_ps256(_mm512_permutexvar_ps(upper6, value)));
+  for (int64_t t0 = 0; t0 < c.tiles; t0 += c.tiles_w) {
+    const int64_t y = t0 / c.tiles_w * 2, rows = std::min<int64_t>(2, c.out_h - y);
+    transpose_strided(dy + (i * c.rows + o0) * plane + y * c.out_w, plane, outs, rows * c.out_w, pixels, kWgOutBlock);
+    for (int64_t part = 0; part * kWgCallOuts < std::min(kWgOutBlock, w.o_pad - o0); ++part) {
+      const int64_t valid = std::clamp<int64_t>(outs - part * kWgCallOuts, 0, kWgCallOuts);
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+      const int64_t panel = (o0 + part * kWgCallOuts) / kNR;
+      for (int64_t t = t0; t < t0 + c.tiles_w; ++t) {
+        const int64_t x = (t - t0) * 2;
+        __m512 px[4];  // the tile's pixels (0, 0), (0, 1), (1, 0), (1, 1); zero past the plane
+        for (int64_t e = 0; e < 4; ++e) {
+          const int64_t row = e / 2, col = x + e % 2;
+          px[e] = row < rows && col < c.out_w
+                      ? _mm512_maskz_loadu_ps(mask, pixels + (row * c.out_w + col) * kWgOutBlock + part * kWgCallOuts)
+                      : _mm512_setzero_ps();
+        }
+        const __m512 p = px[0], q = px[1], r = px[2], z = px[3];
+        const __m512 tile_rows[4][2] = {{p, q},
+                                        {_mm512_add_ps(p, r), _mm512_add_ps(q, z)},
+                                        {_mm512_sub_ps(p, r), _mm512_sub_ps(q, z)},
+                                        {_mm512_sub_ps(_mm512_setzero_ps(), r), _mm512_sub_ps(_mm512_setzero_ps(), z)}};
+        for (int64_t pos = 0; pos < w.positions; ++pos) {
+          const int64_t a = (first + pos) / 4, b = (first + pos) % 4;
+          const __m512 u = tile_rows[a][0], v = tile_rows[a][1];
+          const __m512 value = b == 0 ? u : b == 1 ? _mm512_add_ps(u, v) : b == 2 ? _mm512_sub_ps(u, v)
+                                                                                 : _mm512_sub_ps(_mm512_setzero_ps(), v);
+          // Channels 0-5 to this panel, 6-11 to the next, from registers
+          // (masked stores, or a store and reloads of its parts, took most of
+          // the transform's time on AMD Zen 4).
+          float* dst = m + ((pos * panels + panel) * w.chunk + i) * c.tiles * kNR + t * kNR;
+          store6(dst, _mm512_castps512_ps256(value));
+          store6(dst + w.chunk * c.tiles * kNR, _mm512_castps512_ps256(_mm512_permutexvar_ps(upper6, value)));
+        }
       }
     }
   }
@@ -224,7 +239,7 @@ void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / per_sample, j = task % per_sample;
       if (j < out_blocks) {
-        if (pixels.empty()) pixels.assign(w.c.out_h * w.c.out_w * kWgOutBlock, 0.f);
+        if (pixels.empty()) pixels.assign(winograd_grad_pixels_floats(w.c), 0.f);
         winograd_grad_out_block(w, dy, i, j, first, pixels.data(), m);
         continue;
       }
