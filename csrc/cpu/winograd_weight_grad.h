@@ -95,8 +95,8 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // cache once per chunk, about 410 MB a call at 256@14 (4 passes, chunks of
 // 4: some 4 multiply-adds a byte), where the direct side keeps its blocks
 // in L2. Larger chunks and fewer passes stream less (slow mode, 256@14:
-// chunks of 8 in 2 passes 0.96-1.10 of the direct side against 1.15-1.27)
-// but take about 24 MB of scratch against 10 (in passes whose scratch
+// chunks of 8 in 2 passes a median 1.03 of the direct side's time against
+// 1.23) but take about 24 MB of scratch against 10 (in passes whose scratch
 // plus the K-fold gradient fit in the Winograd grad_x pass's scratch, 4 at
 // 256@14 and 21x21 in chunks of 4, the step's peak stays where it is).
 // Also ruled out: page faults (2474 a step at 256@14 against the direct
