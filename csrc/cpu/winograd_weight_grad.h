@@ -57,9 +57,12 @@ struct WinogradGradPlan {
     return block * block_floats() + (k * kWgCallOuts + o % kWgCallOuts) * kWgCallChannels + c % kWgCallChannels;
   }
   // A chunk's V panels [pos][c panel][sample][tile][16] and M panels
-  // [pos][o panel][sample][tile][6].
+  // [pos][o panel][sample][m_ld: tile][6].
   int64_t v_floats() const { return chunk * positions * c.tiles * c_pad; }
-  int64_t m_floats() const { return chunk * positions * c.tiles * o_pad; }
+  // A sample's run in an M panel: its tiles' 6-channel vectors, padded to
+  // whole lines (streamed out by winograd_grad_out_block).
+  int64_t m_ld() const { return (c.tiles * kNR + kMR - 1) / kMR * kMR; }
+  int64_t m_floats() const { return chunk * positions * o_panels() * m_ld(); }
 };
 
 WinogradGradPlan winograd_grad_plan(const Plan& p, int64_t passes, int64_t chunk) {
@@ -87,21 +90,24 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // interleaved with it in one process for 6 minutes (256@14, 218 blocks of
 // 6 paired calls) it took 1.21-1.45x (fwd+bwd 1.03-1.22x) in 137 blocks
 // and 0.84-1.00 (fwd+bwd 0.89-1.04) in spells of 10-90 s, while the direct
-// side's own time barely moved (36-47 ms). The mode looks like the host's
-// memory traffic: a 2-thread copy through a few MiB slowed 10-33% with it,
-// a 2-thread GEMM in L2 7%, and with one thread pinned to either vCPU the
-// weight side mostly kept its fast-mode time (61-64 ms in 3 of 5 slow
-// blocks). It streams the accumulators and U_k through the last-level
-// cache once per chunk, about 410 MB a call at 256@14 (4 passes, chunks of
-// 4: some 4 multiply-adds a byte), where the direct side keeps its blocks
-// in L2. Larger chunks and fewer passes stream less (slow mode, 256@14:
-// chunks of 8 in 2 passes a median 1.03 of the direct side's time against
-// 1.23) but take about 24 MB of scratch against 10 (in passes whose scratch
-// plus the K-fold gradient fit in the Winograd grad_x pass's scratch, 4 at
-// 256@14 and 21x21 in chunks of 4, the step's peak stays where it is).
-// Also ruled out: page faults (2474 a step at 256@14 against the direct
-// side's 4180), the scratch's tail released with madvise instead of the
-// buffer freed, and ASLR (setarch -R).
+// side's own time barely moved (36-47 ms). The slow mode comes with the
+// VM's two vCPUs far apart: a cache-line round trip between two threads
+// pinned to them (a ping-pong) took 330-600 ns in it against 60-250 ns
+// outside it, in 100 blocks of 3 s. Phase timings placed most of the loss
+// in writes to lines the other thread had last read (see
+// winograd_grad_transforms), now streamed; the rest is the GEMM reading
+// what the other thread wrote (about +10%). It still streams the
+// accumulators and U_k through the last-level cache once per chunk, about
+// 410 MB a call at 256@14 (4 passes, chunks of 4: some 4 multiply-adds a
+// byte), where the direct side keeps its blocks in L2. Larger chunks and
+// fewer passes stream less (slow mode, 256@14: chunks of 8 in 2 passes a
+// median 1.03 of the direct side's time against 1.23, before the streamed
+// writes) but take about 24 MB of scratch against 10 (in passes whose
+// scratch plus the K-fold gradient fit in the Winograd grad_x pass's
+// scratch, 4 at 256@14 and 21x21 in chunks of 4, the step's peak stays
+// where it is). Also ruled out: page faults (2474 a step at 256@14 against
+// the direct side's 4180), the scratch's tail released with madvise
+// instead of the buffer freed, and ASLR (setarch -R).
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
@@ -134,11 +140,13 @@ int64_t winograd_grad_pixels_floats(const WinogradConv& c) { return 2 * c.out_w 
 
 __attribute__((target("avx512f,avx2,fma")))
 void winograd_grad_out_block(const WinogradGradPlan& w, const float* dy, int64_t i, int64_t block, int64_t first,
-                             float* pixels, float* m) {
+                             float* pixels, float* local, float* m) {
   const WinogradConv& c = w.c;
   const int64_t plane = c.out_h * c.out_w;
   const int64_t o0 = block * kWgOutBlock, outs = std::min(kWgOutBlock, c.rows - o0);
   const int64_t panels = w.o_panels();
+  const int64_t panel0 = o0 / kNR, m_ld = w.m_ld();
+  constexpr int64_t kLocalPanels = kWgOutBlock / kNR;
   const __m512i upper6 = _mm512_setr_epi32(6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5);
   auto store6 = [](float* dst, __m256 lanes) __attribute__((target("avx512f,avx2,fma"))) {
     _mm_storeu_ps(dst, _mm256_castps256_ps128(lanes));
@@ -173,13 +181,18 @@ void winograd_grad_out_block(const WinogradGradPlan& w, const float* dy, int64_t
           // Channels 0-5 to this panel, 6-11 to the next, from registers
           // (masked stores, or a store and reloads of its parts, took most of
           // the transform's time on AMD Zen 4).
-          float* dst = m + ((pos * panels + panel) * w.chunk + i) * c.tiles * kNR + t * kNR;
+          float* dst = local + (pos * kLocalPanels + panel - panel0) * m_ld + t * kNR;
           store6(dst, _mm512_castps512_ps256(value));
-          store6(dst + w.chunk * c.tiles * kNR, _mm512_castps512_ps256(_mm512_permutexvar_ps(upper6, value)));
+          store6(dst + m_ld, _mm512_castps512_ps256(_mm512_permutexvar_ps(upper6, value)));
         }
       }
     }
   }
+  const int64_t block_panels = std::min(kLocalPanels, panels - panel0);
+  for (int64_t pos = 0; pos < w.positions; ++pos)
+    for (int64_t lp = 0; lp < block_panels; ++lp)
+      copy_streaming(m + ((pos * panels + panel0 + lp) * w.chunk + i) * m_ld, local + (pos * kLocalPanels + lp) * m_ld,
+                     m_ld, PackedIsa::kAvx512);
 }
 
 // V = B^T d B of every tile of samples [0, n) (x: n x in channels planes)
@@ -202,7 +215,7 @@ struct WinogradGradInput {
 // (per-tile gathers across the 16 rows took a third more of the weight
 // side's time).
 void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int64_t i, int64_t panel, int64_t first,
-                               float* rows, float* even, float* odd, float* v) {
+                               float* rows, float* even, float* odd, float* run, float* v) {
   const WinogradGradPlan& w = in.w;
   const WinogradConv& c = w.c;
   const int64_t plane = c.in_h * c.in_w;
@@ -217,9 +230,11 @@ void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int6
     winograd_split_plane(c, in.sp, x + (i * c.depth + panel * kMR + l) * plane, even, odd);
     winograd_input_tiles_avx512(even, odd, in.sp.cols, in.sp.tiles_h, c.tiles_w, a0, a1, channel, in.v_ld);
   }
-  for (int64_t pos = 0; pos < w.positions; ++pos)
-    transpose_strided(rows + (first + pos) * in.v_ld, in.channel_floats, kMR, c.tiles,
-                      v + ((pos * w.c_panels() + panel) * w.chunk + i) * c.tiles * kMR, kMR);
+  for (int64_t pos = 0; pos < w.positions; ++pos) {
+    transpose_strided(rows + (first + pos) * in.v_ld, in.channel_floats, kMR, c.tiles, run, kMR);
+    copy_streaming(v + ((pos * w.c_panels() + panel) * w.chunk + i) * c.tiles * kMR, run, c.tiles * kMR,
+                   PackedIsa::kAvx512);
+  }
 }
 
 // A chunk's M and V panels for the pass's positions, in one parallel region
@@ -229,27 +244,45 @@ void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int6
 // thread took all of them: at 256@14 the weight side alone took 0.86-0.95
 // of the direct side's time, now 0.77-0.86 (interleaved in one process; in
 // the VM's slow mode 1.20-1.34 and 1.14-1.28).
+//
+// Both kinds are assembled in the thread's buffers and streamed out
+// (copy_streaming), as U_k is (winograd_grad_kernel_row): the GEMM's tasks
+// split the channels, not the samples, so half of what a thread writes was
+// last read by the other thread, and with the VM's vCPUs far apart (see
+// plan_winograd_weight_grad) plain stores waited on those lines. There,
+// at 256@14, the transforms took 17-21 ms a call against 9-10 near, U_k
+// 4-5 against 1.7-2. Streamed, the weight side alone over the direct
+// side's (blocks of 3 s, one variant each, paired calls; medians): far
+// apart 1.23 -> 1.08 (13 and 18 blocks) and 1.17 -> 1.02 (6 and 4), near
+// 1.035 -> 1.034 (25, 22) and 0.967 -> 0.965 (24, 29). The GEMM then
+// reads the panels from memory rather than the last-level cache (+1-2 ms
+// in the phase timings), which the near mode's totals absorbed.
 void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const float* x, int64_t n, int64_t first,
                               float* m, float* v) {
   const WinogradGradInput in(w);
   const int64_t out_blocks = (w.o_pad + kWgOutBlock - 1) / kWgOutBlock, panels = w.c_panels();
   const int64_t per_sample = out_blocks + panels;
   at::parallel_for(0, n * per_sample, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> pixels, split, rows;  // each task kind's buffers, on its first task
+    std::vector<float> pixels, local, split, rows, run;  // each task kind's buffers, on its first task
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / per_sample, j = task % per_sample;
       if (j < out_blocks) {
-        if (pixels.empty()) pixels.assign(winograd_grad_pixels_floats(w.c), 0.f);
-        winograd_grad_out_block(w, dy, i, j, first, pixels.data(), m);
+        if (pixels.empty()) {
+          pixels.assign(winograd_grad_pixels_floats(w.c), 0.f);
+          local.assign(w.positions * (kWgOutBlock / kNR) * w.m_ld(), 0.f);
+        }
+        winograd_grad_out_block(w, dy, i, j, first, pixels.data(), local.data(), m);
         continue;
       }
       if (split.empty()) {
         split.assign(in.sp.floats(), 0.f);
         rows.resize(kMR * in.channel_floats);
+        run.resize(w.c.tiles * kMR);
       }
       winograd_grad_input_panel(in, x, i, j - out_blocks, first, rows.data(), split.data(),
-                                split.data() + in.sp.padded_h * in.sp.cols, v);
+                                split.data() + in.sp.padded_h * in.sp.cols, run.data(), v);
     }
+    _mm_sfence();  // the streamed panels, before the GEMM's threads read them
   });
 }
 
@@ -271,15 +304,15 @@ void winograd_grad_kernel_row(const WinogradGradPlan& w, const float* weight, in
           _mm512_castps_pd(_mm512_castps256_ps512(halves[0][t])), _mm256_castps_pd(halves[1][t]), 1)));
     WinogradVec transformed[kWinogradPositions];
     winograd_kernel_transform(g, transformed);
-    for (int64_t pos = 0; pos < w.positions; ++pos)
-      std::memcpy(u + w.acc_index(k, pos, o, cb), &transformed[first + pos],
-                  sizeof(WinogradVec));
+    for (int64_t pos = 0; pos < w.positions; ++pos)  // streamed: see winograd_grad_transforms
+      _mm512_stream_ps(u + w.acc_index(k, pos, o, cb), reinterpret_cast<__m512>(transformed[first + pos]));
   }
 }
 
 void winograd_grad_pass_kernels(const WinogradGradPlan& w, const float* weight, int64_t first, float* u) {
   at::parallel_for(0, w.num_kernels * w.o_pad, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ko = begin; ko < end; ++ko) winograd_grad_kernel_row(w, weight, ko / w.o_pad, ko % w.o_pad, first, u);
+    _mm_sfence();  // the streamed U_k, before the GEMM's threads read them
   });
 }
 
@@ -425,7 +458,7 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
               const int64_t oc = o0 + call * kWgCallOuts;
               const int64_t outs = std::clamp<int64_t>(c.rows - oc, 0, kWgCallOuts);
               if (outs == 0) continue;
-              const float* b = m + (pos * w.o_panels() + oc / kNR) * w.chunk * tiles * kNR;
+              const float* b = m + (pos * w.o_panels() + oc / kNR) * w.chunk * w.m_ld();
               const int64_t at = w.acc_index(0, pos, oc, c0);
               // The next block's accumulators and U_k requested into L2 by
               // the first group's calls, a line a step, half a block a call
@@ -442,8 +475,8 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
                                /*load_partial=*/false, /*store_partial=*/true};
                   if (has_next && i0 == 0 && (s < 2 || grad_attn != nullptr))
                     out.l2_prefetch = next[s / 2] + s % 2 * half_block;
-                  micro(tiles, a + (i0 + s) * tiles * kMR, w.chunk * tiles * kMR, b + (i0 + s) * tiles * kNR,
-                        w.chunk * tiles * kNR, out, nullptr);
+                  micro(tiles, a + (i0 + s) * tiles * kMR, w.chunk * tiles * kMR, b + (i0 + s) * w.m_ld(),
+                        w.chunk * w.m_ld(), out, nullptr);
                 }
                 kWinogradGradFolds[ns](partials, outs, attn + (b0 + i0) * K, K, acc + at,
                                        grad_attn != nullptr ? u + at : nullptr, kWgCallChannels,
