@@ -8,7 +8,8 @@ compared side by side; compare ratios within one run.
 import pytest
 import torch
 
-from chanflex_kernels.bench import MODES, NUM_KERNELS, PROVIDERS, SHAPES, Step, machine, peak_memory_bytes
+from chanflex_kernels.bench import (MODES, NUM_KERNELS, PROVIDERS, SHAPES, Step, cpu_round_trip_ns, machine,
+                                    peak_memory_bytes)
 
 BATCH1 = [s.at_batch(1) for s in SHAPES]
 
@@ -17,7 +18,7 @@ def _info(benchmark, provider, mode, shape):
     benchmark.group = f"{shape.id} {mode}"
     benchmark.extra_info.update(torch=torch.__version__, threads=torch.get_num_threads(), machine=machine(),
                                 shape=shape.id, num_kernels=NUM_KERNELS, dtype="float32", provider=provider,
-                                mode=mode)
+                                mode=mode, cpu_round_trip_ns=cpu_round_trip_ns())
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))

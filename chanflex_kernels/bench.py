@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -247,6 +247,8 @@ class Row:
     best_peer_ms: float
     static_peak_mb: Optional[float] = None
     chanflex_peak_mb: Optional[float] = None
+    # cpu_round_trip_ns() just before and just after the row's timing
+    round_trip_ns: Optional[Tuple[float, float]] = None
 
     @property
     def ours_over_static(self) -> float:
@@ -263,6 +265,18 @@ class Row:
         return self.chanflex_peak_mb / max(self.static_peak_mb, 1e-9)
 
 
+def cpu_round_trip_ns() -> float:
+    """Round trip of a cache line between the process's first two CPUs, in ns (NaN with one CPU).
+
+    On the development VM it told apart two modes of the host that move the
+    ratios (see csrc/cpu/core_probe.cpp). It waits a moment first, so that
+    the thread pool's workers, which spin a while after a parallel region,
+    do not compete with the probe's threads.
+    """
+    time.sleep(0.1)
+    return torch.ops.chanflex.cpu_core_round_trip_ns()
+
+
 def measure(shapes: Sequence[ConvShape], modes: Sequence[str] = MODES, peers: Sequence[str] = PEERS,
             repeats: int = 5, memory: bool = True, progress: Optional[Callable[[str], None]] = None) -> List[Row]:
     """Time static, chanflex and peers (and peak memory of static and chanflex) per shape and mode."""
@@ -270,10 +284,12 @@ def measure(shapes: Sequence[ConvShape], modes: Sequence[str] = MODES, peers: Se
     for shape in shapes:
         for mode in modes:
             steps = {p: Step(p, shape, mode) for p in ("static", "chanflex", *peers)}
+            before = cpu_round_trip_ns()
             ms = time_interleaved(steps, repeats=repeats)
+            after = cpu_round_trip_ns()
             del steps
             best = min(peers, key=ms.get) if peers else "static"
-            row = Row(shape.id, mode, ms["static"], ms["chanflex"], best, ms[best])
+            row = Row(shape.id, mode, ms["static"], ms["chanflex"], best, ms[best], round_trip_ns=(before, after))
             if memory:
                 mb = {p: peak_memory_bytes(p, shape, mode) for p in ("static", "chanflex")}
                 if None not in mb.values():
@@ -286,14 +302,15 @@ def measure(shapes: Sequence[ConvShape], modes: Sequence[str] = MODES, peers: Se
 
 def markdown(rows: Sequence[Row]) -> str:
     header = ["shape", "mode", "static ms", "chanflex ms", "chanflex/static", "best peer", "peer ms",
-              "peer/chanflex", "peak MB static", "peak MB chanflex", "peak chanflex/static"]
+              "peer/chanflex", "peak MB static", "peak MB chanflex", "peak chanflex/static", "CPU round trip ns"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         mem = (["-", "-", "-"] if r.memory_ratio is None else
                [f"{r.static_peak_mb:.1f}", f"{r.chanflex_peak_mb:.1f}", f"{r.memory_ratio:.2f}"])
+        trip = "-" if r.round_trip_ns is None else "/".join(f"{ns:.0f}" for ns in r.round_trip_ns)
         lines.append("| " + " | ".join([r.shape, r.mode, f"{r.static_ms:.1f}", f"{r.chanflex_ms:.1f}",
                                         f"{r.ours_over_static:.2f}", r.best_peer, f"{r.best_peer_ms:.1f}",
-                                        f"{r.peer_over_ours:.2f}", *mem]) + " |")
+                                        f"{r.peer_over_ours:.2f}", *mem, trip]) + " |")
     return "\n".join(lines)
 
 
@@ -325,7 +342,8 @@ def main(argv=None) -> None:
             rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress)
     print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
           f"median of {repeats} interleaved runs; chanflex/static: lower is better, "
-          f"peer/chanflex: higher is better")
+          f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "
+          f"before/after the row's timing (far apart, the Winograd rows slow)")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
