@@ -83,8 +83,11 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
 // group, 3x3 stride 1 undilated, where CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD
 // says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
-// "0" or unset: never). Off by default, for a slow mode on the
-// development VM: alone, the weight side took 0.80-0.95 of the direct
+// "0" or unset: never). Off by default: until its writes were streamed
+// (below) it lost to the direct side in a slow mode of the development VM,
+// and with them only 256@14 has been measured again (0.92 of the direct
+// side's time in both modes; the other planes and the step's peak memory
+// not yet). Before: alone, the weight side took 0.80-0.95 of the direct
 // side's time in in-process A/Bs (0.77-0.86 at 256@14 since the
 // transforms' tasks go by sample, see winograd_grad_transforms), but
 // interleaved with it in one process for 6 minutes (256@14, 218 blocks of
@@ -95,8 +98,8 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // pinned to them (a ping-pong) took 330-600 ns in it against 60-250 ns
 // outside it, in 100 blocks of 3 s. Phase timings placed most of the loss
 // in writes to lines the other thread had last read (see
-// winograd_grad_transforms), now streamed; the rest is the GEMM reading
-// what the other thread wrote (about +10%). It still streams the
+// winograd_grad_transforms), now streamed: far apart it takes 0.925 of
+// the direct side's time, near 0.919. It still streams the
 // accumulators and U_k through the last-level cache once per chunk, about
 // 410 MB a call at 256@14 (4 passes, chunks of 4: some 4 multiply-adds a
 // byte), where the direct side keeps its blocks in L2. Larger chunks and
@@ -252,11 +255,11 @@ void winograd_grad_input_panel(const WinogradGradInput& in, const float* x, int6
 // plan_winograd_weight_grad) plain stores waited on those lines. There,
 // at 256@14, the transforms took 17-21 ms a call against 9-10 near, U_k
 // 4-5 against 1.7-2. Streamed, the weight side alone over the direct
-// side's (blocks of 3 s, one variant each, paired calls; medians): far
-// apart 1.23 -> 1.08 (13 and 18 blocks) and 1.17 -> 1.02 (6 and 4), near
-// 1.035 -> 1.034 (25, 22) and 0.967 -> 0.965 (24, 29). The GEMM then
+// side's (one process, blocks of 3 s of paired calls, one variant a block,
+// classed by the round trip before each; medians): far apart 1.181 ->
+// 0.925 (19 and 18 blocks), near 0.921 -> 0.919 (41 each). The GEMM then
 // reads the panels from memory rather than the last-level cache (+1-2 ms
-// in the phase timings), which the near mode's totals absorbed.
+// in the phase timings), which the totals absorb.
 void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const float* x, int64_t n, int64_t first,
                               float* m, float* v) {
   const WinogradGradInput in(w);
