@@ -16,8 +16,8 @@ to 42x42, 21x21 on AVX2, in batches of at least 4 samples and 768 output pixels,
 1536 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. On AVX-512 the weight side of one-group Winograd convs may run in the
-transform domain too (CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD; off by default); its
-tests force it on. The packed forward skips the products of padding taps by default where
+transform domain too (CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD; by default on 14x14
+to 21x21 planes in batches of at least 16); its tests force it on. The packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
 the transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
@@ -521,18 +521,19 @@ def test_winograd_weight_grad_output_masks(mask, winograd_weight_grad):
     assert_masked_backward_matches(WINOGRAD_WEIGHT_GRAD_CASES[-1], mask)
 
 
-def test_winograd_weight_grad_off_by_default(monkeypatch):
-    # The Winograd weight side runs only where the switch asks for it (see
-    # plan_winograd_weight_grad for why); forced, it differs from the direct
-    # side in rounding, so the default's dW must equal the direct one's bit
-    # for bit and not the forced one's, on a layer the Winograd forward and
-    # grad_x take by default.
+@pytest.mark.parametrize("batch, size, winograd", [(16, 14, True), (16, 21, True), (15, 14, False), (16, 13, False),
+                                                  (16, 22, False), (16, 10, False)])
+def test_winograd_weight_grad_default_rule(monkeypatch, batch, size, winograd):
+    # By default the Winograd weight side takes 14x14 to 21x21 output planes
+    # in batches of 16 or more (see plan_winograd_weight_grad). It differs
+    # from the direct side in rounding, so the default's dW must equal,
+    # bit for bit, the forced one's (4 passes) inside the rule and the
+    # direct one's outside it.
     monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx512")
     if torch.ops.chanflex.cpu_packed_isa() != "avx512":
         pytest.skip("the Winograd weight side runs on AVX-512 only")
     from comparison import make_inputs
-    monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")
-    case = Case(8, 64, 64, 14, 14, padding=(1, 1), bias=False)
+    case = Case(batch, 32, 24, size, size, padding=(1, 1), bias=False)
     x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(case))
     grad_out = torch.randn(case.batch, case.out_channels, case.height, case.width)  # 3x3, pad 1, stride 1
     grads = {}
@@ -543,7 +544,8 @@ def test_winograd_weight_grad_off_by_default(monkeypatch):
             monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD", value)
         grads[value] = _backward(case, x, weight, attn, grad_out)[1]
     assert not torch.equal(grads["4"], grads["0"]), "forced and direct agreed bit for bit; the test cannot tell them apart"
-    assert torch.equal(grads[None], grads["0"]), "the default took the Winograd weight side"
+    expected = "4" if winograd else "0"
+    assert torch.equal(grads[None], grads[expected]), f"the default did not match CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD={expected}"
 
 
 def test_winograd_scratch_reuse(monkeypatch):

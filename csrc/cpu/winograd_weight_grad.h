@@ -83,11 +83,18 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // Whether the weight side runs here, and how (in `w`): AVX-512, float32, one
 // group, 3x3 stride 1 undilated, where CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD
 // says ("1", "2", "4", "8" or "16": every such conv, in that many passes;
-// "0" or unset: never). Off by default: until its writes were streamed
-// (below) it lost to the direct side in a slow mode of the development VM,
-// and with them only 256@14 has been measured again (0.92 of the direct
-// side's time in both modes; the other planes and the step's peak memory
-// not yet). Before: alone, the weight side took 0.80-0.95 of the direct
+// "0": never), by default (unset) in 4 passes on output planes of 196 to
+// 441 pixels (14x14 to 21x21) in batches of at least 16 samples. AMD Zen 4,
+// 2 threads, batch 32, K = 4, the weight side alone over the direct side's
+// (one process, 3-s blocks of paired calls, classed by the CPU round trip
+// before each; medians, near / far apart): 256@14 0.919 / 0.925,
+// 128->256@21 0.897 / 0.907, 256@21 0.810 / 0.817; but 256->512@10 1.23 /
+// 1.16 and 512@10 1.40 / 1.40 (too few tiles a sample for the transforms
+// and the accumulators' traffic), and from 28x28 the library takes the
+// weight side (use_library). The step's fwd+bwd peak memory stays where it
+// was (256@14 31.5 MB against 31.6, 256@21 51.3 against 51.2, 128->256@21
+// 34.7 both). Batches below 16 samples are not measured. It was off by
+// default until its writes were streamed (below). Before: alone, the weight side took 0.80-0.95 of the direct
 // side's time in in-process A/Bs (0.77-0.86 at 256@14 since the
 // transforms' tasks go by sample, see winograd_grad_transforms), but
 // interleaved with it in one process for 6 minutes (256@14, 218 blocks of
@@ -111,6 +118,11 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // where it is). Also ruled out: page faults (2474 a step at 256@14 against
 // the direct side's 4180), the scratch's tail released with madvise
 // instead of the buffer freed, and ASLR (setarch -R).
+constexpr int64_t kWinogradWeightGradMinPixels = 196;
+constexpr int64_t kWinogradWeightGradMaxPixels = 441;
+constexpr int64_t kWinogradWeightGradMinBatch = 16;
+constexpr int64_t kWinogradWeightGradPasses = 4;
+
 bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa, WinogradGradPlan& w) {
   const ConvGeometry& g = p.g;
   const char* env = std::getenv("CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD");
@@ -119,8 +131,12 @@ bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa is
                   value == "16",
               "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD: expected '0', '1', '2', '4', '8' or '16', got '", value, "'");
   const bool eligible = winograd_eligible(p, dtype, isa) && isa == PackedIsa::kAvx512 && g.groups == 1;
-  if (!eligible || value.empty() || value == "0") return false;
-  w = winograd_grad_plan(p, std::stoi(value), winograd_grad_chunk());
+  if (!eligible || value == "0") return false;
+  if (value.empty() && (p.pixels < kWinogradWeightGradMinPixels || p.pixels > kWinogradWeightGradMaxPixels ||
+                        g.batch < kWinogradWeightGradMinBatch)) {
+    return false;
+  }
+  w = winograd_grad_plan(p, value.empty() ? kWinogradWeightGradPasses : std::stoi(value), winograd_grad_chunk());
   return true;
 }
 
