@@ -17,7 +17,8 @@ to 42x42, 21x21 on AVX2, in batches of at least 4 samples and 768 output pixels,
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. On AVX-512 the weight side of one-group Winograd convs may run in the
 transform domain too (CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD; by default on 14x14
-to 21x21 planes in batches of at least 16); its tests force it on. The packed forward skips the products of padding taps by default where
+to 21x21 planes in batches of at least 16); its tests force it on. The
+packed forward skips the products of padding taps by default where
 they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
 the transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
@@ -545,7 +546,8 @@ def test_winograd_weight_grad_default_rule(monkeypatch, batch, size, winograd):
         grads[value] = _backward(case, x, weight, attn, grad_out)[1]
     assert not torch.equal(grads["4"], grads["0"]), "forced and direct agreed bit for bit; the test cannot tell them apart"
     expected = "4" if winograd else "0"
-    assert torch.equal(grads[None], grads[expected]), f"the default did not match CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD={expected}"
+    assert torch.equal(grads[None], grads[expected]), \
+        f"the default did not match CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD={expected}"
 
 
 def test_winograd_scratch_reuse(monkeypatch):

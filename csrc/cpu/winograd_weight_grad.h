@@ -94,9 +94,10 @@ int64_t winograd_grad_chunk() { return std::max<int64_t>(4, at::get_num_threads(
 // weight side (use_library). The step's fwd+bwd peak memory stays where it
 // was (256@14 31.5 MB against 31.6, 256@21 51.3 against 51.2, 128->256@21
 // 34.7 both). Batches below 16 samples are not measured. It was off by
-// default until its writes were streamed (below). Before: alone, the weight side took 0.80-0.95 of the direct
-// side's time in in-process A/Bs (0.77-0.86 at 256@14 since the
-// transforms' tasks go by sample, see winograd_grad_transforms), but
+// default until its writes were streamed (below). Before: alone, the
+// weight side took 0.80-0.95 of the direct side's time in in-process
+// A/Bs (0.77-0.86 at 256@14 since the transforms' tasks go by sample, see
+// winograd_grad_transforms), but
 // interleaved with it in one process for 6 minutes (256@14, 218 blocks of
 // 6 paired calls) it took 1.21-1.45x (fwd+bwd 1.03-1.22x) in 137 blocks
 // and 0.84-1.00 (fwd+bwd 0.89-1.04) in spells of 10-90 s, while the direct
@@ -146,7 +147,9 @@ bool plan_winograd_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa is
 // channels), one row of tiles at a time: the block's two pixel rows are
 // transposed to pixel-major (`pixels`, 2 x out_w x kWgOutBlock floats), so
 // that a tile's 4 pixels are 4 vectors over 12 out channels (two 6-channel
-// panels), each position's vector then stored as two 6-float runs. Out
+// panels), each position's vector then stored as two 6-float runs into
+// `local` (the block's panels, m_ld floats each), streamed out at the end
+// (see winograd_grad_transforms). Out
 // channels past the last are zero. A = [1 0; 1 1; 1 -1; 0 -1]. A row of
 // tiles at a time rather than the whole plane (37 KiB at 14x14, past L1),
 // the weight side alone over the direct side's, interleaved in one
