@@ -841,3 +841,87 @@ def test_direct_weight_grad_scratch_reuse(direct_weight_grad):
     _backward(big, x, weight, attn, torch.full_like(y, nan))
     for case in (DIRECT_CASES[0], DIRECT_CASES[4]):
         assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+# Task scheduling (parallel_tasks, every parallel phase of the kernel): each
+# thread starts on its even share of the phase's tasks and, once done, takes
+# runs of what is left of the others' (CHANFLEX_CPU_SCHEDULE: "balanced" by
+# default; "static" for one range a thread; "steal" for every thread
+# starting on the others' shares, so that the stealing runs whatever the
+# timing).
+SCHEDULES = ["static", "balanced", "steal"]
+
+
+def _share_owners(tasks, threads):
+    # The thread whose even share holds each task: [t * tasks / threads, (t + 1) * tasks / threads).
+    used = min(threads, tasks)
+    return [next(t for t in reversed(range(used)) if t * tasks // used <= task) for task in range(tasks)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("tasks", [0, 1, 2, 3, 7, 64, 1001])
+def test_parallel_tasks_run_each_task_once(monkeypatch, schedule, tasks, threads):
+    monkeypatch.setenv("CHANFLEX_CPU_SCHEDULE", schedule)
+    counts, ran_on = torch.ops.chanflex.cpu_parallel_tasks_trace(tasks)
+    assert counts.tolist() == [1] * tasks
+    used = min(threads, tasks)
+    assert set(ran_on.tolist()) <= set(range(max(used, 1)))
+    if schedule == "static":  # at::parallel_for's split: ranges of ceil(tasks / threads)
+        assert ran_on.tolist() == [task // -(-tasks // used) for task in range(tasks)]
+    if schedule == "steal" and used > 1:
+        # Every thread starts on another's share: some task runs off its owner.
+        assert ran_on.tolist() != _share_owners(tasks, threads)
+
+
+def test_schedule_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_SCHEDULE", "dynamic")
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_SCHEDULE: expected 'balanced', 'static' or 'steal', "
+                                           "got 'dynamic'"):
+        torch.ops.chanflex.cpu_parallel_tasks_trace(16)
+
+
+# One case per path whose phases run on parallel_tasks, with the switches
+# that send it there.
+SCHEDULE_CASES = {
+    "winograd": (WINOGRAD_WEIGHT_GRAD_CASES[-1], {"CHANFLEX_CPU_WINOGRAD": "1",
+                                                  "CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD": "1"}),
+    "packed": (TILED_CASES[0], {}),
+    "grad-blocks": (BLOCK_LAYOUT_CASES[1], {"CHANFLEX_CPU_GRAD_BLOCKS": "1"}),
+    "direct-weight-grad": (DIRECT_CASES[0], {"CHANFLEX_CPU_DIRECT_WEIGHT_GRAD": "1"}),
+    "plane-kernels": (PLANE_CASES[1], {}),
+    "streamed": (TILED_CASES[8], {}),
+    "blas": (TILED_CASES[0], {"CHANFLEX_CPU_ISA": "generic"}),
+    "blas-split-samples": (TILED_CASES[4], {"CHANFLEX_CPU_ISA": "generic"}),
+}
+
+
+@pytest.mark.parametrize("workers", [2, 3], ids=lambda n: f"threads{n}")
+@pytest.mark.parametrize("path", list(SCHEDULE_CASES))
+def test_schedules_give_identical_results(monkeypatch, path, workers):
+    # No task depends on which thread runs it or on the runs it comes in: the
+    # output and every gradient are bitwise equal under every schedule, and
+    # match the reference.
+    from comparison import make_inputs
+    case, switches = SCHEDULE_CASES[path]
+    for name, value in switches.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(workers)
+    try:
+        inputs = [None if t is None else t.float().requires_grad_() for t in make_inputs(case)]
+        grad_out = None
+        results = {}
+        for schedule in SCHEDULES:
+            monkeypatch.setenv("CHANFLEX_CPU_SCHEDULE", schedule)
+            y = dynamic_conv2d(*inputs, **case.conv_args)
+            if grad_out is None:
+                grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+            leaves = [t for t in inputs if t is not None]
+            results[schedule] = [y.detach()] + list(torch.autograd.grad(y, leaves, grad_out))
+        for schedule in SCHEDULES[1:]:
+            for what, first, again in zip(("output", "x", "weight", "attn", "bias"), results["static"],
+                                          results[schedule]):
+                assert torch.equal(first, again), f"{what} differs between the static and {schedule} schedules"
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)  # under "steal"
+    finally:
+        torch.set_num_threads(before)

@@ -76,8 +76,9 @@ void forward_impl(const Plan& p, const at::Tensor& x, const T* w, const T* attn,
     const int64_t tile_tasks = g.groups * tiles.count;
     const int64_t block = std::clamp<int64_t>(tile_tasks * n / threads, 1, kSampleBlock);
     const int64_t blocks = (n + block - 1) / block;
+    PerThread<std::vector<T>> mixed;
     for_each_range(tile_tasks * blocks, [&](int64_t begin, int64_t end) {
-      std::vector<T> w_mixed(block * tiles.size * p.cols);
+      std::vector<T>& w_mixed = mixed.get([&] { return std::vector<T>(block * tiles.size * p.cols); });
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i0 = (task % blocks) * block;
         const int64_t ns = std::min(block, n - i0);
@@ -356,18 +357,27 @@ void backward_impl(const Plan& p, const at::Tensor& grad_out, const at::Tensor& 
     std::fill(attn_partial.begin(), attn_partial.end(), 0.0);
 
     const int64_t slices = std::min(max_slices, n);
+    // A column tile of a row-major kernel is rows x nc elements with stride
+    // cols; the thread copies its K kernel tiles into one contiguous block
+    // and accumulates dW there, so the per-sample passes stream contiguous
+    // memory instead of touching a page per row.
+    const int64_t block = kSampleBlock;
+    const bool reads_w = need_x || grad_attn != nullptr;  // else w is not passed
+    struct TileScratch {
+      std::vector<T> w_pack, dw_pack, w_mixed, g_tile, dcols_tile;
+    };
+    PerThread<TileScratch> scratch;
     for_each_range(tile_tasks * slices, [&](int64_t begin, int64_t end) {
-      // A column tile of a row-major kernel is rows x nc elements with stride
-      // cols; the thread copies its K kernel tiles into one contiguous block
-      // and accumulates dW there, so the per-sample passes stream contiguous
-      // memory instead of touching a page per row.
-      const int64_t block = kSampleBlock;
-      const bool reads_w = need_x || grad_attn != nullptr;  // else w is not passed
-      std::vector<T> w_pack(reads_w ? K * max_tile : 0);
-      std::vector<T> dw_pack(grad_w != nullptr ? K * max_tile : 0);
-      std::vector<T> w_mixed(need_x ? block * max_tile : 0);
-      std::vector<T> g_tile(need_g ? block * max_tile : 0);
-      std::vector<T> dcols_tile(fold_in_tile ? tiles.size * p.pixels : 0);
+      TileScratch& tile_scratch = scratch.get([&] {
+        return TileScratch{std::vector<T>(reads_w ? K * max_tile : 0), std::vector<T>(grad_w != nullptr ? K * max_tile : 0),
+                           std::vector<T>(need_x ? block * max_tile : 0), std::vector<T>(need_g ? block * max_tile : 0),
+                           std::vector<T>(fold_in_tile ? tiles.size * p.pixels : 0)};
+      });
+      std::vector<T>& w_pack = tile_scratch.w_pack;
+      std::vector<T>& dw_pack = tile_scratch.dw_pack;
+      std::vector<T>& w_mixed = tile_scratch.w_mixed;
+      std::vector<T>& g_tile = tile_scratch.g_tile;
+      std::vector<T>& dcols_tile = tile_scratch.dcols_tile;
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t tile_task = unit / slices;
         const int64_t slice = unit % slices;
@@ -604,6 +614,21 @@ TORCH_LIBRARY_FRAGMENT(chanflex, m) {
   m.def("cpu_release_scratch() -> ()", []() {
     scratch_buffer() = at::Tensor();
     grad_pool().clear();
+  });
+  // For the tests of parallel_tasks (as CHANFLEX_CPU_SCHEDULE says): row 0
+  // how often each of `tasks` tasks ran, row 1 the thread that ran it last.
+  m.def("cpu_parallel_tasks_trace(int tasks) -> Tensor", [](int64_t tasks) {
+    TORCH_CHECK(tasks >= 0, "cpu_parallel_tasks_trace: expected tasks >= 0, got ", tasks);
+    at::Tensor trace = at::zeros({2, tasks}, at::kLong);
+    int64_t* counts = trace.data_ptr<int64_t>();
+    int64_t* threads = counts + tasks;
+    parallel_tasks(tasks, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        __atomic_fetch_add(&counts[t], 1, __ATOMIC_RELAXED);
+        threads[t] = at::get_thread_num();
+      }
+    });
+    return trace;
   });
   m.def("cpu_packed_isa() -> str", []() -> std::string {
     switch (packed_isa()) {

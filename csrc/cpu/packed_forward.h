@@ -179,7 +179,7 @@ template <typename PackA>
 const float* prepack_kernels(const PackedGemm& s, const PackA& pack_a, float* out) {
   const Tiling tiles = packed_row_tiles(s);
   const int64_t tile_floats = packed_tile_floats(s);
-  at::parallel_for(0, s.groups * tiles.count, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(s.groups * tiles.count, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r0 = (t % tiles.count) * tiles.size;
       pack_a(t / tiles.count, r0, std::min(tiles.size, s.m - r0), 0, s.depth, out + t * tile_floats);
@@ -363,7 +363,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
       // 512@10 and 256->512@10 within 1%; with Winograd's mixing pass
       // (winograd_gemm), forward 256@14 0.908, 256@21 0.957, 128@28 0.978,
       // 256->512@10 (fused) 0.961.)
-      const bool l2_next_tile = prepacked != nullptr && !split_samples && tile_task + 1 < end &&
+      const bool l2_next_tile = prepacked != nullptr && !split_samples && tile_task + 1 < tile_tasks &&
                                 tile_floats * static_cast<int64_t>(sizeof(float)) <= kL2PrefetchTileBytes;
       const char* l2_next = l2_next_tile ? reinterpret_cast<const char*>(prepacked + (tile_task + 1) * tile_floats)
                                          : nullptr;
@@ -731,7 +731,7 @@ void forward_packed_with(PackedIsa isa, const Plan& p, const float* x, const Pac
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const float* x_chunk = x + b0 * p.plane;
-    at::parallel_for(0, n * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(n * channel_blocks, [&](int64_t begin, int64_t end) {
       float* rows = workers + at::get_thread_num() * rows_floats;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / channel_blocks;

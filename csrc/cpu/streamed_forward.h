@@ -54,7 +54,7 @@ void forward_streamed(PackedIsa isa, const Plan& p, const at::Tensor& x, const f
   const auto buffers =
       pass_scratch<2>({g.groups * K * a_floats, at::get_num_threads() * worker_floats});
   float* kernels = buffers[0];
-  at::parallel_for(0, g.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(g.groups, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group)
       pack_weight_rows(w + group * p.group_size, p.kernel_size, p.cols, K, 0, p.rows, 0, depth,
                        kernels + group * K * a_floats);
@@ -110,7 +110,7 @@ void forward_streamed(PackedIsa isa, const Plan& p, const at::Tensor& x, const f
 
 // Packs each group's grad_out block (rows x pixels) of samples [0, n) as B panels.
 void pack_grad_out(const float* go, float* packed, const Plan& p, const PackedGemm& s, int64_t n) {
-  at::parallel_for(0, n * s.groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(n * s.groups, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t i = t / s.groups, group = t % s.groups;
       const float* src_group = go + (i * p.g.out_channels + group * p.rows) * p.pixels;

@@ -161,7 +161,7 @@ void fold_channel(bool vector, const T* cols, T* x, const Plan& p, int64_t c) {
 template <typename F>
 void for_each_sample_channel(const Plan& p, int64_t n, const F& body) {
   const int64_t channels = p.g.in_channels;
-  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(n * channels, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) body(i / channels, i % channels);
   });
 }

@@ -704,7 +704,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
       const int64_t slab_c0 = cb0 * call_cols, slab_c1 = std::min(cb1 * call_cols, g.group_in_channels);
       const int64_t slab_channel_blocks = (slab_c1 - slab_c0 + kUnfoldChannelBlock - 1) / kUnfoldChannelBlock;
       const int64_t parts = direct ? g.groups * slab_channel_blocks : channel_blocks + 1;
-      at::parallel_for(0, n * parts, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(n * parts, [&](int64_t begin, int64_t end) {
         float* rows = workers + at::get_thread_num() * worker_floats;
         for (int64_t t = begin; t < end; ++t) {
           const int64_t i = t / parts, part = t % parts;
@@ -731,7 +731,8 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
         return (l / (wb.row_blocks * slab_width) * wb.col_blocks + cb0 + in_group / wb.row_blocks) * wb.row_blocks +
                in_group % wb.row_blocks;
       };
-      at::parallel_for(0, g.groups * wb.row_blocks * slab_width, 1, [&](int64_t begin, int64_t end) {
+      const int64_t slab_tasks = g.groups * wb.row_blocks * slab_width;
+      parallel_tasks(slab_tasks, [&](int64_t begin, int64_t end) {
         std::vector<float> lanes(kFoldSamples * K * shape.lanes);
         alignas(64) float g_tiles[kFoldSamples * kFoldTileFloats];
         float* const w_block = workers + at::get_thread_num() * worker_floats;
@@ -762,7 +763,7 @@ void weight_grad_packed(PackedIsa isa, const Plan& p, const at::Tensor& grad_out
           const int64_t channels = direct ? (t.c_end - t.c_begin) / taps : 0;
           const int64_t first_panel = direct ? t.c_begin / taps / shape.lanes - cb0 * shape.vecs : 0;
           // The next task's W lines, spread evenly over this task's calls.
-          const bool prefetch_next = use_blocks && grad_attn != nullptr && l + 1 < end;
+          const bool prefetch_next = use_blocks && grad_attn != nullptr && l + 1 < slab_tasks;
           const GradTask next = prefetch_next ? grad_task(p, wb, slab_task(l + 1)) : t;
           const int64_t next_lines = K * (next.r_end - next.r_begin) * ((next.c_end - next.c_begin + 15) / 16);
           const int64_t task_calls = (n + kFoldSamples - 1) / kFoldSamples *

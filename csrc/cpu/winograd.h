@@ -254,7 +254,7 @@ void winograd_prepack_kernels(const WinogradConv& c, const PackedGemm& s, const 
   const int64_t w_cols = (c.transposed ? c.rows : c.depth) * 9;
   const int64_t row_stride = c.transposed ? 9 : w_cols;
   const int64_t step_stride = c.transposed ? w_cols : 9;
-  at::parallel_for(0, c.groups * tiles.count * max_panels * K, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(c.groups * tiles.count * max_panels * K, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t k = task % K;
       const int64_t lp = task / K % max_panels;
@@ -394,9 +394,13 @@ void winograd_input_transform(const WinogradConv& c, const PackedGemm& s, const 
   const auto tiles_fn = s.isa == PackedIsa::kAvx512 ? winograd_input_tiles_avx512 : winograd_input_tiles_avx2;
   const int64_t block = kWinogradInputBlock;
   const int64_t q_blocks = (c.depth + block - 1) / block;
-  at::parallel_for(0, n * c.groups * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> split(sp.floats(), 0.f);
-    std::vector<float> v(block * kWinogradPositions * v_ld);
+  // Per thread: the split plane (its zero border written once) and the
+  // block's transformed tiles.
+  PerThread<std::pair<std::vector<float>, std::vector<float>>> scratch;
+  parallel_tasks(n * c.groups * q_blocks, [&](int64_t begin, int64_t end) {
+    auto& [split, v] = scratch.get([&] {
+      return std::make_pair(std::vector<float>(sp.floats(), 0.f), std::vector<float>(block * kWinogradPositions * v_ld));
+    });
     float* const even = split.data();
     float* const odd = even + sp.padded_h * sp.cols;
     for (int64_t task = begin; task < end; ++task) {
@@ -523,7 +527,7 @@ void winograd_output_transform(const WinogradConv& c, PackedIsa isa, const float
   const bool add = c.first > 0;
   const auto tiles_fn = isa == PackedIsa::kAvx512 ? winograd_output_tiles_avx512 : winograd_output_tiles_avx2;
   const auto row_fn = isa == PackedIsa::kAvx512 ? winograd_output_row_avx512 : winograd_output_row;
-  at::parallel_for(0, n * channels, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(n * channels, [&](int64_t begin, int64_t end) {
     std::vector<float> y(4 * y_ld);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / channels, ch = task % channels;

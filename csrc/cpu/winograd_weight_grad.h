@@ -284,8 +284,17 @@ void winograd_grad_transforms(const WinogradGradPlan& w, const float* dy, const 
   const WinogradGradInput in(w);
   const int64_t out_blocks = (w.o_pad + kWgOutBlock - 1) / kWgOutBlock, panels = w.c_panels();
   const int64_t per_sample = out_blocks + panels;
-  at::parallel_for(0, n * per_sample, 1, [&](int64_t begin, int64_t end) {
+  struct TransformScratch {
     std::vector<float> pixels, local, split, rows, run;  // each task kind's buffers, on its first task
+  };
+  PerThread<TransformScratch> scratch;
+  parallel_tasks(n * per_sample, [&](int64_t begin, int64_t end) {
+    TransformScratch& buffers = scratch.get([] { return TransformScratch{}; });
+    std::vector<float>& pixels = buffers.pixels;
+    std::vector<float>& local = buffers.local;
+    std::vector<float>& split = buffers.split;
+    std::vector<float>& rows = buffers.rows;
+    std::vector<float>& run = buffers.run;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / per_sample, j = task % per_sample;
       if (j < out_blocks) {
@@ -332,7 +341,7 @@ void winograd_grad_kernel_row(const WinogradGradPlan& w, const float* weight, in
 }
 
 void winograd_grad_pass_kernels(const WinogradGradPlan& w, const float* weight, int64_t first, float* u) {
-  at::parallel_for(0, w.num_kernels * w.o_pad, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(w.num_kernels * w.o_pad, [&](int64_t begin, int64_t end) {
     for (int64_t ko = begin; ko < end; ++ko) winograd_grad_kernel_row(w, weight, ko / w.o_pad, ko % w.o_pad, first, u);
     _mm_sfence();  // the streamed U_k, before the GEMM's threads read them
   });
@@ -434,7 +443,7 @@ void winograd_grad_store_row(const WinogradGradPlan& w, const float* acc, int64_
 }
 
 void winograd_grad_store(const WinogradGradPlan& w, const float* acc, int64_t first, bool add, float* grad_w) {
-  at::parallel_for(0, w.num_kernels * w.c.rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(w.num_kernels * w.c.rows, [&](int64_t begin, int64_t end) {
     for (int64_t ko = begin; ko < end; ++ko)
       winograd_grad_store_row(w, acc, ko / w.c.rows, ko % w.c.rows, first, add, grad_w);
   });
@@ -463,7 +472,7 @@ void winograd_weight_grad(const WinogradGradPlan& w, const Plan& p, const float*
       const int64_t n = std::min(w.chunk, p.g.batch - b0);
       winograd_grad_transforms(w, grad_out + b0 * c.rows * c.out_h * c.out_w, x + b0 * c.depth * c.in_h * c.in_w, n,
                                first, m, v);
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      parallel_tasks(tasks, [&](int64_t begin, int64_t end) {
         alignas(64) float partials[kWgFoldSamples * kWgPartialFloats];
         std::vector<float> dots(w.chunk * K * kMR);
         for (int64_t task = begin; task < end; ++task) {
