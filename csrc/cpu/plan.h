@@ -161,18 +161,20 @@ inline bool claim_run(TaskShare& share, bool from_back, int64_t& begin, int64_t&
 // Runs body(begin, end) over runs of [0, tasks) on up to every thread, each
 // task once, in any order and on any thread (bodies keep per-thread scratch
 // in PerThread, not per call). Each thread starts on its even share and
-// claims it from the front in shrinking runs;
-// a thread done with its share takes half of what is left of another's from
-// the back, so that the owner's runs stay in order (its prefetches of the
-// next task hit). Why: the development VM's two vCPUs often run at
-// different speeds (a single-thread FMA loop on each, 0.2 s apart, 90 s:
-// the slower one 6% slower in the median, 16% at the 90th percentile, up to
-// 75%), and with one range a thread every parallel phase waits for the
-// slower one. In-process A/B, balanced / static split, paired medians:
-// 256@14 forward 0.99, fwd+bwd 1.00, 512@7 fwd+bwd 1.00, 512@5 0.99, 128@28
-// 1.00, 256->512@10 1.00; with a busy process sharing the second vCPU,
-// 256@14 forward 0.83, fwd+bwd 0.92, 512@7 fwd+bwd 0.74 (the static conv
-// took 2.4x its time there).
+// claims it from the front in shrinking runs; a thread done with its share
+// takes half of what is left of another's from the back, so that the
+// owner's runs stay in order (its prefetches of the next task hit). Why:
+// the development VM's two vCPUs often run at different speeds (a
+// single-thread FMA loop on each, 0.2 s apart, 90 s: the slower one 6%
+// slower in the median, 16% at the 90th percentile, up to 75%), and with
+// one range a thread every parallel phase waits for the slower one.
+// In-process on AMD Zen 4, batch 32, K = 4, paired medians of balanced /
+// static split (one range a thread): forward 256@14 0.98, 512@7 1.00,
+// 256@21 0.99; fwd+bwd 256@14 0.94, 512@7 0.99, 512@5 0.99, 128@28 0.98,
+// 256->512@10 0.97. With a busy process sharing the second vCPU: forward
+// 256@14 0.86; fwd+bwd 256@14 0.89, 512@7 0.80, 512@5 0.67, 128@28 0.91
+// (the static conv took 1.8-2.5x its unloaded time there). Paths that run
+// the library's conv keep its split.
 template <typename F>
 void parallel_tasks(int64_t tasks, const F& body) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
