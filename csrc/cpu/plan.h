@@ -210,7 +210,9 @@ class PerThread {
   PerThread() : slots_(std::max(1, at::get_num_threads())) {}
   template <typename Make>
   S& get(const Make& make) {
-    std::optional<S>& slot = slots_[at::get_thread_num()];
+    const size_t thread = static_cast<size_t>(at::get_thread_num());
+    TORCH_CHECK(thread < slots_.size(), "PerThread: expected a thread number below ", slots_.size(), ", got ", thread);
+    std::optional<S>& slot = slots_[thread];
     if (!slot) slot.emplace(make());
     return *slot;
   }
