@@ -159,11 +159,12 @@ inline bool claim_run(TaskShare& share, bool from_back, int64_t& begin, int64_t&
 }
 
 // Runs body(begin, end) over runs of [0, tasks) on up to every thread, each
-// task once, in any order and on any thread (bodies keep per-thread scratch
-// in PerThread, not per call). Each thread starts on its even share and
-// claims it from the front in shrinking runs; a thread done with its share
-// takes half of what is left of another's from the back, so that the
-// owner's runs stay in order (its prefetches of the next task hit). Why:
+// task once, in any order and on any thread (a body may be called several
+// times a thread: buffers that cost to allocate go in PerThread). Each
+// thread starts on its even share and claims it from the front in
+// shrinking runs; a thread done with its share takes half of what is left
+// of another's from the back, so that the owner's runs stay in order (its
+// prefetches of the next task hit). Why:
 // the development VM's two vCPUs often run at different speeds (a
 // single-thread FMA loop on each, 0.2 s apart, 90 s: the slower one 6%
 // slower in the median, 16% at the 90th percentile, up to 75%), and with
