@@ -5,6 +5,11 @@ Shared by ``python -m chanflex_kernels.bench`` and the pytest-benchmark suite in
 
     python -m chanflex_kernels.bench            # every shape: time and peak memory
     python -m chanflex_kernels.bench --quick    # ResNet18's four 3x3 stage convs (make demo)
+    python -m chanflex_kernels.bench --json run.json --plot run.png   # keep the rows, draw the ratios
+    python -m chanflex_kernels.bench --from-json run.json --plot run.png  # table, targets, plot of a saved run
+
+After the table it checks the rows against the CPU targets (SPEC section 8,
+set at batch 32: ``CPU_TARGETS``) and lists what each one met and missed.
 
 Timing interleaves the providers run by run (static, chanflex, peers, static,
 ...) and takes medians, so slow phases of a shared machine hit all of them.
@@ -18,11 +23,12 @@ import argparse
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +59,10 @@ class ConvShape:
     def id(self) -> str:
         return (f"{self.name}-B{self.batch}-C{self.in_channels}-O{self.out_channels}-{self.size}x{self.size}"
                 f"-k{self.kernel}-s{self.stride}")
+
+    @property
+    def out_size(self) -> int:
+        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
 
     @property
     def conv_args(self) -> dict:
@@ -99,7 +109,40 @@ VGG19_SHAPES = [
 SHAPES = RESNET18_SHAPES + VGG19_SHAPES
 QUICK_SHAPES = [s for s in RESNET18_SHAPES if s.name in ("resnet18.layer1", "resnet18.layer2",
                                                          "resnet18.layer3", "resnet18.layer4")]
-SHAPES_BY_ID = {s.id: s for s in SHAPES + [s.at_batch(1) for s in SHAPES]}
+
+_SHAPE_ID = re.compile(r"^(?P<name>[^-]+)-B(?P<batch>\d+)-")
+
+
+def shape_name_and_batch(shape_id: str) -> Tuple[str, int]:
+    """("resnet18.layer3", 32) from a ConvShape id such as "resnet18.layer3-B32-C256-..."."""
+    match = _SHAPE_ID.match(shape_id)
+    if match is None:
+        raise ValueError(f"expected a shape id like 'resnet18.layer3-B32-C256-O256-14x14-k3-s1', got {shape_id!r}")
+    return match["name"], int(match["batch"])
+
+
+def shape_by_id(shape_id: str) -> ConvShape:
+    """The shape of SHAPES, at any batch, whose id this is."""
+    name, batch = shape_name_and_batch(shape_id)
+    base = {s.name: s for s in SHAPES}.get(name)
+    shape = base.at_batch(batch) if base is not None else None
+    if shape is None or shape.id != shape_id:
+        raise ValueError(f"expected the id of a benchmark shape (e.g. {SHAPES[0].id!r}), got {shape_id!r}")
+    return shape
+
+
+def fwd_bwd_floor_mb(shape: ConvShape, num_kernels: int = NUM_KERNELS) -> float:
+    """MiB that any dynamic conv's fwd+bwd step holds at once (fp32): the output, grad_x, K kernels' gradient.
+
+    The caller holds the output through backward, which returns grad_x and
+    the gradient of all K kernels together: a floor on the step's peak
+    memory, whatever the implementation (the static conv returns one
+    kernel's gradient).
+    """
+    floats = (shape.batch * shape.out_channels * shape.out_size ** 2
+              + shape.batch * shape.in_channels * shape.size ** 2
+              + num_kernels * shape.out_channels * shape.in_channels * shape.kernel ** 2)
+    return floats * 4 / 2**20
 
 
 @dataclass
@@ -124,8 +167,8 @@ def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.fl
     weight = torch.randn(num_kernels, *w_shape, generator=gen, dtype=dtype) * 0.05
     attn = torch.softmax(torch.randn(shape.batch, num_kernels, generator=gen, dtype=dtype), dim=1)
     static_weight = weight[0].clone()
-    out_size = (shape.size + 2 * shape.padding - k) // shape.stride + 1
-    grad_out = torch.randn(shape.batch, shape.out_channels, out_size, out_size, generator=gen, dtype=dtype)
+    grad_out = torch.randn(shape.batch, shape.out_channels, shape.out_size, shape.out_size, generator=gen,
+                           dtype=dtype)
     inputs = Inputs(*(t.to(device) for t in (x, weight, attn, static_weight, grad_out)))
     for t in inputs.leaves():
         t.requires_grad_(requires_grad)
@@ -314,22 +357,252 @@ def markdown(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------
+# The acceptance targets (SPEC section 8, CPU) and the check of a run's rows.
+
+TARGET_BATCH = 32  # the CPU targets are set at batch 32 (fp32, K = 4)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One CPU target: a Row measure (a property of Row) held to a bound on some rows."""
+
+    label: str
+    measure: str                       # "ours_over_static", "peer_over_ours" or "memory_ratio"
+    bound: float
+    at_most: bool                      # True: value <= bound; False: value >= bound
+    modes: Tuple[str, ...] = MODES
+    layers: Optional[Tuple[str, ...]] = None  # shape names it applies to; None: every shape
+    # The least value any implementation can reach on a row (None where unknown), shown beside misses.
+    floor: Optional[Callable[["Row"], Optional[float]]] = None
+
+    def applies_to(self, row: "Row") -> bool:
+        name, batch = shape_name_and_batch(row.shape)
+        return batch == TARGET_BATCH and row.mode in self.modes and (self.layers is None or name in self.layers)
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.at_most else value >= self.bound
+
+
+def memory_floor_ratio(row: "Row") -> Optional[float]:
+    """fwd_bwd_floor_mb over the static conv's peak, for rows of the benchmark's shapes."""
+    try:
+        shape = shape_by_id(row.shape)
+    except ValueError:
+        return None
+    return None if row.static_peak_mb is None else fwd_bwd_floor_mb(shape) / max(row.static_peak_mb, 1e-9)
+
+
+CPU_TARGETS = (
+    Target("fwd+bwd chanflex/static <= 1.5", "ours_over_static", 1.5, True, modes=("fwd+bwd",)),
+    Target("fwd chanflex/static <= 1.3", "ours_over_static", 1.3, True, modes=("fwd",)),
+    Target("best peer/chanflex >= 2 at 256@14 and 512@7 (fwd, fwd+bwd)", "peer_over_ours", 2.0, False,
+           layers=("resnet18.layer3", "resnet18.layer4")),
+    Target("peak memory fwd+bwd chanflex/static <= 1.5", "memory_ratio", 1.5, True, modes=("fwd+bwd",),
+           floor=memory_floor_ratio),
+)
+
+
+@dataclass
+class TargetCheck:
+    """How the rows of one run fared against one target."""
+
+    target: Target
+    values: List[Tuple[str, float]]  # (row label, value) of every row it applies to that has the measure
+    floors: List[Optional[float]]    # target.floor of those rows (None where it has none)
+
+    @property
+    def misses(self) -> List[Tuple[str, float, Optional[float]]]:
+        """(row label, value, floor) of the rows that miss."""
+        return [(label, v, f) for (label, v), f in zip(self.values, self.floors) if not self.target.met(v)]
+
+    @property
+    def worst(self) -> Optional[Tuple[str, float]]:
+        if not self.values:
+            return None
+        pick = max if self.target.at_most else min
+        return pick(self.values, key=lambda lv: lv[1])
+
+
+def check_targets(rows: Sequence["Row"], targets: Sequence[Target] = CPU_TARGETS) -> List[TargetCheck]:
+    """Each target's values over the rows it applies to (batch-32 rows; others are ignored)."""
+    checks = []
+    for target in targets:
+        values, floors = [], []
+        for row in rows:
+            value = getattr(row, target.measure)
+            if target.applies_to(row) and value is not None:
+                name = shape_name_and_batch(row.shape)[0]
+                values.append((name if len(target.modes) == 1 else f"{name} {row.mode}", value))
+                floors.append(target.floor(row) if target.floor else None)
+        checks.append(TargetCheck(target, values, floors))
+    return checks
+
+
+def targets_markdown(checks: Sequence[TargetCheck]) -> str:
+    """The targets table: rows met, the worst value, the misses."""
+    lines = ["| target | rows met | worst | misses (floor: the least any implementation can reach) |",
+             "|---|---|---|---|"]
+    for check in checks:
+        if not check.values:
+            lines.append(f"| {check.target.label} | no rows at batch {TARGET_BATCH} | - | - |")
+            continue
+        label, value = check.worst
+        misses = ", ".join(f"{name} {v:.2f}" + ("" if floor is None else f" (floor {floor:.2f})")
+                           for name, v, floor in check.misses) or "-"
+        met = len(check.values) - len(check.misses)
+        lines.append(f"| {check.target.label} | {met} of {len(check.values)} | {value:.2f} ({label}) | {misses} |")
+    return "\n".join(lines)
+
+
+def load_rows(path: str) -> List["Row"]:
+    """The rows a run wrote with --json."""
+    with open(path) as f:
+        data = json.load(f)
+    names = [f.name for f in fields(Row)]
+    required = [f.name for f in fields(Row) if f.default is MISSING]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of rows (written by --json), "
+                         f"got {type(data).__name__}{'' if data else ' (empty)'}")
+    rows = []
+    for i, item in enumerate(data):
+        missing = [n for n in required if not isinstance(item, dict) or n not in item]
+        if missing:
+            raise ValueError(f"{path}: row {i}: expected the fields {required}, missing {missing}")
+        row = Row(**{k: v for k, v in item.items() if k in names})
+        if row.round_trip_ns is not None:
+            row.round_trip_ns = tuple(row.round_trip_ns)
+        shape_name_and_batch(row.shape)  # raises on ids the targets and the plot cannot read
+        rows.append(row)
+    return rows
+
+
+def _short(name: str) -> str:
+    return name.replace("resnet18.", "r18.").replace("vgg19.", "vgg.")
+
+
+def plot(rows: Sequence["Row"], path: str, title: str = "") -> None:
+    """Draw the run's ratios with the targets as lines: chanflex/static, best peer/chanflex, peak memory.
+
+    One column per shape of the run's main batch; batch-1 inference rows, if
+    any, appear in the first panel as a third bar (no target there).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib (pip install matplotlib)") from e
+    batches = sorted({shape_name_and_batch(r.shape)[1] for r in rows})
+    main_batch = max(batches)
+    by_key = {(*shape_name_and_batch(r.shape), r.mode): r for r in rows}
+    names = list(dict.fromkeys(shape_name_and_batch(r.shape)[0] for r in rows
+                               if shape_name_and_batch(r.shape)[1] == main_batch))
+    series = [(f"fwd, batch {main_batch}", main_batch, "fwd", "tab:blue"),
+              (f"fwd+bwd, batch {main_batch}", main_batch, "fwd+bwd", "tab:orange")]
+    if main_batch != 1 and 1 in batches:
+        series.append(("fwd, batch 1 (no target)", 1, "fwd", "tab:gray"))
+    x = list(range(len(names)))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.55 * len(names) + 2), 11), sharex=True)
+
+    def bars(ax, measure, series_used):
+        width = 0.8 / len(series_used)
+        for i, (label, batch, mode, color) in enumerate(series_used):
+            values = [getattr(by_key[(n, batch, mode)], measure) if (n, batch, mode) in by_key else None
+                      for n in names]
+            xs = [xi + (i - (len(series_used) - 1) / 2) * width for xi, v in zip(x, values) if v is not None]
+            ax.bar(xs, [v for v in values if v is not None], width, label=label, color=color)
+
+    bars(axes[0], "ours_over_static", series)
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    if main_batch == TARGET_BATCH:
+        axes[0].axhline(1.3, color="tab:blue", linestyle="--", linewidth=1, label="target fwd <= 1.3")
+        axes[0].axhline(1.5, color="tab:orange", linestyle="--", linewidth=1, label="target fwd+bwd <= 1.5")
+    axes[0].set_ylabel("chanflex / static conv\n(lower is better)")
+    bars(axes[1], "peer_over_ours", series[:2])
+    axes[1].set_yscale("log")
+    low, high = axes[1].get_ylim()  # plain ticks within the data's range
+    axes[1].set_yticks([t for t in (0.25, 0.5, 1, 2, 3, 5, 10, 20, 50) if low <= t <= high])
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[1].set_ylim(low, high)
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    if main_batch == TARGET_BATCH:
+        axes[1].axhline(2.0, color="tab:red", linestyle="--", linewidth=1,
+                        label="target >= 2 at r18.layer3 (256@14), r18.layer4 (512@7)")
+    axes[1].set_ylabel("best peer / chanflex\n(higher is better, log)")
+    bars(axes[2], "memory_ratio", series[1:2])
+    floors = [(xi, memory_floor_ratio(by_key[(n, main_batch, "fwd+bwd")])) for xi, n in zip(x, names)
+              if (n, main_batch, "fwd+bwd") in by_key]
+    floors = [(xi, f) for xi, f in floors if f is not None]
+    if floors:
+        axes[2].scatter([xi for xi, _ in floors], [f for _, f in floors], marker="_", s=300, color="black",
+                        zorder=3, label="floor: output + grad_x + the K kernels' gradient")
+    axes[2].axhline(1.0, color="black", linewidth=0.8)
+    if main_batch == TARGET_BATCH:
+        axes[2].axhline(1.5, color="tab:red", linestyle="--", linewidth=1, label="target <= 1.5")
+    axes[2].set_ylabel("peak memory fwd+bwd\nchanflex / static")
+    axes[2].set_xticks(x, [_short(n) for n in names], rotation=60, ha="right")
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or f"dynamic_conv2d (K={NUM_KERNELS}, fp32) on the CPU against a static conv and the peers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def report(rows: Sequence[Row], header: str, plot_path: Optional[str] = None) -> None:
+    """Print the ratio table and the targets check; draw the plot if asked."""
+    print(header)
+    print(markdown(rows))
+    print(f"\nTargets (SPEC section 8; CPU, batch {TARGET_BATCH} fp32; the rows above):")
+    print(targets_markdown(check_targets(rows)))
+    if plot_path:
+        plot(rows, plot_path)
+        print(f"\nplot: {plot_path}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="ResNet18's four 3x3 stage convs, the batch_as_groups peer, 3 repeats")
+    parser.add_argument("--batch", type=_positive_int, default=TARGET_BATCH,
+                        help=f"batch size of every shape (default {TARGET_BATCH}, where the targets are set)")
     parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per provider (median)")
+    parser.add_argument("--repeats", type=_positive_int, default=None, help="timed runs per provider (median)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="draw the ratios and the targets (PNG, needs matplotlib)")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="report the rows a run wrote with --json (table, targets, --plot) without measuring")
     parser.add_argument("--peak-memory-of", nargs=3, metavar=("PROVIDER", "SHAPE_ID", "MODE"),
                         help=argparse.SUPPRESS)  # internal: one measurement, in its own process
     args = parser.parse_args(argv)
     if args.peak_memory_of:
         provider, shape_id, mode = args.peak_memory_of
-        print(_measure_peak_here(provider, SHAPES_BY_ID[shape_id], mode))
+        print(_measure_peak_here(provider, shape_by_id(shape_id), mode))
         return
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.from_json:
+        measuring = [f"--{n.replace('_', '-')}" for n in ("quick", "batch1", "no_memory", "repeats", "json")
+                     if getattr(args, n) not in (False, None)] + (["--batch"] if args.batch != TARGET_BATCH else [])
+        if measuring:
+            parser.error(f"--from-json reports a saved run; it takes only --plot, got {' '.join(measuring)}")
+        try:
+            rows = load_rows(args.from_json)
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        report(rows, f"rows of {args.from_json}", args.plot)
+        return
+    shapes = [s.at_batch(args.batch) for s in (QUICK_SHAPES if args.quick else SHAPES)]
     peers = ("batch_as_groups",) if args.quick else PEERS
     repeats = args.repeats or (3 if args.quick else 5)
     jobs = [(shapes, MODES)] + ([([s.at_batch(1) for s in shapes], ("fwd",))] if args.batch1 else [])
@@ -340,14 +613,16 @@ def main(argv=None) -> None:
             bar.update()
         for job_shapes, modes in jobs:
             rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress)
-    print(f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, K={NUM_KERNELS}, "
-          f"median of {repeats} interleaved runs; chanflex/static: lower is better, "
-          f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "
-          f"before/after the row's timing (ns; on the development VM 60-90 near, 330-600 far apart)")
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json:  # written first, whole or not at all: a failed plot must not lose the measurements
+        partial = f"{args.json}.partial"
+        with open(partial, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
+        os.replace(partial, args.json)
+    report(rows, f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+                 f"K={NUM_KERNELS}, median of {repeats} interleaved runs; chanflex/static: lower is better, "
+                 f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "
+                 f"before/after the row's timing (ns; on the development VM 60-90 near, 330-600 far apart)",
+           args.plot)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""The CPU benchmark's machinery: the CPU round-trip probe and the ratio table."""
+"""The CPU benchmark's machinery: the CPU round-trip probe, the ratio table, the targets check and the plot."""
+import json
 import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import chanflex_kernels  # noqa: F401  (registers the ops)
-from chanflex_kernels.bench import ConvShape, Row, cpu_round_trip_ns, markdown, measure
+from chanflex_kernels.bench import (CPU_TARGETS, QUICK_SHAPES, SHAPES, ConvShape, Row, check_targets,
+                                    cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure,
+                                    shape_by_id, shape_name_and_batch, targets_markdown)
+from chanflex_kernels.bench import main as bench_main
 
 
 def _cpus() -> int:
@@ -59,3 +64,127 @@ def test_markdown_shows_the_round_trip_column():
     assert header.endswith("| CPU round trip ns |")
     assert first.endswith("| 190/561 |") and "| 0.50 |" in first and "| 4.00 |" in first
     assert second.endswith("| - |")
+
+
+# ---------------------------------------------------------------------------
+# The targets check, the saved-run report and the plot.
+
+def _row(name, mode, ours_over_static, peer_over_ours=3.0, memory=None, batch=32):
+    shape = next(s for s in SHAPES if s.name == name).at_batch(batch)
+    static_peak = None if memory is None else 10.0
+    return Row(shape.id, mode, 10.0, 10.0 * ours_over_static, "batch_as_groups",
+               10.0 * ours_over_static * peer_over_ours, static_peak,
+               None if memory is None else 10.0 * memory)
+
+
+def _check(checks, label_start):
+    return next(c for c in checks if c.target.label.startswith(label_start))
+
+
+def test_targets_count_the_rows_met_and_name_the_misses():
+    rows = [_row("resnet18.layer1", "fwd", 1.30), _row("resnet18.layer1", "fwd+bwd", 1.50, memory=0.6),
+            _row("resnet18.layer3", "fwd", 1.31, peer_over_ours=1.99),
+            _row("resnet18.layer3", "fwd+bwd", 1.51, peer_over_ours=2.0, memory=1.2),
+            _row("resnet18.layer4", "fwd+bwd", 0.9, peer_over_ours=5.0, memory=1.83),
+            _row("resnet18.layer2", "fwd", 9.0, peer_over_ours=0.1, batch=1)]  # batch 1: no target
+    checks = check_targets(rows)
+    fwd = _check(checks, "fwd chanflex")
+    assert len(fwd.values) == 2 and [m[:2] for m in fwd.misses] == [("resnet18.layer3", 1.31)]  # 1.30 meets 1.3
+    assert fwd.worst == ("resnet18.layer3", 1.31)
+    fb = _check(checks, "fwd+bwd")
+    assert [m[0] for m in fb.misses] == ["resnet18.layer3"] and len(fb.values) == 3
+    peers = _check(checks, "best peer")  # only 256@14 and 512@7, both modes
+    assert sorted(label for label, _ in peers.values) == ["resnet18.layer3 fwd", "resnet18.layer3 fwd+bwd",
+                                                           "resnet18.layer4 fwd+bwd"]
+    assert [m[:2] for m in peers.misses] == [("resnet18.layer3 fwd", pytest.approx(1.99))]
+    assert peers.worst[0] == "resnet18.layer3 fwd"
+    memory = _check(checks, "peak memory")
+    assert [m[0] for m in memory.misses] == ["resnet18.layer4"]
+    # the miss carries its floor: (36 + 2 x 3.0625 MiB) over the static conv's 10 MiB
+    assert memory.misses[0][2] == pytest.approx(4.2125)
+    table = targets_markdown(checks)
+    assert "| fwd chanflex/static <= 1.3 | 1 of 2 | 1.31 (resnet18.layer3) | resnet18.layer3 1.31 |" in table
+    assert "resnet18.layer4 1.83 (floor 4.21)" in table
+
+
+def test_targets_without_rows_at_batch_32_say_so():
+    table = targets_markdown(check_targets([_row("resnet18.layer3", "fwd", 1.0, batch=8)]))
+    assert table.count("no rows at batch 32") == len(CPU_TARGETS)
+
+
+def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
+    layer4 = next(s for s in SHAPES if s.name == "resnet18.layer4")  # 512@7, batch 32
+    # K |W| = 4 x 512 x 512 x 9 floats = 36 MiB; output and grad_x 32 x 512 x 49 floats = 3.0625 MiB each
+    assert fwd_bwd_floor_mb(layer4) == pytest.approx(36 + 2 * 3.0625)
+    stem = next(s for s in SHAPES if s.name == "resnet18.conv1")  # 3->64, 7x7 stride 2, 224 -> 112
+    assert fwd_bwd_floor_mb(stem.at_batch(2)) * 2**20 / 4 == 2 * 64 * 112 ** 2 + 2 * 3 * 224 ** 2 + 4 * 64 * 3 * 49
+
+
+@pytest.mark.parametrize("batch", [1, 7, 32])
+def test_shape_ids_round_trip(batch):
+    for shape in SHAPES:
+        assert shape_by_id(shape.at_batch(batch).id) == shape.at_batch(batch)
+
+
+@pytest.mark.parametrize("shape_id, message", [
+    ("resnet18.layer3", "expected a shape id like"),
+    ("resnet18.layer9-B32-C256-O256-14x14-k3-s1", "expected the id of a benchmark shape"),
+    ("resnet18.layer3-B32-C256-O512-14x14-k3-s1", "expected the id of a benchmark shape")])
+def test_shape_by_id_rejects_other_ids(shape_id, message):
+    with pytest.raises(ValueError, match=message):
+        shape_by_id(shape_id)
+
+
+def _save(rows, path):
+    path.write_text(json.dumps([asdict(r) for r in rows]))
+    return str(path)
+
+
+def test_report_of_a_saved_run_prints_table_targets_and_draws_the_plot(tmp_path, capsys):
+    rows = [_row("resnet18.layer3", mode, 0.8, memory=1.2) for mode in ("fwd", "fwd+bwd")]
+    rows += [_row("resnet18.layer4", mode, 1.1, memory=1.8) for mode in ("fwd", "fwd+bwd")]
+    rows += [_row("resnet18.layer4", "fwd", 1.4, batch=1)]
+    rows[0].round_trip_ns = (60.0, 70.0)
+    saved = _save(rows, tmp_path / "run.json")
+    assert load_rows(saved) == rows
+    png = tmp_path / "run.png"
+    bench_main(["--from-json", saved, "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert f"rows of {saved}" in out and "| resnet18.layer4-B1-C512-O512-7x7-k3-s1 | fwd |" in out
+    assert "| peak memory fwd+bwd chanflex/static <= 1.5 | 1 of 2 | 1.80 (resnet18.layer4) |" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "expected a non-empty JSON list of rows"),
+    ("[]", "expected a non-empty JSON list of rows"),
+    ('[{"shape": "resnet18.layer3-B32-C256-O256-14x14-k3-s1", "mode": "fwd"}]', "missing \\['static_ms'"),
+    ('[{"shape": "x", "mode": "fwd", "static_ms": 1, "chanflex_ms": 1, "best_peer": "p", "best_peer_ms": 1}]',
+     "expected a shape id like")])
+def test_load_rows_rejects_other_files(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_rows(str(path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from-json", "run.json", "--quick", "--batch", "8"],
+     "--from-json reports a saved run; it takes only --plot, got --quick --batch"),
+    (["--from-json", "missing.json"], "No such file"),
+    (["--batch", "0"], "expected a positive integer, got 0"),
+    (["--repeats", "-1"], "expected a positive integer, got -1")])
+def test_bench_rejects_bad_arguments(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
+    saved = tmp_path / "b2.json"
+    bench_main(["--quick", "--batch", "2", "--no-memory", "--repeats", "1", "--json", str(saved)])
+    rows = load_rows(str(saved))
+    assert [shape_name_and_batch(r.shape) for r in rows if r.mode == "fwd"] == [(s.name, 2) for s in QUICK_SHAPES]
+    assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio is None for r in rows)
+    assert capsys.readouterr().out.count("no rows at batch 32") == len(CPU_TARGETS)
