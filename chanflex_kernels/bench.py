@@ -481,11 +481,12 @@ def _short(name: str) -> str:
     return name.replace("resnet18.", "r18.").replace("vgg19.", "vgg.")
 
 
-def plot(rows: Sequence["Row"], path: str, title: str = "") -> None:
+def plot(rows: Sequence["Row"], path: str, title: str = "") -> List[str]:
     """Draw the run's ratios with the targets as lines: chanflex/static, best peer/chanflex, peak memory.
 
     One column per shape of the run's main batch; batch-1 inference rows, if
-    any, appear in the first panel as a third bar (no target there).
+    any, appear in the first panel as a third bar (no target there); no
+    memory panel for runs without peak memory. Returns the panels' y labels.
     """
     try:
         import matplotlib
@@ -504,7 +505,9 @@ def plot(rows: Sequence["Row"], path: str, title: str = "") -> None:
     if main_batch != 1 and 1 in batches:
         series.append(("fwd, batch 1 (no target)", 1, "fwd", "tab:gray"))
     x = list(range(len(names)))
-    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.55 * len(names) + 2), 11), sharex=True)
+    memory = any(r.memory_ratio is not None for r in rows)  # no panel for runs with --no-memory
+    fig, axes = plt.subplots(3 if memory else 2, 1, figsize=(max(8.0, 0.55 * len(names) + 2), 11 if memory else 7.5),
+                             sharex=True)
 
     def bars(ax, measure, series_used):
         width = 0.8 / len(series_used)
@@ -532,18 +535,19 @@ def plot(rows: Sequence["Row"], path: str, title: str = "") -> None:
         axes[1].axhline(2.0, color="tab:red", linestyle="--", linewidth=1,
                         label="target >= 2 at r18.layer3 (256@14), r18.layer4 (512@7)")
     axes[1].set_ylabel("best peer / chanflex\n(higher is better, log)")
-    bars(axes[2], "memory_ratio", series[1:2])
-    floors = [(xi, memory_floor_ratio(by_key[(n, main_batch, "fwd+bwd")])) for xi, n in zip(x, names)
-              if (n, main_batch, "fwd+bwd") in by_key]
-    floors = [(xi, f) for xi, f in floors if f is not None]
-    if floors:
-        axes[2].scatter([xi for xi, _ in floors], [f for _, f in floors], marker="_", s=300, color="black",
-                        zorder=3, label="floor: output + grad_x + the K kernels' gradient")
-    axes[2].axhline(1.0, color="black", linewidth=0.8)
-    if main_batch == TARGET_BATCH:
-        axes[2].axhline(1.5, color="tab:red", linestyle="--", linewidth=1, label="target <= 1.5")
-    axes[2].set_ylabel("peak memory fwd+bwd\nchanflex / static")
-    axes[2].set_xticks(x, [_short(n) for n in names], rotation=60, ha="right")
+    if memory:
+        bars(axes[2], "memory_ratio", series[1:2])
+        floors = [(xi, memory_floor_ratio(by_key[(n, main_batch, "fwd+bwd")])) for xi, n in zip(x, names)
+                  if (n, main_batch, "fwd+bwd") in by_key]
+        floors = [(xi, f) for xi, f in floors if f is not None]
+        if floors:
+            axes[2].scatter([xi for xi, _ in floors], [f for _, f in floors], marker="_", s=300, color="black",
+                            zorder=3, label="floor: output + grad_x + the K kernels' gradient")
+        axes[2].axhline(1.0, color="black", linewidth=0.8)
+        if main_batch == TARGET_BATCH:
+            axes[2].axhline(1.5, color="tab:red", linestyle="--", linewidth=1, label="target <= 1.5")
+        axes[2].set_ylabel("peak memory fwd+bwd\nchanflex / static")
+    axes[-1].set_xticks(x, [_short(n) for n in names], rotation=60, ha="right")
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
@@ -551,6 +555,7 @@ def plot(rows: Sequence["Row"], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [ax.get_ylabel() for ax in axes]
 
 
 def _positive_int(text: str) -> int:

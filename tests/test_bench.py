@@ -11,7 +11,7 @@ import torch
 
 import chanflex_kernels  # noqa: F401  (registers the ops)
 from chanflex_kernels.bench import (CPU_TARGETS, QUICK_SHAPES, SHAPES, ConvShape, Row, check_targets,
-                                    cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure,
+                                    cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure, plot,
                                     shape_by_id, shape_name_and_batch, targets_markdown)
 from chanflex_kernels.bench import main as bench_main
 
@@ -148,6 +148,7 @@ def test_report_of_a_saved_run_prints_table_targets_and_draws_the_plot(tmp_path,
     saved = _save(rows, tmp_path / "run.json")
     assert load_rows(saved) == rows
     png = tmp_path / "run.png"
+    assert "peak memory" in plot(rows, str(png))[-1]
     bench_main(["--from-json", saved, "--plot", str(png)])
     out = capsys.readouterr().out
     assert f"rows of {saved}" in out and "| resnet18.layer4-B1-C512-O512-7x7-k3-s1 | fwd |" in out
@@ -188,3 +189,7 @@ def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
     assert [shape_name_and_batch(r.shape) for r in rows if r.mode == "fwd"] == [(s.name, 2) for s in QUICK_SHAPES]
     assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio is None for r in rows)
     assert capsys.readouterr().out.count("no rows at batch 32") == len(CPU_TARGETS)
+    png = tmp_path / "b2.png"
+    panels = plot(rows, str(png))  # no peak memory measured: no memory panel
+    assert len(panels) == 2 and "peak memory" not in " ".join(panels)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
