@@ -565,11 +565,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def report(rows: Sequence[Row], header: str, plot_path: Optional[str] = None) -> None:
-    """Print the ratio table and the targets check; draw the plot if asked."""
+def report(rows: Sequence[Row], header: str, plot_path: Optional[str] = None, caveat: str = "") -> None:
+    """Print the ratio table and the targets check (beside a caveat on how the rows were measured, if
+    any); draw the plot if asked."""
     print(header)
     print(markdown(rows))
-    print(f"\nTargets (SPEC section 8; CPU, batch {TARGET_BATCH} fp32; the rows above):")
+    print(f"\nTargets (SPEC section 8; CPU, batch {TARGET_BATCH} fp32; the rows above{caveat}):")
     print(targets_markdown(check_targets(rows)))
     if plot_path:
         plot(rows, plot_path)
@@ -623,11 +624,13 @@ def main(argv=None) -> None:
         with open(partial, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
         os.replace(partial, args.json)
+    # --quick's check reads fewer repeats and one peer: say so beside it.
+    caveat = f"; --quick: {repeats} repeat{'s' * (repeats != 1)} and one peer, the full run 5 and three"
     report(rows, f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
                  f"K={NUM_KERNELS}, median of {repeats} interleaved runs; chanflex/static: lower is better, "
                  f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "
                  f"before/after the row's timing (ns; on the development VM 60-90 near, 330-600 far apart)",
-           args.plot)
+           args.plot, caveat=caveat if args.quick else "")
 
 
 if __name__ == "__main__":
