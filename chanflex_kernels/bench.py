@@ -361,6 +361,7 @@ def markdown(rows: Sequence[Row]) -> str:
 # The acceptance targets (SPEC section 8, CPU) and the check of a run's rows.
 
 TARGET_BATCH = 32  # the CPU targets are set at batch 32 (fp32, K = 4)
+FULL_REPEATS, QUICK_REPEATS = 5, 3  # timed runs per provider (median) of the full and the --quick run
 
 
 @dataclass(frozen=True)
@@ -481,7 +482,7 @@ def _short(name: str) -> str:
     return name.replace("resnet18.", "r18.").replace("vgg19.", "vgg.")
 
 
-def plot(rows: Sequence["Row"], path: str, title: str = "") -> List[str]:
+def plot(rows: Sequence["Row"], path: str) -> List[str]:
     """Draw the run's ratios with the targets as lines: chanflex/static, best peer/chanflex, peak memory.
 
     One column per shape of the run's main batch; batch-1 inference rows, if
@@ -551,7 +552,7 @@ def plot(rows: Sequence["Row"], path: str, title: str = "") -> List[str]:
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(title or f"dynamic_conv2d (K={NUM_KERNELS}, fp32) on the CPU against a static conv and the peers")
+    fig.suptitle(f"dynamic_conv2d (K={NUM_KERNELS}, fp32) on the CPU against a static conv and the peers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -580,7 +581,7 @@ def report(rows: Sequence[Row], header: str, plot_path: Optional[str] = None, ca
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="ResNet18's four 3x3 stage convs, the batch_as_groups peer, 3 repeats")
+                        help=f"ResNet18's four 3x3 stage convs, the batch_as_groups peer, {QUICK_REPEATS} repeats")
     parser.add_argument("--batch", type=_positive_int, default=TARGET_BATCH,
                         help=f"batch size of every shape (default {TARGET_BATCH}, where the targets are set)")
     parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
@@ -610,7 +611,7 @@ def main(argv=None) -> None:
         return
     shapes = [s.at_batch(args.batch) for s in (QUICK_SHAPES if args.quick else SHAPES)]
     peers = ("batch_as_groups",) if args.quick else PEERS
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     jobs = [(shapes, MODES)] + ([([s.at_batch(1) for s in shapes], ("fwd",))] if args.batch1 else [])
     rows = []
     with tqdm(total=sum(len(s) * len(m) for s, m in jobs), desc="benchmark", leave=False) as bar:
@@ -625,7 +626,8 @@ def main(argv=None) -> None:
             json.dump([asdict(r) for r in rows], f, indent=1)
         os.replace(partial, args.json)
     # --quick's check reads fewer repeats and one peer: say so beside it.
-    caveat = f"; --quick: {repeats} repeat{'s' * (repeats != 1)} and one peer, the full run 5 and three"
+    caveat = (f"; --quick: {repeats} repeat{'s' * (repeats != 1)} and one peer, the full run "
+              f"{FULL_REPEATS} and {len(PEERS)}")
     report(rows, f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
                  f"K={NUM_KERNELS}, median of {repeats} interleaved runs; chanflex/static: lower is better, "
                  f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "

@@ -190,7 +190,7 @@ def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
     assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio is None for r in rows)
     out = capsys.readouterr().out
     assert out.count("no rows at batch 32") == len(CPU_TARGETS)
-    assert "the rows above; --quick: 1 repeat and one peer, the full run 5 and three):" in out
+    assert "the rows above; --quick: 1 repeat and one peer, the full run 5 and 3):" in out
     png = tmp_path / "b2.png"
     panels = plot(rows, str(png))  # no peak memory measured: no memory panel
     assert len(panels) == 2 and "peak memory" not in " ".join(panels)
