@@ -5,6 +5,7 @@ Shared by ``python -m chanflex_kernels.bench`` and the pytest-benchmark suite in
 
     python -m chanflex_kernels.bench            # every shape: time and peak memory
     python -m chanflex_kernels.bench --quick    # ResNet18's four 3x3 stage convs (make demo)
+    python -m chanflex_kernels.bench --shapes resnet18.layer3,resnet18.layer4 --no-memory   # some layers
     python -m chanflex_kernels.bench --json run.json --plot run.png   # keep the rows, draw the ratios
     python -m chanflex_kernels.bench --from-json run.json --plot run.png  # table, targets, plot of a saved run
 
@@ -109,6 +110,18 @@ VGG19_SHAPES = [
 SHAPES = RESNET18_SHAPES + VGG19_SHAPES
 QUICK_SHAPES = [s for s in RESNET18_SHAPES if s.name in ("resnet18.layer1", "resnet18.layer2",
                                                          "resnet18.layer3", "resnet18.layer4")]
+
+
+def select_shapes(names: str) -> List[ConvShape]:
+    """The shapes of SHAPES named in a comma-separated list ("resnet18.layer3,vgg19.conv5_x"), in SHAPES' order."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [s.name for s in SHAPES]
+    unknown = [n for n in wanted if n not in known]
+    if not wanted or unknown:
+        raise ValueError(f"expected comma-separated layer names from {', '.join(known)}; "
+                         f"got {', '.join(unknown) if unknown else repr(names)}")
+    return [s for s in SHAPES if s.name in wanted]
+
 
 _SHAPE_ID = re.compile(r"^(?P<name>[^-]+)-B(?P<batch>\d+)-")
 
@@ -446,7 +459,7 @@ def targets_markdown(checks: Sequence[TargetCheck]) -> str:
              "|---|---|---|---|"]
     for check in checks:
         if not check.values:
-            lines.append(f"| {check.target.label} | no rows at batch {TARGET_BATCH} | - | - |")
+            lines.append(f"| {check.target.label} | no measured rows (batch {TARGET_BATCH}, its layers) | - | - |")
             continue
         label, value = check.worst
         misses = ", ".join(f"{name} {v:.2f}" + ("" if floor is None else f" (floor {floor:.2f})")
@@ -582,6 +595,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"ResNet18's four 3x3 stage convs, the batch_as_groups peer, {QUICK_REPEATS} repeats")
+    parser.add_argument("--shapes", metavar="NAMES",
+                        help="only these layers, comma-separated (e.g. resnet18.layer3,resnet18.layer4)")
     parser.add_argument("--batch", type=_positive_int, default=TARGET_BATCH,
                         help=f"batch size of every shape (default {TARGET_BATCH}, where the targets are set)")
     parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
@@ -599,8 +614,9 @@ def main(argv=None) -> None:
         print(_measure_peak_here(provider, shape_by_id(shape_id), mode))
         return
     if args.from_json:
-        measuring = [f"--{n.replace('_', '-')}" for n in ("quick", "batch1", "no_memory", "repeats", "json")
-                     if getattr(args, n) not in (False, None)] + (["--batch"] if args.batch != TARGET_BATCH else [])
+        options = ("quick", "shapes", "batch1", "no_memory", "repeats", "json")
+        measuring = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n) not in (False, None)]
+        measuring += ["--batch"] if args.batch != TARGET_BATCH else []
         if measuring:
             parser.error(f"--from-json reports a saved run; it takes only --plot, got {' '.join(measuring)}")
         try:
@@ -609,7 +625,13 @@ def main(argv=None) -> None:
             parser.error(str(e))
         report(rows, f"rows of {args.from_json}", args.plot)
         return
-    shapes = [s.at_batch(args.batch) for s in (QUICK_SHAPES if args.quick else SHAPES)]
+    if args.quick and args.shapes:
+        parser.error("--quick measures its own four layers; --shapes picks a full run's: pass one of them")
+    try:
+        chosen = select_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHAPES
+    except ValueError as e:
+        parser.error(f"--shapes: {e}")
+    shapes = [s.at_batch(args.batch) for s in chosen]
     peers = ("batch_as_groups",) if args.quick else PEERS
     repeats = args.repeats or (QUICK_REPEATS if args.quick else FULL_REPEATS)
     jobs = [(shapes, MODES)] + ([([s.at_batch(1) for s in shapes], ("fwd",))] if args.batch1 else [])

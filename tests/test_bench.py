@@ -12,7 +12,7 @@ import torch
 import chanflex_kernels  # noqa: F401  (registers the ops)
 from chanflex_kernels.bench import (CPU_TARGETS, QUICK_SHAPES, SHAPES, ConvShape, Row, check_targets,
                                     cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure, plot,
-                                    shape_by_id, shape_name_and_batch, targets_markdown)
+                                    select_shapes, shape_by_id, shape_name_and_batch, targets_markdown)
 from chanflex_kernels.bench import main as bench_main
 
 
@@ -109,7 +109,7 @@ def test_targets_count_the_rows_met_and_name_the_misses():
 
 def test_targets_without_rows_at_batch_32_say_so():
     table = targets_markdown(check_targets([_row("resnet18.layer3", "fwd", 1.0, batch=8)]))
-    assert table.count("no rows at batch 32") == len(CPU_TARGETS)
+    assert table.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS)
 
 
 def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
@@ -133,6 +133,21 @@ def test_shape_ids_round_trip(batch):
 def test_shape_by_id_rejects_other_ids(shape_id, message):
     with pytest.raises(ValueError, match=message):
         shape_by_id(shape_id)
+
+
+def test_select_shapes_keeps_the_named_layers_in_table_order():
+    assert [s.name for s in select_shapes(" vgg19.conv5_x,resnet18.layer3 ,")] == ["resnet18.layer3", "vgg19.conv5_x"]
+    assert select_shapes(",".join(s.name for s in SHAPES)) == SHAPES
+
+
+@pytest.mark.parametrize("names, message", [
+    ("resnet18.layer9,resnet18.layer3", "got resnet18.layer9"),
+    ("resnet18.layer3-B32-C256-O256-14x14-k3-s1", "got resnet18.layer3-B32"),
+    (" , ", "got ' , '")])
+def test_select_shapes_rejects_other_names(names, message):
+    with pytest.raises(ValueError, match="expected comma-separated layer names from resnet18.conv1, ") as info:
+        select_shapes(names)
+    assert message in str(info.value)
 
 
 def _save(rows, path):
@@ -174,6 +189,9 @@ def test_load_rows_rejects_other_files(tmp_path, content, message):
      "--from-json reports a saved run; it takes only --plot, got --quick --batch"),
     (["--from-json", "missing.json"], "No such file"),
     (["--batch", "0"], "expected a positive integer, got 0"),
+    (["--from-json", "run.json", "--shapes", "resnet18.layer3"], "it takes only --plot, got --shapes"),
+    (["--quick", "--shapes", "resnet18.layer3"], "--quick measures its own four layers"),
+    (["--shapes", "resnet18.layer5"], "--shapes: expected comma-separated layer names"),
     (["--repeats", "-1"], "expected a positive integer, got -1")])
 def test_bench_rejects_bad_arguments(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -189,9 +207,22 @@ def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
     assert [shape_name_and_batch(r.shape) for r in rows if r.mode == "fwd"] == [(s.name, 2) for s in QUICK_SHAPES]
     assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio is None for r in rows)
     out = capsys.readouterr().out
-    assert out.count("no rows at batch 32") == len(CPU_TARGETS)
+    assert out.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS)
     assert "the rows above; --quick: 1 repeat and one peer, the full run 5 and 3):" in out
     png = tmp_path / "b2.png"
     panels = plot(rows, str(png))  # no peak memory measured: no memory panel
     assert len(panels) == 2 and "peak memory" not in " ".join(panels)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_measures_only_the_chosen_layers(tmp_path, capsys):
+    saved = tmp_path / "two.json"
+    bench_main(["--shapes", "vgg19.conv5_x,resnet18.layer4.down1x1", "--batch", "2", "--batch1", "--no-memory",
+                "--repeats", "1", "--json", str(saved)])
+    rows = load_rows(str(saved))
+    assert [(shape_name_and_batch(r.shape), r.mode) for r in rows] == [
+        (("resnet18.layer4.down1x1", 2), "fwd"), (("resnet18.layer4.down1x1", 2), "fwd+bwd"),
+        (("vgg19.conv5_x", 2), "fwd"), (("vgg19.conv5_x", 2), "fwd+bwd"),
+        (("resnet18.layer4.down1x1", 1), "fwd"), (("vgg19.conv5_x", 1), "fwd")]
+    assert {r.best_peer for r in rows} <= {"batch_as_groups", "concat_k", "per_sample_loop"}
+    assert "--quick" not in capsys.readouterr().out
