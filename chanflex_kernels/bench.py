@@ -625,10 +625,10 @@ def main(argv=None) -> None:
             parser.error(str(e))
         report(rows, f"rows of {args.from_json}", args.plot)
         return
-    if args.quick and args.shapes:
+    if args.quick and args.shapes is not None:
         parser.error("--quick measures its own four layers; --shapes picks a full run's: pass one of them")
     try:
-        chosen = select_shapes(args.shapes) if args.shapes else QUICK_SHAPES if args.quick else SHAPES
+        chosen = select_shapes(args.shapes) if args.shapes is not None else QUICK_SHAPES if args.quick else SHAPES
     except ValueError as e:
         parser.error(f"--shapes: {e}")
     shapes = [s.at_batch(args.batch) for s in chosen]

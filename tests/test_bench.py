@@ -192,6 +192,7 @@ def test_load_rows_rejects_other_files(tmp_path, content, message):
     (["--from-json", "run.json", "--shapes", "resnet18.layer3"], "it takes only --plot, got --shapes"),
     (["--quick", "--shapes", "resnet18.layer3"], "--quick measures its own four layers"),
     (["--shapes", "resnet18.layer5"], "--shapes: expected comma-separated layer names"),
+    (["--shapes", ""], "--shapes: expected comma-separated layer names"),
     (["--repeats", "-1"], "expected a positive integer, got -1")])
 def test_bench_rejects_bad_arguments(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
