@@ -110,6 +110,10 @@ def test_targets_count_the_rows_met_and_name_the_misses():
 def test_targets_without_rows_at_batch_32_say_so():
     table = targets_markdown(check_targets([_row("resnet18.layer3", "fwd", 1.0, batch=8)]))
     assert table.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS)
+    # a --shapes run without the peer target's layers (256@14, 512@7) and without fwd+bwd rows
+    table = targets_markdown(check_targets([_row("resnet18.layer1", "fwd", 1.0)]))
+    assert "| fwd chanflex/static <= 1.3 | 1 of 1 |" in table
+    assert table.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS) - 1
 
 
 def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
