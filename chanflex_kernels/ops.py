@@ -108,6 +108,28 @@ def _resolve_padding(x, weight, padding, stride, dilation):
     return x, left
 
 
+def _autocast_inputs(x, weight, attn, bias):
+    """The tensors as the op takes them inside ``torch.autocast``.
+
+    As for ``F.conv2d`` (a lower-precision op in autocast's tables): the float
+    tensors on x's device go to autocast's dtype (bfloat16 or float16), float64
+    stays; so a module whose attention comes out of an autocast ``nn.Linear``
+    in bfloat16 and whose x and weight are float32 gets one dtype. Outside
+    autocast the tensors are returned as they are (mixed dtypes are an error).
+    """
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x, weight, attn, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        eligible = (t is not None and t.device.type == device_type and t.is_floating_point()
+                    and t.dtype != torch.float64)
+        return t.to(dtype) if eligible else t
+
+    return cast(x), cast(weight), cast(attn), cast(bias)
+
+
 def dynamic_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -135,7 +157,9 @@ def dynamic_conv2d(
 
     Returns:
         (B, C_out, H_out, W_out), dtype of x. Differentiable in x, weight, attn
-        and bias. Half types accumulate in float32.
+        and bias. Half types accumulate in float32. Inside ``torch.autocast``
+        it runs as ``F.conv2d`` does: float32 and half inputs are cast to
+        autocast's dtype (float64 is not), and so is the output.
 
     Example::
 
@@ -150,6 +174,7 @@ def dynamic_conv2d(
     for name, t in (("x", x), ("weight", weight), ("attn", attn), ("bias", bias)):
         if not (t is None and name == "bias") and not isinstance(t, torch.Tensor):
             raise ValueError(f"dynamic_conv2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    x, weight, attn, bias = _autocast_inputs(x, weight, attn, bias)
     if weight.dim() == 5:
         x, padding = _resolve_padding(x, weight, padding, stride, dilation)
     else:
