@@ -7,6 +7,7 @@ Shared by ``python -m chanflex_kernels.bench`` and the pytest-benchmark suite in
     python -m chanflex_kernels.bench --quick    # ResNet18's four 3x3 stage convs (make demo)
     python -m chanflex_kernels.bench --shapes resnet18.layer3,resnet18.layer4 --no-memory   # some layers
     python -m chanflex_kernels.bench --json run.json --plot run.png   # keep the rows, draw the ratios
+    python -m chanflex_kernels.bench --quick --dtype bfloat16   # every provider in bfloat16 (what autocast runs)
     python -m chanflex_kernels.bench --from-json run.json --plot run.png  # table, targets, plot of a saved run
 
 After the table it checks the rows against the CPU targets (SPEC section 8,
@@ -41,6 +42,9 @@ from .reference import dynamic_conv2d_concat_k, dynamic_conv2d_grouped, dynamic_
 
 NUM_KERNELS = 4
 MODES = ("fwd", "fwd+bwd")
+# --dtype's choices: every provider's tensors in this dtype (the CPU targets are set in float32).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGET_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,8 @@ def shape_by_id(shape_id: str) -> ConvShape:
     return shape
 
 
-def fwd_bwd_floor_mb(shape: ConvShape, num_kernels: int = NUM_KERNELS) -> float:
-    """MiB that any dynamic conv's fwd+bwd step holds at once (fp32): the output, grad_x, K kernels' gradient.
+def fwd_bwd_floor_mb(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype: str = TARGET_DTYPE) -> float:
+    """MiB that any dynamic conv's fwd+bwd step holds at once: the output, grad_x, K kernels' gradient.
 
     The caller holds the output through backward, which returns grad_x and
     the gradient of all K kernels together: a floor on the step's peak
@@ -155,7 +159,7 @@ def fwd_bwd_floor_mb(shape: ConvShape, num_kernels: int = NUM_KERNELS) -> float:
     floats = (shape.batch * shape.out_channels * shape.out_size ** 2
               + shape.batch * shape.in_channels * shape.size ** 2
               + num_kernels * shape.out_channels * shape.in_channels * shape.kernel ** 2)
-    return floats * 4 / 2**20
+    return floats * DTYPES[dtype].itemsize / 2**20
 
 
 @dataclass
@@ -210,15 +214,18 @@ PEERS = ("batch_as_groups", "concat_k", "per_sample_loop")
 class Step:
     """One forward (or forward+backward) of a provider on a shape, as a callable."""
 
-    def __init__(self, provider: str, shape: ConvShape, mode: str, num_kernels: int = NUM_KERNELS):
+    def __init__(self, provider: str, shape: ConvShape, mode: str, num_kernels: int = NUM_KERNELS,
+                 dtype: str = TARGET_DTYPE):
         if mode not in MODES:
             raise ValueError(f"expected mode in {MODES}, got {mode!r}")
         if provider not in PROVIDERS:
             raise ValueError(f"expected provider in {tuple(PROVIDERS)}, got {provider!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"expected dtype in {tuple(DTYPES)}, got {dtype!r}")
         self.fn = PROVIDERS[provider]
         self.mode = mode
         self.conv = shape.conv_args
-        self.inputs = make_inputs(shape, num_kernels, requires_grad=(mode == "fwd+bwd"))
+        self.inputs = make_inputs(shape, num_kernels, DTYPES[dtype], requires_grad=(mode == "fwd+bwd"))
 
     def clear_grads(self) -> None:
         for t in self.inputs.leaves():
@@ -264,9 +271,9 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _measure_peak_here(provider: str, shape: ConvShape, mode: str) -> int:
+def _measure_peak_here(provider: str, shape: ConvShape, mode: str, dtype: str = TARGET_DTYPE) -> int:
     """Peak resident bytes one step adds on top of its inputs (run in a fresh process)."""
-    step = Step(provider, shape, mode)
+    step = Step(provider, shape, mode, dtype=dtype)
     step()  # warm-up: libraries allocate their persistent buffers
     step.clear_grads()
     # chanflex keeps its scratch buffers and freed large weight gradients for
@@ -281,13 +288,13 @@ def _measure_peak_here(provider: str, shape: ConvShape, mode: str) -> int:
     return (_proc_status_kib("VmHWM") - baseline) * 1024
 
 
-def peak_memory_bytes(provider: str, shape: ConvShape, mode: str) -> Optional[int]:
+def peak_memory_bytes(provider: str, shape: ConvShape, mode: str, dtype: str = TARGET_DTYPE) -> Optional[int]:
     """Peak memory of one step in a subprocess; None where /proc is unavailable."""
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run([sys.executable, "-m", "chanflex_kernels.bench", "--peak-memory-of",
-                           provider, shape.id, mode], capture_output=True, text=True, env=env)
+                           provider, shape.id, mode, dtype], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"peak memory of {provider} on {shape.id} ({mode}) failed:\n{done.stderr}")
     return int(done.stdout.strip().splitlines()[-1])
@@ -305,6 +312,7 @@ class Row:
     chanflex_peak_mb: Optional[float] = None
     # cpu_round_trip_ns() just before and just after the row's timing
     round_trip_ns: Optional[Tuple[float, float]] = None
+    dtype: str = TARGET_DTYPE  # every provider's tensors (runs saved before --dtype were float32)
 
     @property
     def ours_over_static(self) -> float:
@@ -334,20 +342,22 @@ def cpu_round_trip_ns() -> float:
 
 
 def measure(shapes: Sequence[ConvShape], modes: Sequence[str] = MODES, peers: Sequence[str] = PEERS,
-            repeats: int = 5, memory: bool = True, progress: Optional[Callable[[str], None]] = None) -> List[Row]:
+            repeats: int = 5, memory: bool = True, progress: Optional[Callable[[str], None]] = None,
+            dtype: str = TARGET_DTYPE) -> List[Row]:
     """Time static, chanflex and peers (and peak memory of static and chanflex) per shape and mode."""
     rows = []
     for shape in shapes:
         for mode in modes:
-            steps = {p: Step(p, shape, mode) for p in ("static", "chanflex", *peers)}
+            steps = {p: Step(p, shape, mode, dtype=dtype) for p in ("static", "chanflex", *peers)}
             before = cpu_round_trip_ns()
             ms = time_interleaved(steps, repeats=repeats)
             after = cpu_round_trip_ns()
             del steps
             best = min(peers, key=ms.get) if peers else "static"
-            row = Row(shape.id, mode, ms["static"], ms["chanflex"], best, ms[best], round_trip_ns=(before, after))
+            row = Row(shape.id, mode, ms["static"], ms["chanflex"], best, ms[best], round_trip_ns=(before, after),
+                      dtype=dtype)
             if memory:
-                mb = {p: peak_memory_bytes(p, shape, mode) for p in ("static", "chanflex")}
+                mb = {p: peak_memory_bytes(p, shape, mode, dtype) for p in ("static", "chanflex")}
                 if None not in mb.values():
                     row.static_peak_mb, row.chanflex_peak_mb = (mb[p] / 2**20 for p in ("static", "chanflex"))
             rows.append(row)
@@ -373,7 +383,7 @@ def markdown(rows: Sequence[Row]) -> str:
 # ---------------------------------------------------------------------------
 # The acceptance targets (SPEC section 8, CPU) and the check of a run's rows.
 
-TARGET_BATCH = 32  # the CPU targets are set at batch 32 (fp32, K = 4)
+TARGET_BATCH = 32  # the CPU targets are set at batch 32 (float32, TARGET_DTYPE; K = 4)
 FULL_REPEATS, QUICK_REPEATS = 5, 3  # timed runs per provider (median) of the full and the --quick run
 
 
@@ -392,7 +402,8 @@ class Target:
 
     def applies_to(self, row: "Row") -> bool:
         name, batch = shape_name_and_batch(row.shape)
-        return batch == TARGET_BATCH and row.mode in self.modes and (self.layers is None or name in self.layers)
+        return (batch == TARGET_BATCH and row.dtype == TARGET_DTYPE and row.mode in self.modes
+                and (self.layers is None or name in self.layers))
 
     def met(self, value: float) -> bool:
         return value <= self.bound if self.at_most else value >= self.bound
@@ -404,7 +415,9 @@ def memory_floor_ratio(row: "Row") -> Optional[float]:
         shape = shape_by_id(row.shape)
     except ValueError:
         return None
-    return None if row.static_peak_mb is None else fwd_bwd_floor_mb(shape) / max(row.static_peak_mb, 1e-9)
+    if row.static_peak_mb is None:
+        return None
+    return fwd_bwd_floor_mb(shape, dtype=row.dtype) / max(row.static_peak_mb, 1e-9)
 
 
 CPU_TARGETS = (
@@ -439,7 +452,7 @@ class TargetCheck:
 
 
 def check_targets(rows: Sequence["Row"], targets: Sequence[Target] = CPU_TARGETS) -> List[TargetCheck]:
-    """Each target's values over the rows it applies to (batch-32 rows; others are ignored)."""
+    """Each target's values over the rows it applies to (batch-32 float32 rows; others are ignored)."""
     checks = []
     for target in targets:
         values, floors = [], []
@@ -459,7 +472,7 @@ def targets_markdown(checks: Sequence[TargetCheck]) -> str:
              "|---|---|---|---|"]
     for check in checks:
         if not check.values:
-            lines.append(f"| {check.target.label} | no measured rows (batch {TARGET_BATCH}, its layers) | - | - |")
+            lines.append(f"| {check.target.label} | no measured rows (batch {TARGET_BATCH} {TARGET_DTYPE}, its layers) | - | - |")
             continue
         label, value = check.worst
         misses = ", ".join(f"{name} {v:.2f}" + ("" if floor is None else f" (floor {floor:.2f})")
@@ -486,9 +499,16 @@ def load_rows(path: str) -> List["Row"]:
         row = Row(**{k: v for k, v in item.items() if k in names})
         if row.round_trip_ns is not None:
             row.round_trip_ns = tuple(row.round_trip_ns)
+        if row.dtype not in DTYPES:
+            raise ValueError(f"{path}: row {i}: expected dtype in {tuple(DTYPES)}, got {row.dtype!r}")
         shape_name_and_batch(row.shape)  # raises on ids the targets and the plot cannot read
         rows.append(row)
     return rows
+
+
+def dtypes_of(rows: Sequence["Row"]) -> str:
+    """The rows' dtypes, in order of appearance: "float32", "bfloat16", ..."""
+    return ", ".join(dict.fromkeys(r.dtype for r in rows))
 
 
 def _short(name: str) -> str:
@@ -565,7 +585,7 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"dynamic_conv2d (K={NUM_KERNELS}, fp32) on the CPU against a static conv and the peers")
+    fig.suptitle(f"dynamic_conv2d (K={NUM_KERNELS}, {dtypes_of(rows)}) on the CPU against a static conv and the peers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -584,7 +604,7 @@ def report(rows: Sequence[Row], header: str, plot_path: Optional[str] = None, ca
     any); draw the plot if asked."""
     print(header)
     print(markdown(rows))
-    print(f"\nTargets (SPEC section 8; CPU, batch {TARGET_BATCH} fp32; the rows above{caveat}):")
+    print(f"\nTargets (SPEC section 8; CPU, batch {TARGET_BATCH} {TARGET_DTYPE}; the rows above{caveat}):")
     print(targets_markdown(check_targets(rows)))
     if plot_path:
         plot(rows, plot_path)
@@ -600,30 +620,34 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=_positive_int, default=TARGET_BATCH,
                         help=f"batch size of every shape (default {TARGET_BATCH}, where the targets are set)")
     parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=TARGET_DTYPE,
+                        help=f"every provider's tensors (default {TARGET_DTYPE}, where the targets are set; "
+                             f"bfloat16 and float16 are what torch.autocast runs)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--repeats", type=_positive_int, default=None, help="timed runs per provider (median)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="draw the ratios and the targets (PNG, needs matplotlib)")
     parser.add_argument("--from-json", metavar="PATH",
                         help="report the rows a run wrote with --json (table, targets, --plot) without measuring")
-    parser.add_argument("--peak-memory-of", nargs=3, metavar=("PROVIDER", "SHAPE_ID", "MODE"),
+    parser.add_argument("--peak-memory-of", nargs=4, metavar=("PROVIDER", "SHAPE_ID", "MODE", "DTYPE"),
                         help=argparse.SUPPRESS)  # internal: one measurement, in its own process
     args = parser.parse_args(argv)
     if args.peak_memory_of:
-        provider, shape_id, mode = args.peak_memory_of
-        print(_measure_peak_here(provider, shape_by_id(shape_id), mode))
+        provider, shape_id, mode, dtype = args.peak_memory_of
+        print(_measure_peak_here(provider, shape_by_id(shape_id), mode, dtype))
         return
     if args.from_json:
         options = ("quick", "shapes", "batch1", "no_memory", "repeats", "json")
         measuring = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n) not in (False, None)]
         measuring += ["--batch"] if args.batch != TARGET_BATCH else []
+        measuring += ["--dtype"] if args.dtype != TARGET_DTYPE else []
         if measuring:
             parser.error(f"--from-json reports a saved run; it takes only --plot, got {' '.join(measuring)}")
         try:
             rows = load_rows(args.from_json)
         except (OSError, ValueError) as e:
             parser.error(str(e))
-        report(rows, f"rows of {args.from_json}", args.plot)
+        report(rows, f"rows of {args.from_json} ({dtypes_of(rows)})", args.plot)
         return
     if args.quick and args.shapes is not None:
         parser.error("--quick measures its own four layers; --shapes picks a full run's: pass one of them")
@@ -641,7 +665,8 @@ def main(argv=None) -> None:
             bar.set_postfix_str(what)
             bar.update()
         for job_shapes, modes in jobs:
-            rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress)
+            rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress,
+                            dtype=args.dtype)
     if args.json:  # written first, whole or not at all: a failed plot must not lose the measurements
         partial = f"{args.json}.partial"
         with open(partial, "w") as f:
@@ -650,7 +675,7 @@ def main(argv=None) -> None:
     # --quick's check reads fewer repeats and one peer: say so beside it.
     caveat = (f"; --quick: {repeats} repeat{'s' * (repeats != 1)} and one peer, the full run "
               f"{FULL_REPEATS} and {len(PEERS)}")
-    report(rows, f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, "
+    report(rows, f"{machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
                  f"K={NUM_KERNELS}, median of {repeats} interleaved runs; chanflex/static: lower is better, "
                  f"peer/chanflex: higher is better; CPU round trip: a cache line between the first two CPUs "
                  f"before/after the row's timing (ns; on the development VM 60-90 near, 330-600 far apart)",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chanflex_kernels  # noqa: F401  (registers the ops)
-from chanflex_kernels.bench import (CPU_TARGETS, QUICK_SHAPES, SHAPES, ConvShape, Row, check_targets,
+from chanflex_kernels.bench import (CPU_TARGETS, DTYPES, QUICK_SHAPES, SHAPES, ConvShape, Row, Step, check_targets,
                                     cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure, plot,
                                     select_shapes, shape_by_id, shape_name_and_batch, targets_markdown)
 from chanflex_kernels.bench import main as bench_main
@@ -69,12 +69,12 @@ def test_markdown_shows_the_round_trip_column():
 # ---------------------------------------------------------------------------
 # The targets check, the saved-run report and the plot.
 
-def _row(name, mode, ours_over_static, peer_over_ours=3.0, memory=None, batch=32):
+def _row(name, mode, ours_over_static, peer_over_ours=3.0, memory=None, batch=32, dtype="float32"):
     shape = next(s for s in SHAPES if s.name == name).at_batch(batch)
     static_peak = None if memory is None else 10.0
     return Row(shape.id, mode, 10.0, 10.0 * ours_over_static, "batch_as_groups",
                10.0 * ours_over_static * peer_over_ours, static_peak,
-               None if memory is None else 10.0 * memory)
+               None if memory is None else 10.0 * memory, dtype=dtype)
 
 
 def _check(checks, label_start):
@@ -109,11 +109,21 @@ def test_targets_count_the_rows_met_and_name_the_misses():
 
 def test_targets_without_rows_at_batch_32_say_so():
     table = targets_markdown(check_targets([_row("resnet18.layer3", "fwd", 1.0, batch=8)]))
-    assert table.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS)
+    assert table.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS)
     # a --shapes run without the peer target's layers (256@14, 512@7) and without fwd+bwd rows
     table = targets_markdown(check_targets([_row("resnet18.layer1", "fwd", 1.0)]))
     assert "| fwd chanflex/static <= 1.3 | 1 of 1 |" in table
-    assert table.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS) - 1
+    assert table.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS) - 1
+
+
+def test_targets_read_only_float32_rows():
+    """The targets are set in float32: a bfloat16 run's rows are reported, not checked."""
+    rows = [_row("resnet18.layer3", "fwd", 2.0, peer_over_ours=1.0, dtype="bfloat16"),
+            _row("resnet18.layer3", "fwd+bwd", 2.0, memory=3.0, dtype="bfloat16")]
+    table = targets_markdown(check_targets(rows))
+    assert table.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS)
+    rows.append(_row("resnet18.layer3", "fwd", 1.31))
+    assert "| fwd chanflex/static <= 1.3 | 0 of 1 | 1.31 (resnet18.layer3) |" in targets_markdown(check_targets(rows))
 
 
 def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
@@ -122,6 +132,7 @@ def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
     assert fwd_bwd_floor_mb(layer4) == pytest.approx(36 + 2 * 3.0625)
     stem = next(s for s in SHAPES if s.name == "resnet18.conv1")  # 3->64, 7x7 stride 2, 224 -> 112
     assert fwd_bwd_floor_mb(stem.at_batch(2)) * 2**20 / 4 == 2 * 64 * 112 ** 2 + 2 * 3 * 224 ** 2 + 4 * 64 * 3 * 49
+    assert fwd_bwd_floor_mb(layer4, dtype="bfloat16") == pytest.approx((36 + 2 * 3.0625) / 2)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
@@ -180,7 +191,10 @@ def test_report_of_a_saved_run_prints_table_targets_and_draws_the_plot(tmp_path,
     ("[]", "expected a non-empty JSON list of rows"),
     ('[{"shape": "resnet18.layer3-B32-C256-O256-14x14-k3-s1", "mode": "fwd"}]', "missing \\['static_ms'"),
     ('[{"shape": "x", "mode": "fwd", "static_ms": 1, "chanflex_ms": 1, "best_peer": "p", "best_peer_ms": 1}]',
-     "expected a shape id like")])
+     "expected a shape id like"),
+    ('[{"shape": "resnet18.layer3-B32-C256-O256-14x14-k3-s1", "mode": "fwd", "static_ms": 1, "chanflex_ms": 1, '
+     '"best_peer": "p", "best_peer_ms": 1, "dtype": "float8"}]',
+     "row 0: expected dtype in \\('float32', 'bfloat16', 'float16'\\), got 'float8'")])
 def test_load_rows_rejects_other_files(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content)
@@ -194,6 +208,8 @@ def test_load_rows_rejects_other_files(tmp_path, content, message):
     (["--from-json", "missing.json"], "No such file"),
     (["--batch", "0"], "expected a positive integer, got 0"),
     (["--from-json", "run.json", "--shapes", "resnet18.layer3"], "it takes only --plot, got --shapes"),
+    (["--from-json", "run.json", "--dtype", "bfloat16"], "it takes only --plot, got --dtype"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["--quick", "--shapes", "resnet18.layer3"], "--quick measures its own four layers"),
     (["--shapes", "resnet18.layer5"], "--shapes: expected comma-separated layer names"),
     (["--shapes", ""], "--shapes: expected comma-separated layer names"),
@@ -212,7 +228,7 @@ def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
     assert [shape_name_and_batch(r.shape) for r in rows if r.mode == "fwd"] == [(s.name, 2) for s in QUICK_SHAPES]
     assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio is None for r in rows)
     out = capsys.readouterr().out
-    assert out.count("no measured rows (batch 32, its layers)") == len(CPU_TARGETS)
+    assert out.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS)
     assert "the rows above; --quick: 1 repeat and one peer, the full run 5 and 3):" in out
     png = tmp_path / "b2.png"
     panels = plot(rows, str(png))  # no peak memory measured: no memory panel
@@ -231,3 +247,31 @@ def test_bench_measures_only_the_chosen_layers(tmp_path, capsys):
         (("resnet18.layer4.down1x1", 1), "fwd"), (("vgg19.conv5_x", 1), "fwd")]
     assert {r.best_peer for r in rows} <= {"batch_as_groups", "concat_k", "per_sample_loop"}
     assert "--quick" not in capsys.readouterr().out
+
+
+def test_bench_runs_every_provider_in_the_chosen_dtype(tmp_path, capsys):
+    saved = tmp_path / "bf16.json"
+    bench_main(["--shapes", "resnet18.layer4", "--batch", "2", "--dtype", "bfloat16", "--repeats", "1",
+                "--json", str(saved)])
+    rows = load_rows(str(saved))
+    assert [(r.mode, r.dtype) for r in rows] == [("fwd", "bfloat16"), ("fwd+bwd", "bfloat16")]
+    assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.memory_ratio > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "threads, bfloat16, K=4" in out
+    assert out.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS)
+    bench_main(["--from-json", str(saved)])
+    assert f"rows of {saved} (bfloat16)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_step_runs_the_providers_in_its_dtype(dtype):
+    tiny = ConvShape("tiny", 2, 4, 6, 6)
+    for provider in ("static", "chanflex", "batch_as_groups", "concat_k", "per_sample_loop"):
+        step = Step(provider, tiny, "fwd+bwd", dtype=dtype)
+        assert {t.dtype for t in step.inputs.leaves()} == {DTYPES[dtype]}
+        step()
+        inp = step.inputs
+        used = (inp.x, inp.static_weight) if provider == "static" else (inp.x, inp.weight, inp.attn)
+        assert all(t.grad is not None and t.grad.dtype == DTYPES[dtype] for t in used), provider
+    with pytest.raises(ValueError, match="expected dtype in \\('float32', 'bfloat16', 'float16'\\), got 'int8'"):
+        Step("static", tiny, "fwd", dtype="int8")
