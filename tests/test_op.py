@@ -63,6 +63,50 @@ def test_half_precision_matches_reference(case, dtype):
     assert_matches_reference(dynamic_conv2d, case, dtype)
 
 
+# Large planes (>= 441 output pixels; the weight side from 784) with >= 16 input channels a group: where the
+# CPU has native instructions for a half type, the library path runs its convs in that type
+# (CHANFLEX_CPU_HALF_LIBRARY forces it on or off). Batch 5 crosses the library's 4-sample chunks.
+LARGE_PLANE_CASES = [
+    Case(3, 16, 8, 21, 21, padding=(1, 1)),
+    Case(2, 32, 8, 58, 44, stride=(2, 1), padding=(1, 1), groups=2),                 # strided: the weight side
+    Case(5, 16, 4, 28, 28, padding=(1, 1), layout="channels_last", bias=False),
+]
+
+
+@pytest.mark.parametrize("half_library", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", LARGE_PLANE_CASES, ids=lambda c: c.id)
+def test_half_precision_on_large_planes(monkeypatch, case, dtype, half_library):
+    monkeypatch.setenv("CHANFLEX_CPU_HALF_LIBRARY", half_library)
+    assert_matches_reference(dynamic_conv2d, case, dtype)
+
+
+def _library_conv_dtypes(fn) -> set:
+    """The input dtypes of the library convolutions (aten::conv2d, convolution_backward) fn runs."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fn()
+    return {e.input_dtypes[0] for e in prof.events()
+            if e.name in ("aten::conv2d", "aten::convolution_backward") and e.input_dtypes}
+
+
+@pytest.mark.parametrize("half_library, expected", [("1", {"c10::BFloat16"}), ("0", {"float"})])
+def test_half_library_switch_picks_the_convs_type(monkeypatch, half_library, expected):
+    monkeypatch.setenv("CHANFLEX_CPU_HALF_LIBRARY", half_library)
+    monkeypatch.setenv("CHANFLEX_CPU_WINOGRAD", "0")  # float32 then takes 28x28 through the library too
+    x, w, a, _ = make_inputs(LARGE_PLANE_CASES[2])  # no bias
+    x, w, a = (t.bfloat16().requires_grad_() for t in (x, w, a))
+    y = dynamic_conv2d(x, w, a, padding=1)
+    assert _library_conv_dtypes(lambda: dynamic_conv2d(x, w, a, padding=1)) == expected
+    assert _library_conv_dtypes(lambda: y.sum().backward()) == expected
+
+
+def test_half_library_env_var_is_validated(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_HALF_LIBRARY", "yes")
+    x, w, a, b = (t.bfloat16() for t in make_inputs(LARGE_PLANE_CASES[0]))
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_HALF_LIBRARY: expected '0' or '1', got 'yes'"):
+        dynamic_conv2d(x, w, a, b, padding=1)
+
+
 @pytest.mark.parametrize("chunk_bytes", ["1", "6000"])
 def test_chunk_boundaries(monkeypatch, chunk_bytes):
     # A tiny working-set budget forces one sample (or a few) per chunk, so the

@@ -26,7 +26,9 @@
 // AVX-512, opt-in, their weight side (winograd_weight_grad.h). Large
 // output planes run the library's direct conv on chunks of samples instead
 // (see "Large output planes" below).
-// Half and bfloat16 run in float32 and are rounded once at the end.
+// Half and bfloat16 run in float32 and are rounded once at the end, except
+// on large planes where the CPU runs the library's conv in that type natively
+// (see library_dtype).
 
 // The kernel's parts, in order (each builds on the ones before it):
 #include "loops.h"             // BLAS on row-major matrices, vector loops
@@ -42,6 +44,7 @@
 #include "winograd_weight_grad.h"  // Winograd F(2x2, 3x3) weight gradient
 
 #include <ATen/ATen.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 namespace chanflex {
@@ -147,6 +150,41 @@ bool use_library(const ConvGeometry& g, int64_t min_pixels) {
          g.kernel_h * g.kernel_w > 1;
 }
 
+// Whether the CPU has one of these features (keys of at::cpu::get_cpu_capabilities).
+bool cpu_has_any(std::initializer_list<const char*> keys) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  for (const char* key : keys) {
+    const auto it = caps.find(key);
+    if (it != caps.end() && it->second.isBool() && it->second.toBool()) return true;
+  }
+  return false;
+}
+
+// The type the library path runs a call's convs in. Half types run in
+// float32 (compute_dtype), except where the CPU has native instructions for
+// them (bfloat16: AVX512-BF16 or AMX; float16: AVX512-FP16 or AMX-FP16):
+// there oneDNN's conv of that type takes about half its float32 time, and
+// the library path runs in it, as a half nn.Conv2d does: each chunk's mixed
+// kernels rounded to the type, float32 accumulation inside the library, the
+// K kernels' gradients and dattn summed in float32. On the development VM
+// (Zen 4, AVX512-BF16; batch 32, K = 4, ms, the float32 kernels on bfloat16
+// inputs -> the library in bfloat16, interleaved) see README "Mixed
+// precision". CHANFLEX_CPU_HALF_LIBRARY=1 or 0 runs it always or never
+// (tests, A/Bs).
+at::ScalarType library_dtype(at::ScalarType input) {
+  const at::ScalarType compute = compute_dtype(input);
+  if (compute == input) return compute;
+  const char* env = std::getenv("CHANFLEX_CPU_HALF_LIBRARY");
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK(value.empty() || value == "0" || value == "1",
+              "CHANFLEX_CPU_HALF_LIBRARY: expected '0' or '1', got '", value, "'");
+  if (!value.empty()) return value == "1" ? input : compute;
+  static const bool native_bf16 = cpu_has_any({"avx512_bf16", "amx_bf16"});
+  static const bool native_fp16 = cpu_has_any({"avx512_fp16", "amx_fp16"});
+  const bool native = input == at::kBFloat16 ? native_bf16 : native_fp16;
+  return native ? input : compute;
+}
+
 // The forward's and grad_x's threshold: from min_pixels, but not where the
 // packed paths take the plane (see packed_max_pixels). Only float32 has
 // packed paths.
@@ -177,18 +215,22 @@ at::Tensor as_one_sample(const at::Tensor& t, int64_t b0, int64_t n) {
   return t.narrow(0, b0, n).view({1, n * t.size(1), t.size(2), t.size(3)});
 }
 
+// dtype: the type the library's convs run in (library_dtype); attn_c and
+// bias_mixed are in the compute type.
 at::Tensor forward_library(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                            const at::Tensor& attn_c, const at::Tensor& bias_mixed, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype) {
   const at::Tensor w_flat = weight.to(dtype).reshape({g.num_kernels, -1});
+  const at::Tensor attn_mix = attn_c.to(dtype);
   const at::Tensor x_c = x.to(dtype).contiguous();
   const int64_t chunk = library_chunk(g, c10::elementSize(dtype));
   at::Tensor y;
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const c10::optional<at::Tensor> bias_n =
-        bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed.narrow(0, b0, n).reshape({-1})) : c10::nullopt;
-    at::Tensor y_n = at::conv2d(as_one_sample(x_c, b0, n), mixed_kernels(attn_c, w_flat, b0, n, weight), bias_n,
+        bias_mixed.defined() ? c10::optional<at::Tensor>(bias_mixed.narrow(0, b0, n).reshape({-1}).to(dtype))
+                             : c10::nullopt;
+    at::Tensor y_n = at::conv2d(as_one_sample(x_c, b0, n), mixed_kernels(attn_mix, w_flat, b0, n, weight), bias_n,
                                 stride, padding, dilation, n * groups)
                          .view({n, g.out_channels, g.out_h, g.out_w});
     if (n == g.batch) return y_n;  // one chunk: the library's output is the result
@@ -201,13 +243,17 @@ at::Tensor forward_library(const ConvGeometry& g, const at::Tensor& x, const at:
 // grad_x (need_x) and the weight side (need_w, need_attn) from the library's
 // convolution backward, a chunk of samples at a time: G_b, the gradient of
 // sample b's mixed kernel, gives dW_k += attn[b,k] G_b and dattn[b,k] =
-// <G_b, W_k> as each chunk's G is produced. grad_w must be zeroed.
+// <G_b, W_k> as each chunk's G is produced (summed in attn_c's compute type;
+// dtype, as in forward_library, is the convs'). grad_w must be zeroed.
 void backward_library(const ConvGeometry& g, const at::Tensor& grad_out, const at::Tensor& x,
                       const at::Tensor& weight, const at::Tensor& attn_c, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, at::ScalarType dtype,
                       bool need_x, bool need_w, bool need_attn, at::Tensor& grad_x, at::Tensor& grad_w,
                       at::Tensor& grad_attn) {
   const at::Tensor w_flat = weight.to(dtype).reshape({g.num_kernels, -1});
+  const at::Tensor attn_mix = attn_c.to(dtype);
+  // dattn's kernels in the compute type (the same tensor where the convs run in it).
+  const at::Tensor w_sum = need_attn ? weight.to(attn_c.scalar_type()).reshape({g.num_kernels, -1}) : w_flat;
   const at::Tensor x_c = x.to(dtype).contiguous();
   const at::Tensor go = grad_out.to(dtype).contiguous();
   at::Tensor grad_w_flat = need_w ? grad_w.view({g.num_kernels, -1}) : at::Tensor();
@@ -217,14 +263,14 @@ void backward_library(const ConvGeometry& g, const at::Tensor& grad_out, const a
   for (int64_t b0 = 0; b0 < g.batch; b0 += chunk) {
     const int64_t n = std::min(chunk, g.batch - b0);
     const auto grads = at::convolution_backward(
-        as_one_sample(go, b0, n), as_one_sample(x_c, b0, n), mixed_kernels(attn_c, w_flat, b0, n, weight),
+        as_one_sample(go, b0, n), as_one_sample(x_c, b0, n), mixed_kernels(attn_mix, w_flat, b0, n, weight),
         c10::nullopt, stride, padding, dilation, /*transposed=*/false, no_output_padding, n * groups,
         {need_x, need_g, false});
     if (need_x) grad_x.narrow(0, b0, n).copy_(std::get<0>(grads).view({n, g.in_channels, g.height, g.width}));
     if (!need_g) continue;
-    const at::Tensor g_n = std::get<1>(grads).view({n, -1});
+    const at::Tensor g_n = std::get<1>(grads).view({n, -1}).to(attn_c.scalar_type());
     if (need_w) grad_w_flat.addmm_(attn_c.narrow(0, b0, n).t(), g_n);
-    if (need_attn) grad_attn.narrow(0, b0, n).copy_(at::mm(g_n, w_flat.t()));
+    if (need_attn) grad_attn.narrow(0, b0, n).copy_(at::mm(g_n, w_sum.t()));
   }
 }
 
@@ -246,6 +292,11 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   at::Tensor bias_mixed;  // (B, C_out)
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
+  }
+  const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
+  if (conv_dtype != dtype && use_library(g, kLibraryForwardMinPixels)) {
+    // A half type the CPU runs natively, on a large plane: the library in that type.
+    return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, conv_dtype);
   }
   const Plan p = make_plan(g);
   const PackedIsa isa = packed_isa();
@@ -530,14 +581,19 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const Plan p = make_plan(g);
   const PackedIsa isa = packed_isa();
   WinogradConv winograd_c = winograd_grad_x_conv(p);
-  const bool winograd_x = need_x && plan_winograd(p, dtype, isa, winograd_c);
   const bool stride_one = g.stride[0] == 1 && g.stride[1] == 1;
-  const bool library_x = g.batch > 0 && need_x && !winograd_x && stride_one &&
-                         use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype));
+  // A half type the CPU runs natively (library_dtype): large planes' library
+  // path runs in it, and takes grad_x before Winograd does.
+  const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
+  const bool half_library_x = conv_dtype != dtype && g.batch > 0 && need_x && stride_one &&
+                              use_library(g, kLibraryGradXMinPixels);
+  const bool winograd_x = need_x && !half_library_x && plan_winograd(p, dtype, isa, winograd_c);
+  const bool library_x = half_library_x || (g.batch > 0 && need_x && !winograd_x && stride_one &&
+                                            use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype)));
   const bool library_g = g.batch > 0 && (need_w || need_attn) && use_library(g, kLibraryWeightGradMinPixels);
   if (library_x || library_g) {
     if (need_w && library_g) grad_w.zero_();
-    backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, dtype, library_x,
+    backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, conv_dtype, library_x,
                      library_g && need_w, library_g && need_attn, grad_x, grad_w, grad_attn);
   }
   if (winograd_x) {
