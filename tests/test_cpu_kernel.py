@@ -367,6 +367,18 @@ def test_large_weight_gradients_come_from_a_pool():
     torch.ops.chanflex.cpu_release_scratch()
 
 
+def test_half_weights_float32_copy_comes_from_the_pool():
+    # A bfloat16 call's float32 copy of the K kernels (37.7 MB here) comes from the same pool: a block a
+    # previous call filled (here with the copy of other kernels) is overwritten whole, and the result matches.
+    case = Case(2, 512, 512, 7, 7, padding=(1, 1), num_kernels=4, bias=False)
+    from comparison import make_inputs
+    torch.ops.chanflex.cpu_release_scratch()
+    x, weight, attn = (t.bfloat16() for t in make_inputs(case)[:3])
+    dynamic_conv2d(x, -weight, attn, padding=1)  # its copy goes back to the pool
+    assert_matches_reference(dynamic_conv2d, case, torch.bfloat16)
+    torch.ops.chanflex.cpu_release_scratch()
+
+
 # Winograd F(2x2, 3x3): 2x2 output tiles from 4x4 input patches, 16 GEMMs
 # (one per transform position) through the packed micro-kernels, for the
 # forward and grad_x (the transposed, flipped kernels; pad 2 - padding, which

@@ -318,7 +318,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
         .to(x.scalar_type());
   }
   const at::Tensor x_c = x.to(dtype).contiguous();
-  const at::Tensor w_c = weight.to(dtype).contiguous();
+  const at::Tensor w_c = to_compute(weight, dtype);
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
   if (winograd || packed || streamed) {
     if (winograd) {
@@ -562,7 +562,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : empty;
   // grad_w is zeroed by the paths that accumulate into it; the packed weight
   // gradient writes it, which saves a pass over K |W|.
-  at::Tensor grad_w = need_w ? empty_weight_grad(weight.sizes(), opts) : empty;
+  at::Tensor grad_w = need_w ? empty_pooled(weight.sizes(), opts) : empty;
   at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : empty;
   at::Tensor grad_bias = empty;
 
@@ -598,7 +598,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   }
   if (winograd_x) {
     winograd_conv(isa, winograd_c, grad_out.to(dtype).contiguous().const_data_ptr<float>(),
-                  weight.to(dtype).contiguous().const_data_ptr<float>(), p.kernel_size,
+                  to_compute(weight, dtype).const_data_ptr<float>(), p.kernel_size,
                   attn_c.const_data_ptr<float>(), g.num_kernels, grad_x.data_ptr<float>());
   }
   const bool kernel_x = g.batch > 0 && need_x && !library_x && !winograd_x;
@@ -606,7 +606,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const bool kernel_attn = g.batch > 0 && need_attn && !library_g;
   if (kernel_x || kernel_w || kernel_attn) {
     const at::Tensor go = grad_out.to(dtype).contiguous();
-    const at::Tensor w_c = (kernel_x || kernel_attn) ? weight.to(dtype).contiguous() : at::Tensor();
+    const at::Tensor w_c = (kernel_x || kernel_attn) ? to_compute(weight, dtype) : at::Tensor();
     const at::Tensor x_c = (kernel_w || kernel_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.

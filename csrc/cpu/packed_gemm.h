@@ -52,8 +52,8 @@ class GradPool {
       }
     }
     void* block = nullptr;
-    TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "dynamic_conv2d_backward: out of memory allocating ",
-                bytes, " bytes for grad_weight");
+    TORCH_CHECK(posix_memalign(&block, 64, bytes) == 0, "dynamic_conv2d: out of memory allocating ", bytes,
+                " bytes for a kernel-sized buffer");
     return block;
   }
   void release(void* block, size_t bytes) {
@@ -86,13 +86,25 @@ GradPool& grad_pool() {
   return *pool;
 }
 
-// An uninitialised float tensor for a weight gradient: from grad_pool() when
-// it is large, else from the ordinary allocator.
-at::Tensor empty_weight_grad(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+// An uninitialised float tensor for a weight gradient (or another tensor of
+// the K kernels' size made on every call): from grad_pool() when it is
+// large, else from the ordinary allocator.
+at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * sizeof(float);
   if (opts.dtype() != at::kFloat || bytes < kPooledGradBytes) return at::empty(sizes, opts);
   void* block = grad_pool().acquire(bytes);
   return at::from_blob(block, sizes, [bytes](void* data) { grad_pool().release(data, bytes); }, opts);
+}
+
+// t in the compute type (compute_dtype), contiguous. A half type's float32
+// copy of the K kernels is as large as their gradient and made on every call:
+// from grad_pool() too (bfloat16 forward at 512@7: 47 -> 36 ms; the fresh
+// mapping's page faults took 9 of the 11 ms its copy took).
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype) return t.contiguous();
+  at::Tensor out = empty_pooled(t.sizes(), t.options().dtype(dtype));
+  out.copy_(t);
+  return out;
 }
 
 // Scratch memory of the packed paths, reused across calls. A fresh buffer of
