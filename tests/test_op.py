@@ -65,11 +65,15 @@ def test_half_precision_matches_reference(case, dtype):
 
 # Large planes (>= 441 output pixels; the weight side from 784) with >= 16 input channels a group: where the
 # CPU has native instructions for a half type, the library path runs its convs in that type
-# (CHANFLEX_CPU_HALF_LIBRARY forces it on or off). Batch 5 crosses the library's 4-sample chunks.
+# (CHANFLEX_CPU_HALF_LIBRARY forces it on or off), and then also for stems and strided convs from
+# 784-pixel inputs. Batch 5 crosses the library's 4-sample chunks.
 LARGE_PLANE_CASES = [
     Case(3, 16, 8, 21, 21, padding=(1, 1)),
     Case(2, 32, 8, 58, 44, stride=(2, 1), padding=(1, 1), groups=2),                 # strided: the weight side
     Case(5, 16, 4, 28, 28, padding=(1, 1), layout="channels_last", bias=False),
+    # Half types only: few input channels (a stem), and strided convs from 784-pixel input planes
+    Case(2, 3, 8, 44, 44, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),
+    Case(5, 8, 6, 28, 28, stride=(2, 2), padding=(1, 1), num_kernels=3),
 ]
 
 
@@ -98,6 +102,15 @@ def test_half_library_switch_picks_the_convs_type(monkeypatch, half_library, exp
     y = dynamic_conv2d(x, w, a, padding=1)
     assert _library_conv_dtypes(lambda: dynamic_conv2d(x, w, a, padding=1)) == expected
     assert _library_conv_dtypes(lambda: y.sum().backward()) == expected
+
+
+@pytest.mark.parametrize("case", LARGE_PLANE_CASES[3:], ids=lambda c: c.id)
+def test_half_library_takes_stems_and_strided_convs_from_large_inputs(monkeypatch, case):
+    monkeypatch.setenv("CHANFLEX_CPU_HALF_LIBRARY", "1")
+    x, w, a, b = (t.bfloat16().requires_grad_() for t in make_inputs(case))
+    y = dynamic_conv2d(x, w, a, b, **case.conv_args)
+    assert _library_conv_dtypes(lambda: dynamic_conv2d(x, w, a, b, **case.conv_args)) == {"c10::BFloat16"}
+    assert _library_conv_dtypes(lambda: y.sum().backward()) == {"c10::BFloat16"}  # the weight side
 
 
 def test_half_library_env_var_is_validated(monkeypatch):

@@ -185,6 +185,19 @@ at::ScalarType library_dtype(at::ScalarType input) {
   return native ? input : compute;
 }
 
+// Where a half type's library path (library_dtype) runs: as use_library,
+// and also with few input channels (stems: 3->64 7x7/2 at 224, forward 99 ->
+// 78 ms in bfloat16) and for strided convs from input planes of
+// kLibraryMinPixelsHalfStrided pixels (128->256 3x3/2 at 28x28, fwd+bwd 75 ->
+// 58 ms; from 14x14 it loses: 256->512 77 -> 153).
+constexpr int64_t kLibraryMinPixelsHalfStrided = 784;
+
+bool use_half_library(const ConvGeometry& g, int64_t min_pixels) {
+  const bool strided = g.stride[0] > 1 || g.stride[1] > 1;
+  return g.kernel_h * g.kernel_w > 1 &&
+         (g.out_h * g.out_w >= min_pixels || (strided && g.height * g.width >= kLibraryMinPixelsHalfStrided));
+}
+
 // The forward's and grad_x's threshold: from min_pixels, but not where the
 // packed paths take the plane (see packed_max_pixels). Only float32 has
 // packed paths.
@@ -294,7 +307,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
   const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
-  if (conv_dtype != dtype && use_library(g, kLibraryForwardMinPixels)) {
+  if (conv_dtype != dtype && use_half_library(g, kLibraryForwardMinPixels)) {
     // A half type the CPU runs natively, on a large plane: the library in that type.
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, conv_dtype);
   }
@@ -586,11 +599,13 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   // path runs in it, and takes grad_x before Winograd does.
   const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
   const bool half_library_x = conv_dtype != dtype && g.batch > 0 && need_x && stride_one &&
-                              use_library(g, kLibraryGradXMinPixels);
+                              use_half_library(g, kLibraryGradXMinPixels);
   const bool winograd_x = need_x && !half_library_x && plan_winograd(p, dtype, isa, winograd_c);
   const bool library_x = half_library_x || (g.batch > 0 && need_x && !winograd_x && stride_one &&
                                             use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype)));
-  const bool library_g = g.batch > 0 && (need_w || need_attn) && use_library(g, kLibraryWeightGradMinPixels);
+  const bool library_g = g.batch > 0 && (need_w || need_attn) &&
+                         (conv_dtype != dtype ? use_half_library(g, kLibraryWeightGradMinPixels)
+                                              : use_library(g, kLibraryWeightGradMinPixels));
   if (library_x || library_g) {
     if (need_w && library_g) grad_w.zero_();
     backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, conv_dtype, library_x,
