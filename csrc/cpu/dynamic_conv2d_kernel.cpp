@@ -331,7 +331,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
         .to(x.scalar_type());
   }
   const at::Tensor x_c = x.to(dtype).contiguous();
-  const at::Tensor w_c = to_compute(weight, dtype);
+  const at::Tensor w_c = to_compute(weight, dtype, /*pooled=*/true);
   at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
   if (winograd || packed || streamed) {
     if (winograd) {
@@ -613,7 +613,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   }
   if (winograd_x) {
     winograd_conv(isa, winograd_c, grad_out.to(dtype).contiguous().const_data_ptr<float>(),
-                  to_compute(weight, dtype).const_data_ptr<float>(), p.kernel_size,
+                  to_compute(weight, dtype, /*pooled=*/false).const_data_ptr<float>(), p.kernel_size,
                   attn_c.const_data_ptr<float>(), g.num_kernels, grad_x.data_ptr<float>());
   }
   const bool kernel_x = g.batch > 0 && need_x && !library_x && !winograd_x;
@@ -621,7 +621,7 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const bool kernel_attn = g.batch > 0 && need_attn && !library_g;
   if (kernel_x || kernel_w || kernel_attn) {
     const at::Tensor go = grad_out.to(dtype).contiguous();
-    const at::Tensor w_c = (kernel_x || kernel_attn) ? to_compute(weight, dtype) : at::Tensor();
+    const at::Tensor w_c = (kernel_x || kernel_attn) ? to_compute(weight, dtype, /*pooled=*/false) : at::Tensor();
     const at::Tensor x_c = (kernel_w || kernel_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread); the rest through BLAS.

@@ -98,10 +98,14 @@ at::Tensor empty_pooled(at::IntArrayRef sizes, const at::TensorOptions& opts) {
 
 // t in the compute type (compute_dtype), contiguous. A half type's float32
 // copy of the K kernels is as large as their gradient and made on every call:
-// from grad_pool() too (bfloat16 forward at 512@7: 47 -> 36 ms; the fresh
-// mapping's page faults took 9 of the 11 ms its copy took).
-at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype) {
+// with `pooled`, from grad_pool() too (bfloat16 forward at 512@7: 47 -> 36
+// ms; the fresh mapping's page faults took 9 of the 11 ms its copy took).
+// The backward's copy is not pooled: freed before the float32 gradients are
+// rounded to the half type, it would stay resident through that (fwd+bwd
+// peak at 512@7 in bfloat16: 84 -> 98 MB).
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType dtype, bool pooled) {
   if (t.scalar_type() == dtype) return t.contiguous();
+  if (!pooled) return t.to(dtype).contiguous();
   at::Tensor out = empty_pooled(t.sizes(), t.options().dtype(dtype));
   out.copy_(t);
   return out;
