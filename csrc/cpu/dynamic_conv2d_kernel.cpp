@@ -167,10 +167,11 @@ bool cpu_has_any(std::initializer_list<const char*> keys) {
 // the library path runs in it, as a half nn.Conv2d does: each chunk's mixed
 // kernels rounded to the type, float32 accumulation inside the library, the
 // K kernels' gradients and dattn summed in float32. On the development VM
-// (Zen 4, AVX512-BF16; batch 32, K = 4, ms, the float32 kernels on bfloat16
-// inputs -> the library in bfloat16, interleaved) see README "Mixed
-// precision". CHANFLEX_CPU_HALF_LIBRARY=1 or 0 runs it always or never
-// (tests, A/Bs).
+// (Zen 4, AVX512-BF16; bfloat16, batch 32, K = 4, fwd+bwd, ms, the float32
+// kernels -> the library in bfloat16, two full bench runs): 64@56 141.6 ->
+// 68.1, 128@28 104.9 -> 80.0, 64@84 337.5 -> 148.4 (README "Mixed
+// precision", results_cpu.md). CHANFLEX_CPU_HALF_LIBRARY=1 or 0 runs it
+// always or never (tests, A/Bs).
 at::ScalarType library_dtype(at::ScalarType input) {
   const at::ScalarType compute = compute_dtype(input);
   if (compute == input) return compute;
@@ -186,10 +187,11 @@ at::ScalarType library_dtype(at::ScalarType input) {
 }
 
 // Where a half type's library path (library_dtype) runs: as use_library,
-// and also with few input channels (stems: 3->64 7x7/2 at 224, forward 99 ->
-// 78 ms in bfloat16) and for strided convs from input planes of
-// kLibraryMinPixelsHalfStrided pixels (128->256 3x3/2 at 28x28, fwd+bwd 75 ->
-// 58 ms; from 14x14 it loses: 256->512 77 -> 153).
+// and also with few input channels (stems; bfloat16 3->64 7x7/2 at 224,
+// fwd+bwd 325 -> 235 ms) and for strided convs from input planes of
+// kLibraryMinPixelsHalfStrided pixels (128->256 3x3/2 at 28x28, forward 23.7
+// -> 14.5 ms; from 14x14 it loses: chunks of 4 samples in bfloat16 took
+// 256->512 3x3/2's fwd+bwd from 77 to 153 ms).
 constexpr int64_t kLibraryMinPixelsHalfStrided = 784;
 
 bool use_half_library(const ConvGeometry& g, int64_t min_pixels) {
