@@ -110,3 +110,19 @@ def test_inference_under_autocast_in_a_converted_model():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA autocast)")
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_module_under_cuda_autocast(dtype):
+    """On CUDA tensors autocast casts the same way; the op runs its CUDA backend (Triton) in dtype."""
+    torch.manual_seed(0)
+    module = DynamicConv2d(6, 8, 3, stride=2, padding=1, groups=2).cuda()
+    x = torch.randn(3, 6, 9, 9, device="cuda")
+    expected = module(x)
+    with torch.autocast("cuda", dtype=dtype):
+        actual = module(x)
+    assert actual.dtype == dtype, f"output dtype: expected {dtype} (autocast's), got {actual.dtype}"
+    assert_close_scaled(actual.float().cpu(), expected.detach().cpu(), dtype, "output")
+    actual.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
