@@ -383,7 +383,7 @@ def markdown(rows: Sequence[Row]) -> str:
 # ---------------------------------------------------------------------------
 # The acceptance targets (SPEC section 8, CPU) and the check of a run's rows.
 
-TARGET_BATCH = 32  # the CPU targets are set at batch 32 (float32, TARGET_DTYPE; K = 4)
+TARGET_BATCH = 32  # the CPU targets are set at batch 32 (in TARGET_DTYPE, K = 4)
 FULL_REPEATS, QUICK_REPEATS = 5, 3  # timed runs per provider (median) of the full and the --quick run
 
 
@@ -472,7 +472,8 @@ def targets_markdown(checks: Sequence[TargetCheck]) -> str:
              "|---|---|---|---|"]
     for check in checks:
         if not check.values:
-            lines.append(f"| {check.target.label} | no measured rows (batch {TARGET_BATCH} {TARGET_DTYPE}, its layers) | - | - |")
+            lines.append(f"| {check.target.label} | no measured rows (batch {TARGET_BATCH} {TARGET_DTYPE}, its layers) "
+                         f"| - | - |")
             continue
         label, value = check.worst
         misses = ", ".join(f"{name} {v:.2f}" + ("" if floor is None else f" (floor {floor:.2f})")
