@@ -278,8 +278,91 @@ def make_backward(backward_op):
     return backward
 
 
-torch.library.register_autograd("chanflex::dynamic_conv2d", make_backward(torch.ops.chanflex.dynamic_conv2d_backward),
-                                setup_context=setup_context)
+def setup_backward_context(ctx, inputs, output):
+    grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask = inputs
+    # Gradients of the outputs nobody used arrive as None, not as zeros to convolve.
+    ctx.set_materialize_grads(False)
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.save_for_backward(grad_out, x, weight, attn, bias)
+
+
+def make_double_backward(forward_op, backward_op):
+    """The autograd backward of ``backward_op`` (double backward: gradient penalties, MAML).
+
+    backward_op(g) returns J^T g, the transposed Jacobian of the forward at
+    p = (x, weight, attn, bias) applied to g. For cotangents h = (hx, hW, ha, hb)
+    of its outputs, S = <h, J^T g> = <g, J h>, and J h is the forward's
+    directional derivative, itself dynamic convolutions:
+
+        J h = conv(hx, W, a) + conv(x, [hW; W], [a; ha]) + a @ hb + ha @ b
+
+    (the second mixes 2K kernels: sum_k a[b,k] hW_k + ha[b,k] W_k). So dS/dg
+    is those forward calls, and dS/dp their backward calls with cotangent g.
+    Everything here is a differentiable op again, so higher orders work too.
+    """
+    def backward(ctx, hx, hw, ha, hb):
+        g, x, weight, attn, bias = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_g, need_x, need_w, need_attn, need_bias = ctx.needs_input_grad[:5]
+        # Unrequested outputs of the backward were empty tensors: drop their cotangents.
+        hx, hw, ha, hb = (h if h is not None and like is not None and h.shape == like.shape else None
+                          for h, like in zip((hx, hw, ha, hb), (x, weight, attn, bias)))
+
+        def conv(xx, ww, aa):
+            return forward_op(xx, ww, aa, None, stride, padding, dilation, groups)
+
+        def conv_vjp(xx, ww, aa, mask):  # (grad_x, grad_weight, grad_attn) of conv(xx, ww, aa) for cotangent g
+            return backward_op(g, xx, ww, aa, None, stride, padding, dilation, groups, [*mask, False])[:3]
+
+        kernels = [w for w in (hw, weight if ha is not None else None) if w is not None]
+        coeffs = [c for c, w in ((attn, hw), (ha, ha)) if w is not None]
+        mixed = (torch.cat(kernels), torch.cat(coeffs, dim=1)) if kernels else None
+        grad_g = grad_x = grad_w = grad_attn = grad_bias = None
+        if need_g:
+            terms = [conv(hx, weight, attn)] if hx is not None else []
+            if mixed is not None:
+                terms.append(conv(x, *mixed))
+            bias_terms = [attn @ hb] if hb is not None else []
+            if ha is not None and bias is not None:
+                bias_terms.append(ha @ bias)
+            if bias_terms:
+                terms.append(sum(bias_terms)[:, :, None, None].expand(g.shape))
+            grad_g = sum(terms) if terms else None
+        if need_x and mixed is not None:
+            grad_x = conv_vjp(x, *mixed, (True, False, False))[0]
+        if (need_w or need_attn) and hx is not None:  # from conv(hx, W, a)
+            _, grad_w, grad_attn = conv_vjp(hx, weight, attn, (False, need_w, need_attn))
+        if need_w and ha is not None:  # from conv(x, W, ha)
+            term = conv_vjp(x, weight, ha, (False, True, False))[1]
+            grad_w = term if grad_w is None else grad_w + term
+        if need_attn:  # from conv(x, hW, a) and a @ hb
+            terms = [grad_attn] if grad_attn is not None else []
+            if hw is not None:
+                terms.append(conv_vjp(x, hw, attn, (False, False, True))[2])
+            if hb is not None:
+                terms.append(g.sum(dim=(2, 3)) @ hb.t())
+            grad_attn = sum(terms) if terms else None
+        if need_bias and ha is not None:  # from ha @ b
+            grad_bias = ha.t() @ g.sum(dim=(2, 3))
+        return grad_g, grad_x, grad_w, grad_attn, grad_bias, None, None, None, None, None
+
+    return backward
+
+
+def register_op_autograd(forward_name: str, backward_name: str) -> None:
+    """Autograd for a (forward, backward) pair of dynamic_conv2d ops, to any order.
+
+    Shared by the compiled ops and the Triton ones; the names are "chanflex::..." ops
+    with the schemas of chanflex::dynamic_conv2d and chanflex::dynamic_conv2d_backward.
+    """
+    forward_op = getattr(torch.ops.chanflex, forward_name.split("::")[1])
+    backward_op = getattr(torch.ops.chanflex, backward_name.split("::")[1])
+    torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=setup_context)
+    torch.library.register_autograd(backward_name, make_double_backward(forward_op, backward_op),
+                                    setup_context=setup_backward_context)
+
+
+register_op_autograd("chanflex::dynamic_conv2d", "chanflex::dynamic_conv2d_backward")
 
 
 # --- FLOP counting (torch.utils.flop_counter.FlopCounterMode) ----------------

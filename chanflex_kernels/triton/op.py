@@ -41,8 +41,7 @@ def dynamic_conv2d_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, weig
 
 dynamic_conv2d_triton.register_fake(ops.dynamic_conv2d_fake)
 dynamic_conv2d_backward_triton.register_fake(ops.dynamic_conv2d_backward_fake)
-torch.library.register_autograd(FORWARD, ops.make_backward(torch.ops.chanflex.dynamic_conv2d_backward_triton),
-                                setup_context=ops.setup_context)
+ops.register_op_autograd(FORWARD, BACKWARD)
 
 
 # True when the compiled extension brought CUDA C++ kernels; then they serve CUDA tensors.

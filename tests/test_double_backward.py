@@ -1,0 +1,125 @@
+"""Double backward (create_graph=True): gradient penalties, MAML, Hessian-vector products.
+
+The backward ops have their own autograd formula (chanflex_kernels.ops.make_double_backward);
+before it, differentiating a gradient of dynamic_conv2d gave zeros for the kernels'
+share with only a warning. Checked against torch.autograd.gradgradcheck (float64,
+compiled kernels) and against the pure-PyTorch reference, whose double backward is
+PyTorch's own, for every backend.
+"""
+import warnings
+
+import pytest
+import torch
+
+from chanflex_kernels import ChannelFlexConv2d, DynamicConv2d, dynamic_conv2d, use_backend
+from chanflex_kernels import triton as triton_backend
+from chanflex_kernels.reference import dynamic_conv2d_reference
+from comparison import Case, assert_close_scaled, make_inputs
+from test_op import EDGE_CASES, random_cases
+
+GRADGRAD_CASES = [c for c in EDGE_CASES if c.batch > 0] + random_cases(4, seed=2468)
+TRITON_RUNS = triton_backend.AVAILABLE and (triton_backend.launch.interpreting() or torch.cuda.is_available())
+BACKENDS = ["auto"] + (["triton"] if TRITON_RUNS else [])
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("x", "weight", "attn", "bias")
+
+
+def first_order_functional(fn, inputs, wrt, probes, conv_args):
+    """S = sum_i <probe_i, dL/d input_i> for L = <y, r> + ||y||^2 / 2, as a differentiable graph.
+
+    L's gradient grad_out = r + y depends on every input, so the double backward
+    exercises all of its paths (the probes weigh grad_x, grad_weight, grad_attn, grad_bias).
+    """
+    y = fn(*inputs, **conv_args)
+    r = probes[-1]
+    loss = (y * r).sum() + 0.5 * y.square().sum()
+    grads = torch.autograd.grad(loss, [inputs[i] for i in wrt], create_graph=True)
+    return sum((g * probes[i]).sum() for g, i in zip(grads, wrt))
+
+
+@pytest.mark.parametrize("case", GRADGRAD_CASES, ids=lambda c: c.id)
+def test_gradgradcheck(case):
+    inputs = tuple(t.requires_grad_() for t in make_inputs(case) if t is not None)
+    if case.bias:
+        fn = lambda x, w, a, b: dynamic_conv2d(x, w, a, b, **case.conv_args)  # noqa: E731
+    else:
+        fn = lambda x, w, a: dynamic_conv2d(x, w, a, **case.conv_args)  # noqa: E731
+    # Full Jacobians on small cases; a random projection of them (fast_mode) on the larger ones.
+    assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=inputs[0].numel() > 300)
+
+
+def test_third_order():
+    """The double backward is built of differentiable ops, so one more order works too."""
+    case = Case(2, 4, 4, 6, 5, stride=(2, 1), padding=(1, 1), groups=2, num_kernels=3)
+    inputs = tuple(t.requires_grad_() for t in make_inputs(case))
+
+    def first_grads(x, w, a, b):
+        y = dynamic_conv2d(x, w, a, b, **case.conv_args)
+        return torch.autograd.grad(y.square().sum(), (x, w, a, b), create_graph=True)
+
+    assert torch.autograd.gradgradcheck(first_grads, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wrt", [(0, 1, 2, 3), (0,), (1,), (2,), (3,), (0, 1)],
+                         ids=lambda w: "+".join(NAMES[i] for i in w))
+@pytest.mark.parametrize("case", [Case(3, 4, 6, 7, 6, padding=(1, 1)),
+                                  Case(2, 6, 4, 8, 7, kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1),
+                                       groups=2, num_kernels=3)], ids=lambda c: c.id)
+def test_matches_reference(case, wrt, backend):
+    """Gradients of a functional of the first-order gradients, for every input, vs the reference.
+
+    wrt: which first-order gradients the functional reads (one alone leaves the
+    others' cotangents None: the paths a gradient penalty on x alone takes).
+    """
+    dtype = torch.float64 if backend == "auto" else torch.float32  # the Triton kernels run float32 and half
+    raw = make_inputs(case)
+    gen = torch.Generator().manual_seed(7)
+    out_shape = dynamic_conv2d_reference(*raw, **case.conv_args).shape
+    probes = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in raw]
+    probes.append(torch.randn(out_shape, generator=gen, dtype=torch.float64))
+
+    def second_order(fn, dtype, device):
+        inputs = [t.to(device=device, dtype=dtype).requires_grad_() for t in raw]
+        cast = [p.to(device=device, dtype=dtype) for p in probes]
+        s = first_order_functional(fn, inputs, wrt, cast, case.conv_args)
+        return torch.autograd.grad(s, inputs, allow_unused=True)
+
+    expected = second_order(dynamic_conv2d_reference, torch.float64, "cpu")
+    device = "cpu" if backend == "auto" else DEVICE
+    with use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "an autograd kernel was not registered"
+        actual = second_order(dynamic_conv2d, dtype, device)
+    for name, e, a in zip(NAMES, expected, actual):
+        e = torch.zeros(()) if e is None else e
+        a = torch.zeros(()) if a is None else a
+        assert_close_scaled(a.cpu().expand(e.shape), e, dtype, f"second-order grad of {name}")
+
+
+@pytest.mark.parametrize("module", ["dynamic", "channel_flex"])
+def test_r1_penalty_trains_the_kernels(module):
+    """A discriminator's R1 penalty ||dD(x)/dx||^2: its gradient reaches every parameter as the reference's."""
+    torch.manual_seed(0)
+    if module == "dynamic":
+        layer = DynamicConv2d(3, 8, 3, padding=1, num_kernels=4, temperature=1.0).double()
+        call = layer
+    else:
+        layer = ChannelFlexConv2d(4, 8, 3, padding=1).double()
+        call = lambda x: layer(x, channels=[0, 2, 3])  # noqa: E731
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64)
+
+    def penalty_grads(backend):
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        with use_backend(backend):
+            score = call(xx).tanh().sum()
+            grad_x, = torch.autograd.grad(score, xx, create_graph=True)
+            grad_x.square().sum().backward()
+        return {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    expected = penalty_grads("reference")
+    actual = penalty_grads("auto")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert expected[name].abs().max() > 0, f"{name}: the reference's penalty gradient is zero; the test is void"
+        assert_close_scaled(actual[name], expected[name], torch.float64, f"R1 penalty grad of {name}")
