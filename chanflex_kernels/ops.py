@@ -60,6 +60,8 @@ def check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, 
     num_kernels, out_channels, group_in, kh, kw = weight.shape
     if min(num_kernels, out_channels, kh, kw) < 1:
         fail(f"expected a non-empty weight, got shape {_shape(weight)}")
+    if in_channels < 1:
+        fail(f"expected x with at least one input channel, got shape {_shape(x)}")
     if in_channels % groups:
         fail(f"expected C_in divisible by groups, got C_in={in_channels}, groups={groups}")
     if out_channels % groups:

@@ -76,6 +76,10 @@ ConvGeometry check_dynamic_conv2d_args(
                   g.kernel_w >= 1,
               "dynamic_conv2d: expected a non-empty weight, got shape ",
               shape_str(weight));
+  // C_in = 0 would reach the kernels' divisions by the reduction length.
+  TORCH_CHECK(g.in_channels >= 1,
+              "dynamic_conv2d: expected x with at least one input channel, got shape ",
+              shape_str(x));
   TORCH_CHECK(g.in_channels % groups == 0,
               "dynamic_conv2d: expected C_in divisible by groups, got C_in=",
               g.in_channels, ", groups=", groups);

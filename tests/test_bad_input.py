@@ -26,6 +26,8 @@ BAD = {
                      attn=torch.ones(2, 3, dtype=torch.int64), bias=None), r"expected a floating-point dtype, got torch.int64"),
     "groups-divide-in": (dict(x=torch.randn(2, 3, 8, 8), weight=torch.randn(3, 6, 1, 3, 3)), r"expected C_in divisible by groups, got C_in=3, groups=2"),
     "groups-divide-out": (dict(weight=torch.randn(3, 5, 2, 3, 3), bias=None), r"expected C_out divisible by groups, got C_out=5, groups=2"),
+    "no-channels": (dict(x=torch.randn(2, 0, 8, 8), weight=torch.randn(3, 6, 0, 3, 3), groups=1),
+                    r"expected x with at least one input channel, got shape \(2, 0, 8, 8\)"),
     "groups-zero": (dict(groups=0), r"expected groups to be a positive int, got 0"),
     "kernel-too-big": (dict(weight=torch.randn(3, 6, 2, 9, 3)), r"expected the dilated kernel \(9x3\) to fit in the padded input, got a padded input of 8x8"),
     "dilated-too-big": (dict(dilation=4), r"expected the dilated kernel \(9x9\) to fit in the padded input, got a padded input of 8x8"),
@@ -46,7 +48,8 @@ def test_op_rejects_bad_input(name):
         dynamic_conv2d(**args)
 
 
-@pytest.mark.parametrize("name", ["x-ndim", "channels", "attn-K", "bias-shape", "dtype", "groups-divide-out", "kernel-too-big"])
+@pytest.mark.parametrize("name", ["x-ndim", "channels", "attn-K", "bias-shape", "dtype", "groups-divide-out", "kernel-too-big",
+                                  "no-channels"])
 def test_compiled_op_checks_its_arguments_too(name):
     # Direct callers of torch.ops.chanflex get the C++ checks (RuntimeError), not a crash.
     change, _ = BAD[name]
