@@ -11,6 +11,7 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
@@ -189,9 +190,55 @@ def dynamic_conv2d(
         raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
     if backend == "triton":
         backends.require_triton()
-        return torch.ops.chanflex.dynamic_conv2d_triton(x, weight, attn, bias, list(stride), list(padding),
-                                                        list(dilation), groups)
-    return torch.ops.chanflex.dynamic_conv2d(x, weight, attn, bias, stride, padding, dilation, groups)
+        op, conv_args = torch.ops.chanflex.dynamic_conv2d_triton, (list(stride), list(padding), list(dilation), groups)
+    else:
+        op, conv_args = torch.ops.chanflex.dynamic_conv2d, (stride, padding, dilation, groups)
+    return _with_forward_tangents(lambda *tensors: op(*tensors, *conv_args), x, weight, attn, bias)
+
+
+def _with_forward_tangents(run, x, weight, attn, bias):
+    """run(x, weight, attn, bias) (a compiled or Triton op), carrying forward-mode AD tangents.
+
+    torch.library registers reverse-mode formulas only, so the ops alone would drop
+    the tangents of ``torch.func.jvp`` / ``torch.autograd.forward_ad`` silently;
+    here the output's tangent is J t, computed by the same ops on the primals.
+    """
+    primals, tangents = zip(*(fwAD.unpack_dual(t) if t is not None else (None, None)
+                              for t in (x, weight, attn, bias)))
+    if all(t is None for t in tangents):
+        return run(x, weight, attn, bias)
+    y = run(*primals)
+    tangent = jacobian_vector_product(lambda xx, ww, aa: run(xx, ww, aa, None), *primals, *tangents, y.shape)
+    return fwAD.make_dual(y, tangent)
+
+
+def _mixed_kernels(weight, attn, tangent_weight, tangent_attn):
+    """([tW; W], [a; ta]): 2K kernels whose mix is sum_k a[b,k] tW_k + ta[b,k] W_k; a missing half is left out."""
+    kernels = [w for w in (tangent_weight, weight if tangent_attn is not None else None) if w is not None]
+    coeffs = [c for c, w in ((attn, tangent_weight), (tangent_attn, tangent_attn)) if w is not None]
+    return (torch.cat(kernels), torch.cat(coeffs, dim=1)) if kernels else None
+
+
+def jacobian_vector_product(conv, x, weight, attn, bias, tx, tw, ta, tb, out_shape):
+    """J t: dynamic_conv2d's derivative at (x, weight, attn, bias) along t = (tx, tw, ta, tb), None = 0.
+
+    The op is linear in x and bilinear in (attn, weight) and (attn, bias), so
+
+        J t = conv(tx, W, a) + conv(x, [tW; W], [a; ta]) + a @ tb + ta @ b
+
+    with conv(x, w, a) the op without bias. Used by forward-mode AD and by the
+    double backward (where it is the gradient for grad_out). None if t is all None.
+    """
+    terms = [conv(tx, weight, attn)] if tx is not None else []
+    mixed = _mixed_kernels(weight, attn, tw, ta)
+    if mixed is not None:
+        terms.append(conv(x, *mixed))
+    bias_terms = [attn @ tb] if tb is not None else []
+    if ta is not None and bias is not None:
+        bias_terms.append(ta @ bias)
+    if bias_terms:
+        terms.append(sum(bias_terms)[:, :, None, None].expand(out_shape))
+    return sum(terms) if terms else None
 
 
 def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -298,8 +345,8 @@ def make_double_backward(forward_op, backward_op):
 
         J h = conv(hx, W, a) + conv(x, [hW; W], [a; ha]) + a @ hb + ha @ b
 
-    (the second mixes 2K kernels: sum_k a[b,k] hW_k + ha[b,k] W_k). So dS/dg
-    is those forward calls, and dS/dp their backward calls with cotangent g.
+    (jacobian_vector_product). So dS/dg is those forward calls, and dS/dp
+    their backward calls with cotangent g.
     Everything here is a differentiable op again, so higher orders work too.
     """
     def backward(ctx, hx, hw, ha, hb):
@@ -316,20 +363,9 @@ def make_double_backward(forward_op, backward_op):
         def conv_vjp(xx, ww, aa, mask):  # (grad_x, grad_weight, grad_attn) of conv(xx, ww, aa) for cotangent g
             return backward_op(g, xx, ww, aa, None, stride, padding, dilation, groups, [*mask, False])[:3]
 
-        kernels = [w for w in (hw, weight if ha is not None else None) if w is not None]
-        coeffs = [c for c, w in ((attn, hw), (ha, ha)) if w is not None]
-        mixed = (torch.cat(kernels), torch.cat(coeffs, dim=1)) if kernels else None
-        grad_g = grad_x = grad_w = grad_attn = grad_bias = None
-        if need_g:
-            terms = [conv(hx, weight, attn)] if hx is not None else []
-            if mixed is not None:
-                terms.append(conv(x, *mixed))
-            bias_terms = [attn @ hb] if hb is not None else []
-            if ha is not None and bias is not None:
-                bias_terms.append(ha @ bias)
-            if bias_terms:
-                terms.append(sum(bias_terms)[:, :, None, None].expand(g.shape))
-            grad_g = sum(terms) if terms else None
+        mixed = _mixed_kernels(weight, attn, hw, ha)
+        grad_x = grad_w = grad_attn = grad_bias = None
+        grad_g = jacobian_vector_product(conv, x, weight, attn, bias, hx, hw, ha, hb, g.shape) if need_g else None
         if need_x and mixed is not None:
             grad_x = conv_vjp(x, *mixed, (True, False, False))[0]
         if (need_w or need_attn) and hx is not None:  # from conv(hx, W, a)

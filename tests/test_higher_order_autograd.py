@@ -1,12 +1,19 @@
-"""Double backward (create_graph=True): gradient penalties, MAML, Hessian-vector products.
+"""Autograd beyond first-order reverse mode: double backward and forward mode.
 
-The backward ops have their own autograd formula (chanflex_kernels.ops.make_double_backward);
-before it, differentiating a gradient of dynamic_conv2d gave zeros for the kernels'
-share with only a warning. Checked against torch.autograd.gradgradcheck (float64,
-compiled kernels) and against the pure-PyTorch reference, whose double backward is
+- Double backward (create_graph=True: gradient penalties, MAML, Hessian-vector
+  products): the backward ops have their own autograd formula
+  (chanflex_kernels.ops.make_double_backward); before it, differentiating a
+  gradient of dynamic_conv2d gave zeros for the kernels' share, with only a warning.
+- Forward mode (torch.func.jvp, jacfwd, torch.autograd.forward_ad): before it the
+  compiled ops dropped the tangents silently.
+
+Checked against torch.autograd.gradgradcheck (float64, compiled kernels) and
+against the pure-PyTorch reference, whose higher-order derivatives are
 PyTorch's own, for every backend.
 """
 import warnings
+
+import torch.autograd.forward_ad as fwAD
 
 import pytest
 import torch
@@ -123,3 +130,73 @@ def test_r1_penalty_trains_the_kernels(module):
     for name in expected:
         assert expected[name].abs().max() > 0, f"{name}: the reference's penalty gradient is zero; the test is void"
         assert_close_scaled(actual[name], expected[name], torch.float64, f"R1 penalty grad of {name}")
+
+
+# --- forward mode -------------------------------------------------------------
+
+FORWARD_CASES = [Case(3, 4, 6, 7, 6, padding=(1, 1)),
+                 Case(2, 6, 4, 8, 7, kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1), groups=2,
+                      num_kernels=3),
+                 Case(3, 4, 6, 7, 6, kernel=(1, 1), bias=False)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,which", [
+    pytest.param(c, w, id=f"{c.id}-{'+'.join(NAMES[i] for i in w)}")
+    for c in FORWARD_CASES for w in [(0, 1, 2, 3), (0,), (1,), (2,), (3,)][:5 if c.bias else 4]
+    for w in [tuple(i for i in w if i < 3 or c.bias)]
+])
+def test_jvp_matches_reference(case, which, backend):
+    """torch.func.jvp and forward_ad's dual tensors: the output and its tangent, tangents on some inputs only."""
+    dtype = torch.float64 if backend == "auto" else torch.float32
+    device = "cpu" if backend == "auto" else DEVICE
+    raw = [t for t in make_inputs(case) if t is not None]
+    gen = torch.Generator().manual_seed(11)
+    tangents = [torch.randn(raw[i].shape, generator=gen, dtype=torch.float64) for i in which]
+
+    def jvp(fn, dtype, device):
+        inputs = [t.to(device=device, dtype=dtype) for t in raw]
+
+        def f(*varying):
+            args = list(inputs)
+            for i, v in zip(which, varying):
+                args[i] = v
+            return fn(*args, **case.conv_args)
+
+        primals = tuple(inputs[i] for i in which)
+        moved = tuple(t.to(device=device, dtype=dtype) for t in tangents)
+        out, tangent = torch.func.jvp(f, primals, moved)
+        with fwAD.dual_level():
+            dual_out = f(*(fwAD.make_dual(p, t) for p, t in zip(primals, moved)))
+            dual_tangent = fwAD.unpack_dual(dual_out).tangent
+        assert dual_tangent is not None, "forward_ad: the output carries no tangent"
+        return out, tangent, dual_tangent
+
+    expected, expected_tangent, _ = jvp(dynamic_conv2d_reference, torch.float64, "cpu")
+    with use_backend(backend):
+        out, tangent, dual_tangent = jvp(dynamic_conv2d, dtype, device)
+    assert_close_scaled(out.cpu(), expected, dtype, "output")
+    assert_close_scaled(tangent.cpu(), expected_tangent, dtype, "torch.func.jvp tangent")
+    assert_close_scaled(dual_tangent.cpu(), expected_tangent, dtype, "forward_ad tangent")
+
+
+def test_jacfwd_equals_reverse_mode_jacobian():
+    """jacfwd (vmap over jvp) and the reverse-mode Jacobian agree for every input."""
+    case = Case(2, 4, 4, 5, 5, stride=(2, 1), padding=(1, 1), groups=2, num_kernels=3)
+    inputs = make_inputs(case)
+    f = lambda *t: dynamic_conv2d(*t, **case.conv_args)  # noqa: E731
+    forward = torch.func.jacfwd(f, argnums=(0, 1, 2, 3))(*inputs)
+    reverse = torch.autograd.functional.jacobian(f, inputs)
+    for name, fwd, rev in zip(NAMES, forward, reverse):
+        assert_close_scaled(fwd, rev, torch.float64, f"Jacobian wrt {name}")
+
+
+def test_module_jvp():
+    """A DynamicConv2d's jvp along x (its attention depends on x too) equals the reference backend's."""
+    torch.manual_seed(0)
+    layer = DynamicConv2d(4, 6, 3, padding=1, temperature=1.0).double()
+    x, tangent = torch.randn(2, 2, 4, 7, 7, dtype=torch.float64)
+    actual = torch.func.jvp(layer, (x,), (tangent,))[1]
+    with use_backend("reference"):
+        expected = torch.func.jvp(layer, (x,), (tangent,))[1]
+    assert_close_scaled(actual, expected, torch.float64, "module jvp tangent")
