@@ -193,7 +193,9 @@ def dynamic_conv2d(
         op, conv_args = torch.ops.chanflex.dynamic_conv2d_triton, (list(stride), list(padding), list(dilation), groups)
     else:
         op, conv_args = torch.ops.chanflex.dynamic_conv2d, (stride, padding, dilation, groups)
-    return _with_forward_tangents(lambda *tensors: op(*tensors, *conv_args), x, weight, attn, bias)
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in (x, weight, attn, bias)):
+        return _with_forward_tangents(lambda *tensors: op(*tensors, *conv_args), x, weight, attn, bias)
+    return op(x, weight, attn, bias, *conv_args)
 
 
 def _with_forward_tangents(run, x, weight, attn, bias):
@@ -205,8 +207,6 @@ def _with_forward_tangents(run, x, weight, attn, bias):
     """
     primals, tangents = zip(*(fwAD.unpack_dual(t) if t is not None else (None, None)
                               for t in (x, weight, attn, bias)))
-    if all(t is None for t in tangents):
-        return run(x, weight, attn, bias)
     y = run(*primals)
     tangent = jacobian_vector_product(lambda xx, ww, aa: run(xx, ww, aa, None), *primals, *tangents, y.shape)
     return fwAD.make_dual(y, tangent)
