@@ -13,10 +13,9 @@ PyTorch's own, for every backend.
 """
 import warnings
 
-import torch.autograd.forward_ad as fwAD
-
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from chanflex_kernels import ChannelFlexConv2d, DynamicConv2d, dynamic_conv2d, use_backend
 from chanflex_kernels import triton as triton_backend
