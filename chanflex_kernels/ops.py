@@ -7,6 +7,7 @@ the registered backward op so every device dispatches its own kernel.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence, Tuple, Union
 
@@ -190,26 +191,25 @@ def dynamic_conv2d(
         raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
     if backend == "triton":
         backends.require_triton()
-        op, conv_args = torch.ops.chanflex.dynamic_conv2d_triton, (list(stride), list(padding), list(dilation), groups)
+        name, conv_args = "chanflex::dynamic_conv2d_triton", (list(stride), list(padding), list(dilation), groups)
     else:
-        op, conv_args = torch.ops.chanflex.dynamic_conv2d, (stride, padding, dilation, groups)
-    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in (x, weight, attn, bias)):
-        return _with_forward_tangents(lambda *tensors: op(*tensors, *conv_args), x, weight, attn, bias)
-    return op(x, weight, attn, bias, *conv_args)
+        name, conv_args = "chanflex::dynamic_conv2d", (stride, padding, dilation, groups)
+    tensors = (x, weight, attn, bias)
+    if _differentiated(tensors):
+        return _AUTOGRAD_FUNCTIONS[name].apply(*tensors, OpArgs(*conv_args))
+    return _FORWARD_OPS[name](*tensors, *conv_args)
 
 
-def _with_forward_tangents(run, x, weight, attn, bias):
-    """run(x, weight, attn, bias) (a compiled or Triton op), carrying forward-mode AD tangents.
+def _differentiated(tensors) -> bool:
+    """True when the call goes through the autograd.Function (forward mode, torch.func, eager autograd).
 
-    torch.library registers reverse-mode formulas only, so the ops alone would drop
-    the tangents of ``torch.func.jvp`` / ``torch.autograd.forward_ad`` silently;
-    here the output's tangent is J t, computed by the same ops on the primals.
+    torch.compile and torch.jit.trace record the op itself (its registered autograd serves them).
     """
-    primals, tangents = zip(*(fwAD.unpack_dual(t) if t is not None else (None, None)
-                              for t in (x, weight, attn, bias)))
-    y = run(*primals)
-    tangent = jacobian_vector_product(lambda xx, ww, aa: run(xx, ww, aa, None), *primals, *tangents, y.shape)
-    return fwAD.make_dual(y, tangent)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    present = [t for t in tensors if t is not None]
+    return ((torch.is_grad_enabled() and any(t.requires_grad for t in present))
+            or any(fwAD.unpack_dual(t).tangent is not None for t in present))
 
 
 def _mixed_kernels(weight, attn, tangent_weight, tangent_attn):
@@ -226,8 +226,9 @@ def jacobian_vector_product(conv, x, weight, attn, bias, tx, tw, ta, tb, out_sha
 
         J t = conv(tx, W, a) + conv(x, [tW; W], [a; ta]) + a @ tb + ta @ b
 
-    with conv(x, w, a) the op without bias. Used by forward-mode AD and by the
-    double backward (where it is the gradient for grad_out). None if t is all None.
+    with conv(x, w, a) the op without bias. Used by forward mode (the forward's
+    jvp) and by the double backward (where it is the gradient for grad_out).
+    None if t is all None.
     """
     terms = [conv(tx, weight, attn)] if tx is not None else []
     mixed = _mixed_kernels(weight, attn, tw, ta)
@@ -387,6 +388,152 @@ def make_double_backward(forward_op, backward_op):
     return backward
 
 
+def make_backward_jvp(backward_fn):
+    """The forward-mode derivative of the backward (forward-over-reverse, torch.func.hessian).
+
+    The backward's outputs are linear in each of grad_out g, x and (weight, bias),
+    and in attn through the mix, so along t = (tg, tx, tW, ta, tb):
+
+        d grad_x = B_x(tg; W, a) + B_x(g; [tW; W], [a; ta])
+        d grad_W = B_W(tg, x; a) + B_W(g, tx; a) + B_W(g, x; ta)
+        d grad_a = B_a(tg, x, W, b) + B_a(g, tx, W) + B_a(g, x, tW, tb)
+        d grad_b = a^T sum(tg) + ta^T sum(g)
+
+    each B a call of ``backward_fn`` (differentiable again).
+    """
+    def jvp(ctx, tg, tx, tw, ta, tb, *_):  # then the non-tensor arguments' (None)
+        g, x, weight, attn, bias = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        mask = ctx.output_mask
+        like = (x, weight, attn, bias)
+        terms = [[] for _ in range(4)]
+
+        def add(grads, which):
+            for i in which:
+                terms[i].append(grads[i])
+
+        def grads_of(gg, xx, ww, aa, bb, which):
+            which = [i for i in which if mask[i] and (i != 3 or bb is not None)]
+            if which:
+                out = backward_fn(gg, xx, ww, aa, bb, stride, padding, dilation, groups,
+                                  [i in which for i in range(4)])
+                add(out, which)
+
+        if tg is not None:
+            grads_of(tg, x, weight, attn, bias, (0, 1, 2, 3))
+        if tx is not None:
+            grads_of(g, tx, weight, attn, None, (1, 2))
+        mixed = _mixed_kernels(weight, attn, tw, ta)
+        if mixed is not None:
+            grads_of(g, x, *mixed, None, (0,))
+        if ta is not None:
+            grads_of(g, x, weight, ta, None, (1,))
+        if tw is not None:
+            grads_of(g, x, tw, attn, tb, (2,))
+        elif tb is not None and mask[2]:
+            terms[2].append(g.sum(dim=(2, 3)) @ tb.t())
+        if ta is not None and mask[3] and bias is not None:
+            terms[3].append(ta.t() @ g.sum(dim=(2, 3)))
+        return tuple(sum(t) if t else (torch.zeros_like(like[i]) if mask[i] else g.new_empty(0))
+                     for i, t in enumerate(terms))
+
+    return jvp
+
+
+@dataclasses.dataclass(frozen=True)
+class OpArgs:
+    """The ops' non-tensor arguments as one object, for ``torch.autograd.Function.apply``.
+
+    torch.func counts a list argument of an autograd.Function as several pytree
+    leaves but hands its jvp one tangent for it (torch.func.hessian then fails
+    to unflatten); one object is one leaf.
+    """
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+    output_mask: Tuple[bool, ...] = ()
+
+    @property
+    def conv_args(self):
+        return (self.stride, self.padding, self.dilation, self.groups)
+
+
+def make_autograd_functions(forward_op, backward_op):
+    """``torch.autograd.Function`` classes for a (forward, backward) op pair: what dynamic_conv2d calls.
+
+    The ops' own ``torch.library.register_autograd`` formulas serve callers of
+    ``torch.ops.chanflex.*``; its generated wrapper has no setup_context (torch.func's
+    grad, vjp, jacrev and per-sample gradients refuse it: pytorch/pytorch#168393) and
+    no forward mode. These classes have both, with the same formulas, which call
+    the classes again (so every order is differentiable).
+    """
+    class DynamicConv2dFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, weight, attn, bias, args):
+            return forward_op(x, weight, attn, bias, *args.conv_args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            *tensors, args = inputs
+            setup_context(ctx, (*tensors, *args.conv_args), output)
+            ctx.save_for_forward(*tensors)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            return (*first_backward(ctx, grad_out)[:4], None)
+
+        @staticmethod
+        def jvp(ctx, tx, tw, ta, tb, _):
+            x, weight, attn, bias = ctx.saved_tensors
+            out_shape = check_dynamic_conv2d_args(x, weight, attn, bias, *ctx.conv_args)
+            tangent = jacobian_vector_product(lambda xx, ww, aa: forward(xx, ww, aa, *ctx.conv_args),
+                                              x, weight, attn, bias, tx, tw, ta, tb, out_shape)
+            return tangent if tangent is not None else x.new_zeros(out_shape)
+
+    class DynamicConv2dBackwardFunction(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(grad_out, x, weight, attn, bias, args):
+            return backward_op(grad_out, x, weight, attn, bias, *args.conv_args, list(args.output_mask))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            *tensors, args = inputs
+            setup_backward_context(ctx, (*tensors, *args.conv_args, list(args.output_mask)), output)
+            ctx.output_mask = args.output_mask
+            ctx.save_for_forward(*tensors)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return (*double_backward(ctx, *grads)[:5], None)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            return backward_jvp(ctx, *tangents)
+
+    # The formulas call op-style functions: (tensors..., stride, padding, dilation, groups[, output_mask]).
+    def forward(x, weight, attn, stride, padding, dilation, groups):
+        return DynamicConv2dFunction.apply(x, weight, attn, None, OpArgs(stride, padding, dilation, groups))
+
+    def backward(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
+        args = OpArgs(stride, padding, dilation, groups, tuple(output_mask))
+        return DynamicConv2dBackwardFunction.apply(grad_out, x, weight, attn, bias, args)
+
+    first_backward = make_backward(backward)
+    double_backward = make_double_backward(lambda x, w, a, b, *conv: forward(x, w, a, *conv), backward)
+    backward_jvp = make_backward_jvp(backward)
+    return DynamicConv2dFunction, DynamicConv2dBackwardFunction
+
+
+# forward op name -> the op, and the autograd.Function dynamic_conv2d calls when differentiated
+_FORWARD_OPS = {}
+_AUTOGRAD_FUNCTIONS = {}
+
+
 def register_op_autograd(forward_name: str, backward_name: str) -> None:
     """Autograd for a (forward, backward) pair of dynamic_conv2d ops, to any order.
 
@@ -398,6 +545,8 @@ def register_op_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=setup_context)
     torch.library.register_autograd(backward_name, make_double_backward(forward_op, backward_op),
                                     setup_context=setup_backward_context)
+    _FORWARD_OPS[forward_name] = forward_op
+    _AUTOGRAD_FUNCTIONS[forward_name] = make_autograd_functions(forward_op, backward_op)[0]
 
 
 register_op_autograd("chanflex::dynamic_conv2d", "chanflex::dynamic_conv2d_backward")

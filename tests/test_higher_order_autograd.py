@@ -6,6 +6,10 @@
   gradient of dynamic_conv2d gave zeros for the kernels' share, with only a warning.
 - Forward mode (torch.func.jvp, jacfwd, torch.autograd.forward_ad): before it the
   compiled ops dropped the tangents silently.
+- torch.func's reverse transforms (grad, vjp, jacrev, hessian, per-sample
+  gradients as vmap(grad)): before, torch refused the ops' generated autograd
+  wrapper (pytorch/pytorch#168393); dynamic_conv2d now calls
+  torch.autograd.Function classes (chanflex_kernels.ops.make_autograd_functions).
 
 Checked against torch.autograd.gradgradcheck (float64, compiled kernels) and
 against the pure-PyTorch reference, whose higher-order derivatives are
@@ -199,3 +203,58 @@ def test_module_jvp():
     with use_backend("reference"):
         expected = torch.func.jvp(layer, (x,), (tangent,))[1]
     assert_close_scaled(actual, expected, torch.float64, "module jvp tangent")
+
+
+# --- torch.func --------------------------------------------------------------
+
+TRANSFORMS = ["grad", "per_sample_grad", "jacrev", "hessian", "hvp_forward_over_reverse", "hvp_all_inputs"]
+
+
+def func_transform(name, fn, x, weight, attn, bias, conv_args):
+    """One torch.func use of fn (dynamic_conv2d or the reference); returns a tensor or a tuple of them."""
+    def loss(w, a):
+        return fn(x, w, a, bias, **conv_args).square().sum()
+
+    if name == "grad":
+        return torch.func.grad(loss, argnums=(0, 1))(weight, attn)
+    if name == "per_sample_grad":  # DP-SGD's per-sample gradients of the kernels
+        def sample_loss(w, xi, ai):
+            return fn(xi[None], w, ai[None], bias, **conv_args).square().sum()
+        return torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(weight, x, attn)
+    if name == "jacrev":
+        return torch.func.jacrev(lambda a: fn(x, weight, a, bias, **conv_args))(attn)
+    if name == "hessian":
+        return torch.func.hessian(lambda a: loss(weight, a))(attn)
+    if name == "hvp_forward_over_reverse":
+        direction = torch.linspace(-1, 1, weight.numel(), dtype=weight.dtype).reshape(weight.shape)
+        return torch.func.jvp(torch.func.grad(lambda w: loss(w, attn)), (weight,), (direction,))[1]
+    if name == "hvp_all_inputs":  # every term of the backward's jvp: tangents on x, weight, attn and bias
+        inputs = (x, weight, attn, bias)
+        directions = tuple(torch.linspace(-1, 1, t.numel(), dtype=t.dtype).reshape(t.shape).to(t.device).flip(0)
+                           for t in inputs)
+        def full_loss(*tensors):
+            return fn(*tensors, **conv_args).square().sum()
+        return torch.func.jvp(torch.func.grad(full_loss, argnums=(0, 1, 2, 3)), inputs, directions)[1]
+    raise ValueError(name)
+
+
+# jacrev is vmap over one backward per output element: minutes in Triton's interpreter.
+INTERPRETED = TRITON_RUNS and triton_backend.launch.interpreting()
+
+
+@pytest.mark.parametrize("transform,backend", [
+    (t, b) for b in BACKENDS for t in TRANSFORMS if not (b == "triton" and INTERPRETED and t == "jacrev")])
+def test_torch_func_matches_reference(transform, backend):
+    case = Case(3, 4, 6, 6, 5, stride=(1, 2), padding=(1, 1), groups=2, num_kernels=3)
+    dtype = torch.float64 if backend == "auto" else torch.float32
+    device = "cpu" if backend == "auto" else DEVICE
+    raw = make_inputs(case)
+    expected = func_transform(transform, dynamic_conv2d_reference, *raw, case.conv_args)
+    with use_backend(backend), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap's per-sample fallback: slow, correct
+        actual = func_transform(transform, dynamic_conv2d, *(t.to(device=device, dtype=dtype) for t in raw),
+                                case.conv_args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    for e, a in zip(expected, actual, strict=True):
+        assert_close_scaled(a.cpu(), e, dtype, transform)
