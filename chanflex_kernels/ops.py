@@ -307,11 +307,11 @@ def setup_context(ctx, inputs, output):
     )
 
 
-def make_backward(backward_op):
-    """The autograd backward of a dynamic_conv2d op whose gradients ``backward_op`` computes.
+def make_backward(backward_fn):
+    """The autograd backward of a dynamic_conv2d op whose gradients ``backward_fn`` computes.
 
-    Shared by chanflex::dynamic_conv2d (compiled kernels) and the Triton op;
-    ``backward_op`` has the schema of chanflex::dynamic_conv2d_backward.
+    Shared by the compiled and the Triton ops and their autograd.Function classes;
+    ``backward_fn`` has the signature of chanflex::dynamic_conv2d_backward.
     """
     def backward(ctx, grad_out):
         x, weight, attn, bias = ctx.saved_tensors
@@ -322,7 +322,7 @@ def make_backward(backward_op):
             bias = _shape_only(bias_shape, attn)
         need = list(ctx.needs_input_grad[:4])
         need[3] = need[3] and bias_shape is not None
-        grads = backward_op(grad_out, x, weight, attn, bias, *ctx.conv_args, need)
+        grads = backward_fn(grad_out, x, weight, attn, bias, *ctx.conv_args, need)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 4
 
     return backward
@@ -336,10 +336,12 @@ def setup_backward_context(ctx, inputs, output):
     ctx.save_for_backward(grad_out, x, weight, attn, bias)
 
 
-def make_double_backward(forward_op, backward_op):
-    """The autograd backward of ``backward_op`` (double backward: gradient penalties, MAML).
+def make_double_backward(forward_fn, backward_fn):
+    """The autograd backward of the backward (double backward: gradient penalties, MAML).
 
-    backward_op(g) returns J^T g, the transposed Jacobian of the forward at
+    forward_fn and backward_fn have the signatures of the forward and backward
+    ops (the ops themselves, or the autograd.Function calls of
+    make_autograd_functions). backward_fn(g) returns J^T g, the transposed Jacobian of the forward at
     p = (x, weight, attn, bias) applied to g. For cotangents h = (hx, hW, ha, hb)
     of its outputs, S = <h, J^T g> = <g, J h>, and J h is the forward's
     directional derivative, itself dynamic convolutions:
@@ -359,10 +361,10 @@ def make_double_backward(forward_op, backward_op):
                           for h, like in zip((hx, hw, ha, hb), (x, weight, attn, bias)))
 
         def conv(xx, ww, aa):
-            return forward_op(xx, ww, aa, None, stride, padding, dilation, groups)
+            return forward_fn(xx, ww, aa, None, stride, padding, dilation, groups)
 
         def conv_vjp(xx, ww, aa, mask):  # (grad_x, grad_weight, grad_attn) of conv(xx, ww, aa) for cotangent g
-            return backward_op(g, xx, ww, aa, None, stride, padding, dilation, groups, [*mask, False])[:3]
+            return backward_fn(g, xx, ww, aa, None, stride, padding, dilation, groups, [*mask, False])[:3]
 
         mixed = _mixed_kernels(weight, attn, hw, ha)
         grad_x = grad_w = grad_attn = grad_bias = None
@@ -489,7 +491,7 @@ def make_autograd_functions(forward_op, backward_op):
         def jvp(ctx, tx, tw, ta, tb, _):
             x, weight, attn, bias = ctx.saved_tensors
             out_shape = check_dynamic_conv2d_args(x, weight, attn, bias, *ctx.conv_args)
-            tangent = jacobian_vector_product(lambda xx, ww, aa: forward(xx, ww, aa, *ctx.conv_args),
+            tangent = jacobian_vector_product(lambda xx, ww, aa: forward_fn(xx, ww, aa, None, *ctx.conv_args),
                                               x, weight, attn, bias, tx, tw, ta, tb, out_shape)
             return tangent if tangent is not None else x.new_zeros(out_shape)
 
@@ -515,17 +517,17 @@ def make_autograd_functions(forward_op, backward_op):
         def jvp(ctx, *tangents):
             return backward_jvp(ctx, *tangents)
 
-    # The formulas call op-style functions: (tensors..., stride, padding, dilation, groups[, output_mask]).
-    def forward(x, weight, attn, stride, padding, dilation, groups):
-        return DynamicConv2dFunction.apply(x, weight, attn, None, OpArgs(stride, padding, dilation, groups))
+    # The formulas call functions with the ops' signatures: these, so that each order is differentiable.
+    def forward_fn(x, weight, attn, bias, stride, padding, dilation, groups):
+        return DynamicConv2dFunction.apply(x, weight, attn, bias, OpArgs(stride, padding, dilation, groups))
 
-    def backward(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
+    def backward_fn(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
         args = OpArgs(stride, padding, dilation, groups, tuple(output_mask))
         return DynamicConv2dBackwardFunction.apply(grad_out, x, weight, attn, bias, args)
 
-    first_backward = make_backward(backward)
-    double_backward = make_double_backward(lambda x, w, a, b, *conv: forward(x, w, a, *conv), backward)
-    backward_jvp = make_backward_jvp(backward)
+    first_backward = make_backward(backward_fn)
+    double_backward = make_double_backward(forward_fn, backward_fn)
+    backward_jvp = make_backward_jvp(backward_fn)
     return DynamicConv2dFunction, DynamicConv2dBackwardFunction
 
 
