@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch._functorch.utils import unwrap_dead_wrappers as _unwrap_dead_wrappers
 from torch.utils.flop_counter import register_flop_formula
 
 from . import backends
@@ -207,9 +208,14 @@ def _differentiated(tensors) -> bool:
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    present = [t for t in tensors if t is not None]
-    return ((torch.is_grad_enabled() and any(t.requires_grad for t in present))
-            or any(fwAD.unpack_dual(t).tangent is not None for t in present))
+    if torch._C._are_functorch_transforms_active():  # torch.func: its wrappers need the Function
+        return True
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    # Forward mode: dual tensors exist only inside a dual level (forward_ad, torch.func.jvp);
+    # checking the level first keeps unpack_dual's cost off every first-order backward.
+    return fwAD._current_level >= 0 and any(t is not None and fwAD.unpack_dual(t).tangent is not None
+                                            for t in tensors)
 
 
 def _mixed_kernels(weight, attn, tangent_weight, tangent_attn):
@@ -461,6 +467,22 @@ class OpArgs:
         return (self.stride, self.padding, self.dilation, self.groups)
 
 
+class _Function(torch.autograd.Function):
+    """autograd.Function without the per-call ``inspect.signature`` outside torch.func.
+
+    Function.apply binds the arguments to forward's signature on every call when
+    setup_context is defined (about 40 us, as much as the rest of a small layer's
+    call); every call here passes all arguments positionally, so outside torch.func
+    transforms this goes straight to the C++ apply, as Function.apply then does.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead_wrappers(args))
+
+
 def make_autograd_functions(forward_op, backward_op):
     """``torch.autograd.Function`` classes for a (forward, backward) op pair: what dynamic_conv2d calls.
 
@@ -470,7 +492,7 @@ def make_autograd_functions(forward_op, backward_op):
     no forward mode. These classes have both, with the same formulas, which call
     the classes again (so every order is differentiable).
     """
-    class DynamicConv2dFunction(torch.autograd.Function):
+    class DynamicConv2dFunction(_Function):
         generate_vmap_rule = True
 
         @staticmethod
@@ -495,7 +517,7 @@ def make_autograd_functions(forward_op, backward_op):
                                               x, weight, attn, bias, tx, tw, ta, tb, out_shape)
             return tangent if tangent is not None else x.new_zeros(out_shape)
 
-    class DynamicConv2dBackwardFunction(torch.autograd.Function):
+    class DynamicConv2dBackwardFunction(_Function):
         generate_vmap_rule = True
 
         @staticmethod
@@ -522,6 +544,8 @@ def make_autograd_functions(forward_op, backward_op):
         return DynamicConv2dFunction.apply(x, weight, attn, bias, OpArgs(stride, padding, dilation, groups))
 
     def backward_fn(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
+        if not _differentiated((grad_out, x, weight, attn, bias)):  # first order: the op alone is quicker
+            return backward_op(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask)
         args = OpArgs(stride, padding, dilation, groups, tuple(output_mask))
         return DynamicConv2dBackwardFunction.apply(grad_out, x, weight, attn, bias, args)
 
