@@ -207,6 +207,11 @@ def _differentiated(tensors) -> bool:
     torch.compile and torch.jit.trace record the op itself (its registered autograd serves them).
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if fwAD._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            # The traced graph would record the op with its reverse-mode formula only and drop the
+            # tangents; refusing here makes dynamo run the transform eagerly (a clear error otherwise).
+            raise NotImplementedError("dynamic_conv2d: torch.func transforms and forward-mode AD over it cannot be "
+                                      "traced by torch.compile; run the transform outside the compiled function")
         return False
     if torch._C._are_functorch_transforms_active():  # torch.func: its wrappers need the Function
         return True

@@ -258,3 +258,29 @@ def test_torch_func_matches_reference(transform, backend):
     actual = actual if isinstance(actual, tuple) else (actual,)
     for e, a in zip(expected, actual, strict=True):
         assert_close_scaled(a.cpu(), e, dtype, transform)
+
+
+def test_torch_func_inside_torch_compile():
+    """torch.func over the op inside torch.compile: right results, or a clear error with fullgraph=True.
+
+    Traced, the graph would keep the op with its reverse-mode formula only (jvp's tangent
+    was silently wrong, grad raised deep inside); the op refuses the trace, so dynamo
+    runs the transform eagerly, and fullgraph=True reports why it cannot."""
+    case = Case(2, 3, 4, 5, 5, padding=(1, 1), bias=False)
+    x, weight, attn = (t.float() for t in make_inputs(case) if t is not None)
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+
+    def jvp(fn, x, t):
+        return torch.func.jvp(lambda xx: fn(xx, weight, attn, padding=1), (x,), (t,))[1]
+
+    def grad(fn, w):
+        return torch.func.grad(lambda ww: fn(x, ww, attn, padding=1).square().sum())(w)
+
+    torch._dynamo.reset()
+    compiled_jvp = torch.compile(lambda x, t: jvp(dynamic_conv2d, x, t))(x, tangent)
+    compiled_grad = torch.compile(lambda w: grad(dynamic_conv2d, w))(weight)
+    assert_close_scaled(compiled_jvp, jvp(dynamic_conv2d_reference, x, tangent), torch.float32, "compiled jvp")
+    assert_close_scaled(compiled_grad, grad(dynamic_conv2d_reference, weight), torch.float32, "compiled grad")
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="cannot be traced by torch.compile"):
+        torch.compile(lambda x, t: jvp(dynamic_conv2d, x, t), fullgraph=True)(x, tangent)
