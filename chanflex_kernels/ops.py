@@ -2,8 +2,11 @@
 
 The schemas and device kernels are compiled (``csrc/``); this file registers
 what torch.library expects from Python: a fake (meta) kernel for each op, used
-by torch.compile and opcheck, and the autograd formula, whose backward calls
-the registered backward op so every device dispatches its own kernel.
+by torch.compile and opcheck, and the autograd formulas, whose backward calls
+the registered backward op so every device dispatches its own kernel. The
+formulas cover every order and forward mode (the backward has a backward and
+a jvp of its own); ``dynamic_conv2d`` applies them through autograd.Function
+classes so that torch.func's transforms accept them too.
 """
 from __future__ import annotations
 
