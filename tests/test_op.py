@@ -183,6 +183,21 @@ def test_opcheck(bias):
     torch.library.opcheck(torch.ops.chanflex.dynamic_conv2d_backward.default, bwd_args)
 
 
+@pytest.mark.parametrize("mask", [[True, False, False, False], [False, True, False, False],
+                                  [False, False, True, True], [False, False, False, False]], ids=str)
+def test_backward_outputs_do_not_alias(mask):
+    """Unrequested gradients are empty tensors, each its own: torch.library forbids outputs that alias
+    (they shared one tensor, and AOTAutograd's runtime check failed under torch.compile)."""
+    x, w, a, b = (t.float() for t in make_inputs(Case(2, 3, 4, 5, 5)))
+    grad_out = torch.randn(2, 4, 3, 3)
+    args = (grad_out, x, w, a, b, [1, 1], [0, 0], [1, 1], 1, mask)
+    outputs = torch.ops.chanflex.dynamic_conv2d_backward(*args)
+    storages = [t.untyped_storage()._cdata for t in outputs]
+    assert len(set(storages)) == len(outputs), f"outputs share storage: {storages}"
+    assert not set(storages) & {t.untyped_storage()._cdata for t in args[:5]}, "an output aliases an input"
+    torch.library.opcheck(torch.ops.chanflex.dynamic_conv2d_backward.default, args)
+
+
 def test_cpu_kernels_come_from_the_compiled_extension(monkeypatch):
     for op in ("chanflex::dynamic_conv2d", "chanflex::dynamic_conv2d_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op

@@ -572,14 +572,16 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const at::ScalarType dtype = compute_dtype(x.scalar_type());
   const at::TensorOptions opts = x.options().dtype(dtype);
   const at::Tensor attn_c = attn.to(dtype).contiguous();
-  const at::Tensor empty = at::empty({0}, x.options());
+  // Unrequested gradients are empty tensors, each its own: outputs of a
+  // custom op must not alias one another (torch.library checks it under torch.func).
+  const auto unrequested = [&x] { return at::empty({0}, x.options()); };
 
-  at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : empty;
+  at::Tensor grad_x = need_x ? at::empty(x.sizes(), opts) : unrequested();
   // grad_w is zeroed by the paths that accumulate into it; the packed weight
   // gradient writes it, which saves a pass over K |W|.
-  at::Tensor grad_w = need_w ? empty_pooled(weight.sizes(), opts) : empty;
-  at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : empty;
-  at::Tensor grad_bias = empty;
+  at::Tensor grad_w = need_w ? empty_pooled(weight.sizes(), opts) : unrequested();
+  at::Tensor grad_attn = need_attn ? at::empty(attn.sizes(), opts) : unrequested();
+  at::Tensor grad_bias = unrequested();
 
   // Per-sample, per-channel sums of grad_out: (B, C_out), for the bias terms.
   at::Tensor grad_sum;
