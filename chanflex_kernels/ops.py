@@ -355,8 +355,9 @@ def make_double_backward(forward_fn, backward_fn):
 
     forward_fn and backward_fn have the signatures of the forward and backward
     ops (the ops themselves, or the autograd.Function calls of
-    make_autograd_functions). backward_fn(g) returns J^T g, the transposed Jacobian of the forward at
-    p = (x, weight, attn, bias) applied to g. For cotangents h = (hx, hW, ha, hb)
+    make_autograd_functions). backward_fn(g) returns J^T g, the transposed
+    Jacobian of the forward at p = (x, weight, attn, bias) applied to g.
+    For cotangents h = (hx, hW, ha, hb)
     of its outputs, S = <h, J^T g> = <g, J h>, and J h is the forward's
     directional derivative, itself dynamic convolutions:
 
@@ -422,18 +423,15 @@ def make_backward_jvp(backward_fn):
         stride, padding, dilation, groups = ctx.conv_args
         mask = ctx.output_mask
         like = (x, weight, attn, bias)
-        terms = [[] for _ in range(4)]
-
-        def add(grads, which):
-            for i in which:
-                terms[i].append(grads[i])
+        terms = [[] for _ in range(4)]  # per output of the backward
 
         def grads_of(gg, xx, ww, aa, bb, which):
             which = [i for i in which if mask[i] and (i != 3 or bb is not None)]
             if which:
                 out = backward_fn(gg, xx, ww, aa, bb, stride, padding, dilation, groups,
                                   [i in which for i in range(4)])
-                add(out, which)
+                for i in which:
+                    terms[i].append(out[i])
 
         if tg is not None:
             grads_of(tg, x, weight, attn, bias, (0, 1, 2, 3))
