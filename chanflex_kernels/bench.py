@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .files import atomic_write
 from .ops import dynamic_conv2d
 from .reference import dynamic_conv2d_concat_k, dynamic_conv2d_grouped, dynamic_conv2d_reference
 
@@ -669,10 +670,7 @@ def main(argv=None) -> None:
             rows += measure(job_shapes, modes, peers, repeats, memory=not args.no_memory, progress=progress,
                             dtype=args.dtype)
     if args.json:  # written first, whole or not at all: a failed plot must not lose the measurements
-        partial = f"{args.json}.partial"
-        with open(partial, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
-        os.replace(partial, args.json)
+        atomic_write(args.json, lambda f: json.dump([asdict(r) for r in rows], f, indent=1))
     # --quick's check reads fewer repeats and one peer: say so beside it.
     caveat = (f"; --quick: {repeats} repeat{'s' * (repeats != 1)} and one peer, the full run "
               f"{FULL_REPEATS} and {len(PEERS)}")

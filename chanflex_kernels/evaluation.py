@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from .channels import FILL_STRATEGIES, fill_channels, normalize_channel_names, resolve_channels
+from .files import atomic_write
 
 __all__ = ["ComboResult", "ChannelComboReport", "evaluate_channel_combinations", "DEFAULT_COMBOS"]
 
@@ -66,15 +65,7 @@ class ChannelComboReport:
         """The report as JSON; written atomically to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            directory = os.path.dirname(os.path.abspath(path))
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            atomic_write(path, lambda f: f.write(text))
         return text
 
     @classmethod

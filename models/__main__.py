@@ -1,9 +1,16 @@
-"""``python -m models profile [--model NAME ...] [--input 3x84x84] [--json PATH]`` and ``python -m models list``."""
+"""The model zoo's command line: ``list``, ``profile``, ``train`` and ``evaluate``.
+
+python -m models list
+python -m models profile [--model NAME ...] [--input 3x84x84] [--json PATH]
+python -m models train --model NAME [--data ROOT | --data synthetic] [--out DIR] [--epochs 10] [--resume] ...
+python -m models evaluate --checkpoint DIR/best.pt [--data ROOT] [--fill mean] [--json PATH]
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .profile import parse_input, profile_models, to_markdown
@@ -20,7 +27,14 @@ def main(argv=None) -> int:
                          "fixed-size models use their own size")
     profile.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     commands.add_parser("list", help="the registered models with their seeds")
+    _add_train_parser(commands)
+    _add_evaluate_parser(commands)
     args = parser.parse_args(argv)
+
+    if args.command == "train":
+        return _train(parser, args)
+    if args.command == "evaluate":
+        return _evaluate(parser, args)
 
     if args.command == "list":
         for name in list_models():
@@ -36,6 +50,113 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in rows], f, indent=2)
+    return 0
+
+
+def _option(text: str):
+    """``key=value`` of a model option; the value as a Python literal where it parses as one."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. num_kernels=6), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _add_train_parser(commands) -> None:
+    from .train import OPTIMIZERS, TrainConfig
+    from chanflex_kernels.channels import FILL_STRATEGIES
+
+    d = TrainConfig(model="")
+    train = commands.add_parser(
+        "train", help="train a model, keep its best checkpoint, test it on every channel combination",
+        description="Train a registered model on ImageNet-mini (a root with train.txt, val.txt, test.txt: "
+                    "'<image path> <label>' per line) or on built-in synthetic images; writes last.pt, best.pt, "
+                    "history.json, curves.png, test_channels.md/json and summary.json into --out.")
+    train.add_argument("--model", required=True, choices=list_models(), metavar="NAME", help="a registry name")
+    train.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
+                       help="a model option, e.g. num_kernels=6 (repeatable)")
+    train.add_argument("--data", default=d.data, help="dataset root, or 'synthetic' (default)")
+    train.add_argument("--out", help="run directory (default runs/MODEL-DATA)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    train.add_argument("--patience", type=int, help="early stopping: epochs without a better validation accuracy")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    train.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (cosine to 0; default {d.lr})")
+    train.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"default {d.optimizer}")
+    train.add_argument("--image-size", type=int, help="square input side (default 84, the seeds'; 32 for "
+                       "synthetic; fixed-size models their own)")
+    train.add_argument("--num-classes", type=int, help="head width (default: largest label + 1)")
+    train.add_argument("--temperature-epochs", type=float, default=d.temperature_epochs,
+                       help="DynamicConv2d temperature 30 -> 1 over this many epochs (default 10)")
+    train.add_argument("--max-batches", type=int, help="at most this many training batches per epoch")
+    train.add_argument("--workers", type=int, default=d.workers, help=f"data-loading processes (default {d.workers})")
+    train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    train.add_argument("--fill", choices=FILL_STRATEGIES, default=d.fill,
+                       help="how a static model sees fewer channels at test (default mean: seed 000's protocol)")
+    train.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes, help="synthetic data: classes")
+    train.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class,
+                       help="synthetic data: training images per class (val and test a quarter)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_evaluate_parser(commands) -> None:
+    from chanflex_kernels.channels import FILL_STRATEGIES
+
+    evaluate = commands.add_parser("evaluate", help="test a checkpoint of `train` on every channel combination")
+    evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    evaluate.add_argument("--data", help="dataset root or 'synthetic' (default: the run's)")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="default test")
+    evaluate.add_argument("--combos", help="comma-separated channel combinations (default RGB,RG,RB,GB,R,G,B)")
+    evaluate.add_argument("--fill", choices=FILL_STRATEGIES, help="for static models (default: the run's)")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(parser, args) -> int:
+    from .train import TrainConfig, train
+
+    info = model_info(args.model)
+    image_size = args.image_size or (info.input_size[0] if info.input_size else 32 if args.data == "synthetic"
+                                     else 84)
+    out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(os.path.normpath(args.data))}")
+    config = TrainConfig(model=args.model, data=args.data, out=out, model_options=dict(args.option),
+                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                         optimizer=args.optimizer, image_size=image_size, num_classes=args.num_classes,
+                         patience=args.patience, temperature_epochs=args.temperature_epochs,
+                         max_batches=args.max_batches, workers=args.workers, seed=args.seed, fill=args.fill,
+                         synthetic_classes=args.synthetic_classes, synthetic_per_class=args.synthetic_per_class)
+    try:
+        train(config, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err))
+    print(f"run directory: {out}")
+    return 0
+
+
+def _evaluate(parser, args) -> int:
+    from .data import build_datasets
+    from .train import TrainConfig, evaluate_checkpoint, load_checkpoint
+
+    try:
+        config = TrainConfig.from_dict(load_checkpoint(args.checkpoint)["config"])
+        if args.data:
+            config = dataclasses.replace(config, data=args.data)
+        dataset = build_datasets(config.data, config.image_size, splits=(args.split,),
+                                 synthetic_classes=config.synthetic_classes,
+                                 synthetic_per_class=config.synthetic_per_class, seed=config.seed)[args.split]
+        combos = args.combos.split(",") if args.combos else None
+        report = evaluate_checkpoint(args.checkpoint, dataset, config, combos, args.fill,
+                                     progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(report.to_markdown())
+    if args.json:
+        report.to_json(args.json)
     return 0
 
 

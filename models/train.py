@@ -1,0 +1,353 @@
+"""The experiment runner: train a registered model, keep its best checkpoint, test it on every channel combination.
+
+``python -m models train --model NAME --data ROOT`` (or ``--data synthetic``)
+writes into its output directory:
+
+- ``last.pt``: model, optimizer, schedule and history after the last complete
+  epoch; ``--resume`` continues from it exactly (per-epoch seeds).
+- ``best.pt``: the model at the epoch of the best validation accuracy (a
+  serialised copy made at that epoch, not a reference to live weights: seed
+  000's best model silently became its last).
+- ``history.json`` and ``curves.png``: loss and accuracy per epoch.
+- ``test_channels.json`` / ``.md``: ``best.pt`` on the test split for each
+  channel combination (RGB, RG, ..., B), and ``summary.json``.
+
+Every file is written atomically (``chanflex_kernels.files.atomic_write``): an
+interrupted run leaves the previous complete version, never half a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from chanflex_kernels import anneal_temperature
+from chanflex_kernels.channels import FILL_STRATEGIES
+from chanflex_kernels.evaluation import DEFAULT_COMBOS, evaluate_channel_combinations
+from chanflex_kernels.files import atomic_write
+
+from .data import build_datasets
+from .registry import create, list_models, model_info
+
+__all__ = ["TrainConfig", "train", "evaluate_checkpoint", "load_checkpoint"]
+
+OPTIMIZERS = ("adamw", "sgd")
+# Settings a resumed run must share with the run it continues (the rest may change: workers, progress, ...).
+_RESUME_FIXED = ("model", "model_options", "data", "image_size", "num_classes", "epochs", "batch_size", "lr",
+                 "weight_decay", "optimizer", "temperature_epochs", "seed", "max_batches", "synthetic_classes",
+                 "synthetic_per_class")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One training run.
+
+    model / model_options: a registry name and its options (``models.create``).
+    data: an ImageNet-mini-style root (train.txt, val.txt, test.txt) or 'synthetic'.
+    out: the run's directory (created; must not hold another run unless resuming).
+    epochs: at most this many; patience: stop after this many epochs without a
+        better validation accuracy (None: never).
+    optimizer: 'adamw' (default) or 'sgd' (momentum 0.9, Nesterov); the learning
+        rate follows a cosine from ``lr`` to 0 over ``epochs``.
+    temperature_epochs: DynamicConv2d softmax temperature 30 -> 1 over this many
+        epochs, per step (DY-CNN's schedule; models without DynamicConv2d ignore it).
+    num_classes: the head's width; default: the largest label in the data + 1.
+    max_batches: train on at most this many batches per epoch (smoke runs).
+    fill: how a model that is not channel-flexible sees fewer channels at test
+        ('mean': seed 000's protocol, one channel x3 or two plus their mean).
+    combos: the channel combinations of the test report.
+    """
+
+    model: str
+    data: str = "synthetic"
+    out: str = "runs/run"
+    model_options: Dict = dataclasses.field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    optimizer: str = "adamw"
+    image_size: int = 84
+    num_classes: Optional[int] = None
+    patience: Optional[int] = None
+    temperature_epochs: float = 10.0
+    max_batches: Optional[int] = None
+    workers: int = 2
+    seed: int = 0
+    fill: str = "mean"
+    combos: Tuple[str, ...] = DEFAULT_COMBOS
+    synthetic_classes: int = 10
+    synthetic_per_class: int = 64
+
+    def validate(self) -> None:
+        if self.model not in list_models():
+            raise ValueError(f"train: unknown model {self.model!r}; expected one of {list_models()}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "image_size": self.image_size,
+                    "synthetic_classes": self.synthetic_classes, "synthetic_per_class": self.synthetic_per_class}
+        optional = {"num_classes": self.num_classes, "patience": self.patience, "max_batches": self.max_batches}
+        for name, value in list(positive.items()) + [(n, v) for n, v in optional.items() if v is not None]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"train: expected {name} to be a positive int, got {value!r}")
+        for name, value in (("lr", self.lr), ("temperature_epochs", self.temperature_epochs)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"train: expected {name} to be a finite number > 0, got {value!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"train: expected weight_decay >= 0, got {self.weight_decay!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train: expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.fill not in FILL_STRATEGIES:
+            raise ValueError(f"train: expected fill in {FILL_STRATEGIES}, got {self.fill!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"train: expected workers to be an int >= 0, got {self.workers!r}")
+        size = model_info(self.model).input_size
+        if size is not None and size != (self.image_size, self.image_size):
+            raise ValueError(f"train: model {self.model!r} accepts only {size[0]}x{size[1]} input; "
+                             f"expected image_size {size[0]}, got {self.image_size}")
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        d["combos"] = list(self.combos)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "TrainConfig":
+        d = dict(d)
+        d["combos"] = tuple(d.get("combos", DEFAULT_COMBOS))
+        return cls(**d)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's shuffling, augmentation and model randomness, so a resumed run repeats it."""
+    return seed * 100_003 + epoch
+
+
+def _save(obj, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def _save_json(obj, path: str) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def load_checkpoint(path: str) -> Dict:
+    """A checkpoint of this runner (``best.pt`` or ``last.pt``), with a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_checkpoint: expected a checkpoint file, got {path!r} (not found)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"load_checkpoint: expected a checkpoint of `python -m models train` with keys 'model' "
+                         f"and 'config', got {keys} in {path}")
+    return checkpoint
+
+
+def _num_classes(config: TrainConfig, datasets) -> int:
+    largest = max(max(ds.labels) for ds in datasets.values())
+    if config.num_classes is None:
+        return largest + 1
+    if largest >= config.num_classes:
+        raise ValueError(f"train: expected labels below num_classes={config.num_classes}, got label {largest}")
+    return config.num_classes
+
+
+def _loader(dataset, config: TrainConfig, train: bool, epoch: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+    # Dropping a short last batch keeps BatchNorm from seeing a batch of one.
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=train, generator=generator,
+                      drop_last=train and len(dataset) > config.batch_size, num_workers=config.workers,
+                      persistent_workers=False)
+
+
+def run_epoch(model, loader, optimizer=None, scheduler_step=None, max_batches: Optional[int] = None,
+              progress: bool = True, desc: str = "", on_step=None) -> Tuple[float, float]:
+    """One pass over ``loader``: training when ``optimizer`` is given, else evaluation. Returns (mean loss, accuracy)."""
+    from tqdm.auto import tqdm
+
+    training = optimizer is not None
+    model.train(training)
+    total_loss, correct, seen = 0.0, 0, 0
+    steps = len(loader) if max_batches is None else min(len(loader), max_batches)
+    with torch.set_grad_enabled(training), tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for step, (x, y) in enumerate(loader):
+            if step == steps:
+                break
+            if on_step is not None:
+                on_step(step / steps)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at batch {step}; lower the "
+                                         f"learning rate or check the data")
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+    if seen == 0:
+        raise ValueError(f"{desc}: the data loader yielded no batches")
+    return total_loss / seen, correct / seen
+
+
+def plot_history(history: List[Dict], path: str, title: str) -> None:
+    """Loss and accuracy per epoch, train against validation, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    best = max(history, key=lambda h: h["val_accuracy"])["epoch"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in ((left, "loss", "cross-entropy loss"), (right, "accuracy", "accuracy")):
+        axis.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        axis.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        axis.axvline(best, color="gray", linestyle=":", label=f"best checkpoint (epoch {best})")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    plt.close(fig)
+
+
+def _build(config: TrainConfig, num_classes: int):
+    model = create(config.model, num_classes=num_classes, **config.model_options)
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return model, optimizer, scheduler
+
+
+def _check_resumable(config: TrainConfig, saved: Dict, path: str) -> None:
+    differ = [f"{k}: saved {saved.get(k)!r}, now {getattr(config, k)!r}" for k in _RESUME_FIXED
+              if saved.get(k) != getattr(config, k)]
+    if differ:
+        raise ValueError(f"train --resume: expected the settings of the run in {path}; these differ: "
+                         + "; ".join(differ))
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Dict:
+    """Train ``config.model``, then test its best checkpoint on every channel combination; returns the summary.
+
+    ``resume``: continue the run in ``config.out`` from its ``last.pt`` (its
+    settings must match); without it, ``config.out`` must not hold a run.
+    """
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    last_path, best_path = os.path.join(config.out, "last.pt"), os.path.join(config.out, "best.pt")
+    if resume and not os.path.isfile(last_path):
+        raise FileNotFoundError(f"train --resume: expected a run to continue at {last_path}; not found")
+    if not resume and os.path.exists(last_path):
+        raise FileExistsError(f"train: {config.out} already holds a run ({last_path}); pass --resume to continue "
+                              f"it or choose another output directory")
+
+    datasets = build_datasets(config.data, config.image_size, synthetic_classes=config.synthetic_classes,
+                              synthetic_per_class=config.synthetic_per_class, seed=config.seed)
+    num_classes = _num_classes(config, datasets)
+    config = dataclasses.replace(config, num_classes=num_classes)
+    torch.manual_seed(config.seed)
+    model, optimizer, scheduler = _build(config, num_classes)
+    state = {"epoch": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "stale_epochs": 0,
+             "finished": False}
+    if resume:
+        last = load_checkpoint(last_path)
+        _check_resumable(config, last["config"], last_path)
+        model.load_state_dict(last["model"])
+        optimizer.load_state_dict(last["optimizer"])
+        scheduler.load_state_dict(last["scheduler"])
+        state = last["state"]
+        log(f"{config.out}: the run finished after epoch {state['epoch']}; testing its best checkpoint again"
+            if state["finished"] else f"resuming {config.out} after epoch {state['epoch']} of {config.epochs}")
+
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{config.model}: {params:,} parameters, {num_classes} classes; data {config.data} "
+        f"({', '.join(f'{s} {len(d)}' for s, d in datasets.items())}), {config.image_size}x{config.image_size}")
+    started = time.time()
+    while not state["finished"] and state["epoch"] < config.epochs:
+        epoch = state["epoch"] + 1
+        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout, channel drop: the same after a resume
+        train_loader = _loader(datasets["train"], config, train=True, epoch=epoch)
+        tic = time.time()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = run_epoch(
+            model, train_loader, optimizer, max_batches=config.max_batches, progress=progress,
+            desc=f"epoch {epoch}/{config.epochs} train",
+            on_step=lambda fraction: anneal_temperature(model, epoch - 1 + fraction, epochs=config.temperature_epochs))
+        scheduler.step()
+        val_loss, val_acc = run_epoch(model, _loader(datasets["val"], config, train=False), progress=progress,
+                                      desc=f"epoch {epoch}/{config.epochs} val")
+        state["history"].append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
+                                 "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.time() - tic})
+        state["epoch"] = epoch
+        improved = val_acc > state["best_accuracy"]
+        if improved:
+            state.update(best_accuracy=val_acc, best_epoch=epoch, stale_epochs=0)
+            _save({"model": model.state_dict(), "config": config.to_dict(), "epoch": epoch,
+                   "val_accuracy": val_acc}, best_path)
+        else:
+            state["stale_epochs"] += 1
+        if config.patience is not None and state["stale_epochs"] >= config.patience:
+            state["finished"] = True
+            log(f"early stop: no better validation accuracy in {config.patience} epochs")
+        state["finished"] = state["finished"] or epoch == config.epochs
+        _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+               "config": config.to_dict(), "state": state}, last_path)
+        _save_json(state["history"], os.path.join(config.out, "history.json"))
+        plot_history(state["history"], os.path.join(config.out, "curves.png"), f"{config.model} on {config.data}")
+        log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {100 * train_acc:.2f}% | "
+            f"val loss {val_loss:.4f} acc {100 * val_acc:.2f}%{' (best)' if improved else ''} | "
+            f"{time.time() - tic:.1f} s")
+
+    report = evaluate_checkpoint(best_path, datasets["test"], config, progress=progress)
+    report.to_json(os.path.join(config.out, "test_channels.json"))
+    atomic_write(os.path.join(config.out, "test_channels.md"), lambda f: f.write(report.to_markdown() + "\n"))
+    summary = {"model": config.model, "params": params, "data": config.data, "seed": config.seed,
+               "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+               "best_val_accuracy": state["best_accuracy"],
+               "test_accuracy": {r.combo: r.accuracy for r in report.results}, "fill": report.fill,
+               "train_seconds_this_call": time.time() - started}
+    _save_json(summary, os.path.join(config.out, "summary.json"))
+    log(f"test split, best checkpoint (epoch {state['best_epoch']}):\n{report.to_markdown()}")
+    return summary
+
+
+def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] = None, combos: Sequence = None,
+                        fill: Optional[str] = None, progress: bool = True):
+    """Test a checkpoint of this runner on each channel combination; returns a ``ChannelComboReport``.
+
+    dataset: default the test split of the checkpoint's data; config: default
+    the checkpoint's; combos / fill override the config's. A channel-flexible
+    model sees only the channels of each combination; any other model sees
+    them filled to three by ``fill``.
+    """
+    checkpoint = load_checkpoint(path)
+    config = config or TrainConfig.from_dict(checkpoint["config"])
+    if dataset is None:
+        dataset = build_datasets(config.data, config.image_size, splits=("test",),
+                                 synthetic_classes=config.synthetic_classes,
+                                 synthetic_per_class=config.synthetic_per_class, seed=config.seed)["test"]
+    model = create(config.model, num_classes=config.num_classes, **config.model_options)
+    model.load_state_dict(checkpoint["model"])
+    flexible = model_info(config.model).channel_flexible
+    return evaluate_channel_combinations(model, _loader(dataset, config, train=False), combos or config.combos,
+                                         fill=None if flexible else (fill or config.fill),
+                                         num_classes=config.num_classes, progress=progress)
