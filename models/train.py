@@ -128,6 +128,17 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+def _seed_everything(seed: int) -> None:
+    """torch's, Python's and NumPy's generators (models draw from all three: v4's channel drop uses ``random``)."""
+    import random
+
+    import numpy
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed % 2 ** 32)
+
+
 def _save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
@@ -237,6 +248,17 @@ def _build(config: TrainConfig, num_classes: int):
     return model, optimizer, scheduler
 
 
+def _check_input(model, example: torch.Tensor, config: TrainConfig) -> None:
+    """One forward pass before training, so an input the model cannot take fails now, by name."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[None])
+    except RuntimeError as err:
+        raise ValueError(f"train: model {config.model!r} cannot take {'x'.join(map(str, example.shape))} input "
+                         f"(image_size {config.image_size}): {err}") from err
+
+
 def _check_resumable(config: TrainConfig, saved: Dict, path: str) -> None:
     differ = [f"{k}: saved {saved.get(k)!r}, now {getattr(config, k)!r}" for k in _RESUME_FIXED
               if saved.get(k) != getattr(config, k)]
@@ -264,8 +286,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                               synthetic_per_class=config.synthetic_per_class, seed=config.seed)
     num_classes = _num_classes(config, datasets)
     config = dataclasses.replace(config, num_classes=num_classes)
-    torch.manual_seed(config.seed)
+    _seed_everything(config.seed)
     model, optimizer, scheduler = _build(config, num_classes)
+    _check_input(model, datasets["train"][0][0], config)
     state = {"epoch": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "stale_epochs": 0,
              "finished": False}
     if resume:
@@ -284,7 +307,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     started = time.time()
     while not state["finished"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
-        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout, channel drop: the same after a resume
+        _seed_everything(_epoch_seed(config.seed, epoch))  # dropout, channel drops: the same after a resume
         train_loader = _loader(datasets["train"], config, train=True, epoch=epoch)
         tic = time.time()
         lr = optimizer.param_groups[0]["lr"]
