@@ -172,6 +172,26 @@ def test_training_learns_and_writes_every_result(tmp_path, model):
     assert {r.combo: r.accuracy for r in again.results} == summary["test_accuracy"]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_on_an_image_list_archive(tmp_path, workers):
+    from PIL import Image
+
+    root = tmp_path / "mini"
+    os.makedirs(root / "img")
+    colours = [(220, 30, 30), (30, 200, 40), (20, 40, 230)]
+    for split, count in (("train", 12), ("val", 6), ("test", 6)):
+        lines = []
+        for i in range(count):
+            Image.new("RGB" if i % 4 else "L", (30, 20), colours[i % 3] if i % 4 else 90).save(
+                root / "img" / f"{split}{i}.png")
+            lines.append(f"img/{split}{i}.png {i % 3}")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    cfg = config(tmp_path, data=str(root), epochs=2, batch_size=4, workers=workers)
+    summary = train(cfg, progress=False, log=quiet)
+    assert summary["epochs_run"] == 2 and load_checkpoint(os.path.join(cfg.out, "best.pt"))["config"]["num_classes"] == 3
+    assert json.loads((tmp_path / "run" / "test_channels.json").read_text())["results"][0]["samples"] == 6
+
+
 def _scripted_validation(monkeypatch, accuracies, snapshots):
     """Validation passes report ``accuracies`` in turn; the weights each one saw go to ``snapshots``."""
     real = runner.run_epoch
@@ -257,7 +277,8 @@ def test_runs_refuse_to_overwrite_or_to_resume_something_else(tmp_path):
     (dict(fill="copy"), "expected fill in .*got 'copy'"),
     (dict(model="layer_3_cnn", image_size=84), "accepts only 128x128 input; expected image_size 128, got 84"),
     (dict(num_classes=5), "expected labels below num_classes=5, got label 9"),
-    (dict(model=FLEXIBLE, image_size=8), "model 'flex_channel_cnn_pooled' cannot take 3x8x8 input \(image_size 8\): .*size"),
+    (dict(model=FLEXIBLE, image_size=8),
+     r"model 'flex_channel_cnn_pooled' cannot take 3x8x8 input \(image_size 8\): .*size"),
 ])
 def test_bad_settings_are_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
