@@ -1,8 +1,9 @@
-"""The model zoo's command line: ``list``, ``profile``, ``train`` and ``evaluate``.
+"""The model zoo's command line: ``list``, ``profile``, ``train``, ``experiment`` and ``evaluate``.
 
 python -m models list
 python -m models profile [--model NAME ...] [--input 3x84x84] [--json PATH]
 python -m models train --model NAME [--data ROOT | --data synthetic] [--out DIR] [--epochs 10] [--resume] ...
+python -m models experiment --model A --model B [--data ROOT] [--out DIR] [training options as for train]
 python -m models evaluate --checkpoint DIR/best.pt [--data ROOT] [--fill mean] [--json PATH]
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .registry import list_models, model_info
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m models", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     profile = commands.add_parser("profile", help="params and per-image FLOPs of the models, as a markdown table")
     profile.add_argument("--model", action="append", choices=list_models(), metavar="NAME",
@@ -28,11 +30,14 @@ def main(argv=None) -> int:
     profile.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     commands.add_parser("list", help="the registered models with their seeds")
     _add_train_parser(commands)
+    _add_experiment_parser(commands)
     _add_evaluate_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "train":
         return _train(parser, args)
+    if args.command == "experiment":
+        return _experiment(parser, args)
     if args.command == "evaluate":
         return _evaluate(parser, args)
 
@@ -66,11 +71,39 @@ def _option(text: str):
         return key, value
 
 
-def _add_train_parser(commands) -> None:
-    from .train import OPTIMIZERS, TrainConfig
+def _add_training_options(parser, d) -> None:
+    """The options ``train`` and ``experiment`` share (everything but the model and the output directory)."""
+    from .train import OPTIMIZERS
     from chanflex_kernels.channels import FILL_STRATEGIES
 
-    d = TrainConfig(model="")
+    parser.add_argument("--data", default=d.data, help="dataset root, or 'synthetic' (default)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    parser.add_argument("--patience", type=int, help="early stopping: epochs without a better validation accuracy")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (cosine to 0; default {d.lr})")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"default {d.optimizer}")
+    parser.add_argument("--image-size", type=int, help="square input side (default 84, the seeds'; 32 for "
+                        "synthetic; fixed-size models their own)")
+    parser.add_argument("--num-classes", type=int, help="head width (default: largest label + 1)")
+    parser.add_argument("--temperature-epochs", type=float, default=d.temperature_epochs,
+                        help="DynamicConv2d temperature 30 -> 1 over this many epochs (default 10)")
+    parser.add_argument("--max-batches", type=int, help="at most this many training batches per epoch")
+    parser.add_argument("--workers", type=int, default=d.workers,
+                        help=f"data-loading processes (default {d.workers})")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    parser.add_argument("--fill", choices=FILL_STRATEGIES, default=d.fill,
+                        help="how a static model sees fewer channels at test (default mean: seed 000's protocol)")
+    parser.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes,
+                        help="synthetic data: classes")
+    parser.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class,
+                        help="synthetic data: training images per class (val and test a quarter)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train_parser(commands) -> None:
+    from .train import TrainConfig
+
     train = commands.add_parser(
         "train", help="train a model, keep its best checkpoint, test it on every channel combination",
         description="Train a registered model on ImageNet-mini (a root with train.txt, val.txt, test.txt: "
@@ -79,29 +112,22 @@ def _add_train_parser(commands) -> None:
     train.add_argument("--model", required=True, choices=list_models(), metavar="NAME", help="a registry name")
     train.add_argument("--option", action="append", type=_option, default=[], metavar="KEY=VALUE",
                        help="a model option, e.g. num_kernels=6 (repeatable)")
-    train.add_argument("--data", default=d.data, help="dataset root, or 'synthetic' (default)")
     train.add_argument("--out", help="run directory (default runs/MODEL-DATA)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    train.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    train.add_argument("--patience", type=int, help="early stopping: epochs without a better validation accuracy")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    train.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (cosine to 0; default {d.lr})")
-    train.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"default {d.weight_decay}")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help=f"default {d.optimizer}")
-    train.add_argument("--image-size", type=int, help="square input side (default 84, the seeds'; 32 for "
-                       "synthetic; fixed-size models their own)")
-    train.add_argument("--num-classes", type=int, help="head width (default: largest label + 1)")
-    train.add_argument("--temperature-epochs", type=float, default=d.temperature_epochs,
-                       help="DynamicConv2d temperature 30 -> 1 over this many epochs (default 10)")
-    train.add_argument("--max-batches", type=int, help="at most this many training batches per epoch")
-    train.add_argument("--workers", type=int, default=d.workers, help=f"data-loading processes (default {d.workers})")
-    train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    train.add_argument("--fill", choices=FILL_STRATEGIES, default=d.fill,
-                       help="how a static model sees fewer channels at test (default mean: seed 000's protocol)")
-    train.add_argument("--synthetic-classes", type=int, default=d.synthetic_classes, help="synthetic data: classes")
-    train.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class,
-                       help="synthetic data: training images per class (val and test a quarter)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_training_options(train, TrainConfig(model=""))
+
+
+def _add_experiment_parser(commands) -> None:
+    from .train import TrainConfig
+
+    experiment = commands.add_parser(
+        "experiment", help="train several models alike, then compare them on every channel combination",
+        description="Train each --model with the same settings into OUT/MODEL (resuming runs found there), "
+                    "then write comparison.md, comparison.json and comparison.png into --out.")
+    experiment.add_argument("--model", action="append", required=True, choices=list_models(), metavar="NAME",
+                            help="a registry name (repeat for each model)")
+    experiment.add_argument("--out", help="experiment directory (default runs/experiment-DATA)")
+    _add_training_options(experiment, TrainConfig(model=""))
 
 
 def _add_evaluate_parser(commands) -> None:
@@ -117,24 +143,45 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _train(parser, args) -> int:
-    from .train import TrainConfig, train
+def _config(args, model: str, out: str, options=()):
+    from .train import TrainConfig
 
-    info = model_info(args.model)
+    info = model_info(model)
     image_size = args.image_size or (info.input_size[0] if info.input_size else 32 if args.data == "synthetic"
                                      else 84)
-    out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(os.path.normpath(args.data))}")
-    config = TrainConfig(model=args.model, data=args.data, out=out, model_options=dict(args.option),
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                         optimizer=args.optimizer, image_size=image_size, num_classes=args.num_classes,
-                         patience=args.patience, temperature_epochs=args.temperature_epochs,
-                         max_batches=args.max_batches, workers=args.workers, seed=args.seed, fill=args.fill,
-                         synthetic_classes=args.synthetic_classes, synthetic_per_class=args.synthetic_per_class)
+    return TrainConfig(model=model, data=args.data, out=out, model_options=dict(options), epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       optimizer=args.optimizer, image_size=image_size, num_classes=args.num_classes,
+                       patience=args.patience, temperature_epochs=args.temperature_epochs,
+                       max_batches=args.max_batches, workers=args.workers, seed=args.seed, fill=args.fill,
+                       synthetic_classes=args.synthetic_classes, synthetic_per_class=args.synthetic_per_class)
+
+
+def _data_name(data: str) -> str:
+    return os.path.basename(os.path.normpath(data))
+
+
+def _train(parser, args) -> int:
+    from .train import train
+
+    out = args.out or os.path.join("runs", f"{args.model}-{_data_name(args.data)}")
     try:
-        train(config, resume=args.resume, progress=not args.no_progress)
+        train(_config(args, args.model, out, args.option), resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
     print(f"run directory: {out}")
+    return 0
+
+
+def _experiment(parser, args) -> int:
+    from .train import run_experiment
+
+    out = args.out or os.path.join("runs", f"experiment-{_data_name(args.data)}")
+    try:
+        run_experiment([_config(args, m, out) for m in args.model], out, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err))
+    print(f"experiment directory: {out}")
     return 0
 
 

@@ -36,7 +36,7 @@ from chanflex_kernels.files import atomic_write
 from .data import build_datasets
 from .registry import create, list_models, model_info
 
-__all__ = ["TrainConfig", "train", "evaluate_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "train", "run_experiment", "evaluate_checkpoint", "load_checkpoint"]
 
 OPTIMIZERS = ("adamw", "sgd")
 # Settings a resumed run must share with the run it continues (the rest may change: workers, progress, ...).
@@ -374,3 +374,74 @@ def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] =
     return evaluate_channel_combinations(model, _loader(dataset, config, train=False), combos or config.combos,
                                          fill=None if flexible else (fill or config.fill),
                                          num_classes=config.num_classes, progress=progress)
+
+
+def run_experiment(configs: Sequence[TrainConfig], out: str, progress: bool = True, log=print) -> List[Dict]:
+    """Train and test several models, then compare them on every channel combination.
+
+    Each config runs in ``out/<model>`` (its ``out`` is replaced); a run that
+    already has a ``last.pt`` there is resumed (or, if finished, only tested
+    again), so rerunning an interrupted experiment continues it. Writes
+    ``comparison.md``, ``comparison.json`` and ``comparison.png`` into ``out``
+    and returns the runs' summaries.
+    """
+    if not configs:
+        raise ValueError("run_experiment: expected at least one model, got none")
+    names = [c.model for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run_experiment: expected distinct models (one directory each), got {names}")
+    for c in configs:
+        c.validate()  # all of them before the first hour of training
+    os.makedirs(out, exist_ok=True)
+    summaries = []
+    for i, c in enumerate(configs, 1):
+        c = dataclasses.replace(c, out=os.path.join(out, c.model))
+        log(f"[{i}/{len(configs)}] {c.model} -> {c.out}")
+        summaries.append(train(c, resume=os.path.isfile(os.path.join(c.out, "last.pt")), progress=progress,
+                               log=log))
+    _save_json(summaries, os.path.join(out, "comparison.json"))
+    table = comparison_markdown(summaries)
+    atomic_write(os.path.join(out, "comparison.md"), lambda f: f.write(table + "\n"))
+    plot_comparison(summaries, os.path.join(out, "comparison.png"))
+    log(f"test accuracy (%) of each model's best checkpoint:\n{table}")
+    return summaries
+
+
+def comparison_markdown(summaries: Sequence[Dict]) -> str:
+    """Test accuracy per channel combination, one row per model; the best of each column in bold."""
+    combos = list(summaries[0]["test_accuracy"])
+    best = {c: max(s["test_accuracy"][c] for s in summaries) for c in combos}
+    lines = ["| model | params | epochs (best) | val | " + " | ".join(combos) + " | seen as |",
+             "|---|---:|---|---:|" + "---:|" * len(combos) + "---|"]
+    for s in summaries:
+        cells = [f"**{100 * a:.2f}**" if a == best[c] and len(summaries) > 1 else f"{100 * a:.2f}"
+                 for c, a in s["test_accuracy"].items()]
+        seen = "its channels only" if s["fill"] is None else f"filled ({s['fill']})"
+        lines.append(f"| {s['model']} | {s['params']:,} | {s['epochs_run']} ({s['best_epoch']}) | "
+                     f"{100 * s['best_val_accuracy']:.2f} | " + " | ".join(cells) + f" | {seen} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(summaries: Sequence[Dict], path: str) -> None:
+    """Grouped bars: test accuracy per channel combination, one colour per model (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    combos = list(summaries[0]["test_accuracy"])
+    width = 0.8 / len(summaries)
+    fig, axis = plt.subplots(figsize=(min(14.0, 3.0 + 0.3 * len(combos) * len(summaries)), 4.8))
+    for i, s in enumerate(summaries):
+        positions = [j + (i - (len(summaries) - 1) / 2) * width for j in range(len(combos))]
+        axis.bar(positions, [100 * s["test_accuracy"][c] for c in combos], width, label=s["model"])
+    axis.set_xticks(range(len(combos)), combos)
+    axis.set_xlabel("channels present at test")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(summaries)))
+    axis.set_title(f"best checkpoints on {summaries[0]['data']}")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
+    plt.close(fig)

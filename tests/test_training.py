@@ -11,7 +11,7 @@ import models.train as runner
 from chanflex_kernels.files import atomic_write
 from models.__main__ import _option, main as cli
 from models.data import ImageListDataset, SyntheticImages, build_datasets, parse_list_file
-from models.train import TrainConfig, evaluate_checkpoint, load_checkpoint, train
+from models.train import TrainConfig, comparison_markdown, evaluate_checkpoint, load_checkpoint, run_experiment, train
 
 SMALL = "advanced_two_layer_cnn_plain"  # 82k parameters: a few seconds per run
 FLEXIBLE = "flex_channel_cnn_pooled"    # channel-flexible and dynamic
@@ -300,6 +300,45 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
         load_checkpoint(str(tmp_path / "absent.pt"))
 
 
+# ---------------------------------------------------------------- experiments
+
+
+def test_experiment_trains_each_model_then_compares_them(tmp_path):
+    out = str(tmp_path / "exp")
+    configs = [config(tmp_path, model=m, image_size=24, epochs=2) for m in (SMALL, FLEXIBLE)]
+    messages = []
+    summaries = run_experiment(configs, out, progress=False, log=messages.append)
+    assert [s["model"] for s in summaries] == [SMALL, FLEXIBLE]
+    for m in (SMALL, FLEXIBLE):
+        assert os.path.isfile(os.path.join(out, m, "best.pt"))
+    assert json.loads(open(os.path.join(out, "comparison.json")).read()) == summaries
+    table = open(os.path.join(out, "comparison.md")).read()
+    assert f"| {SMALL} |" in table and "filled (mean)" in table and "its channels only" in table
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 0
+    # Rerunning finds both runs finished: nothing is trained again, the results are the same.
+    again = run_experiment(configs, out, progress=False, log=messages.append)
+    assert [s["test_accuracy"] for s in again] == [s["test_accuracy"] for s in summaries]
+    assert sum("finished after epoch 2" in m for m in messages) == 2
+
+
+def test_comparison_table_marks_each_columns_best():
+    rows = [dict(model=name, params=10, epochs_run=2, best_epoch=1, best_val_accuracy=0.5, fill=fill,
+                 test_accuracy={"RGB": rgb, "R": r}) for name, fill, rgb, r in
+            (("a", "mean", 0.9, 0.2), ("b", None, 0.8, 0.7))]
+    table = comparison_markdown(rows)
+    assert "| a | 10 | 2 (1) | 50.00 | **90.00** | 20.00 | filled (mean) |" in table
+    assert "| b | 10 | 2 (1) | 50.00 | 80.00 | **70.00** | its channels only |" in table
+
+
+def test_experiment_checks_every_setting_before_training(tmp_path):
+    with pytest.raises(ValueError, match="expected distinct models"):
+        run_experiment([config(tmp_path), config(tmp_path)], str(tmp_path / "exp"), progress=False, log=quiet)
+    with pytest.raises(ValueError, match="accepts only 128x128 input"):
+        run_experiment([config(tmp_path), config(tmp_path, model="layer_3_cnn")], str(tmp_path / "exp"),
+                       progress=False, log=quiet)
+    assert not os.path.exists(tmp_path / "exp" / SMALL)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -320,6 +359,14 @@ def test_cli_model_options_parse_as_python_literals():
     assert _option("num_kernels=6") == ("num_kernels", 6)
     assert _option("channel_drop=0.25") == ("channel_drop", 0.25)
     assert _option("strategy=mean") == ("strategy", "mean")
+
+
+def test_cli_experiment(tmp_path, capsys):
+    out = str(tmp_path / "exp")
+    assert cli(["experiment", "--model", SMALL, "--model", FLEXIBLE, "--out", out, "--epochs", "1", "--image-size",
+                "24", "--synthetic-per-class", "8", "--workers", "0", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {FLEXIBLE} |" in printed and f"experiment directory: {out}" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
