@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: setup test demo bench bench-gpu clean
+.PHONY: setup test demo bench bench-gpu experiment clean
 
 setup: $(VENV)/.built
 
@@ -27,6 +27,15 @@ test: setup
 
 demo: setup
 	$(PY) -m chanflex_kernels.bench --quick
+
+# Task 1's comparison: a static ResNet18 (fewer channels filled), seed 004's v4, seed 001's slicing stem, and
+# ours; on synthetic images by default (about 2 minutes), DATA=/path/to/imagenet-mini for the real one.
+DATA ?= synthetic
+EXPERIMENT_MODELS ?= resnet18 resnet18_v4 slicing_resnet18 flexdy_resnet18 flex_channel_cnn_pooled
+EPOCHS ?= 3
+experiment: setup
+	$(PY) -m models experiment $(foreach m,$(EXPERIMENT_MODELS),--model $(m)) --data $(DATA) --epochs $(EPOCHS) \
+		--out runs/experiment-$(notdir $(DATA))
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only
