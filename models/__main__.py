@@ -127,6 +127,8 @@ def _add_experiment_parser(commands) -> None:
     experiment.add_argument("--model", action="append", required=True, choices=list_models(), metavar="NAME",
                             help="a registry name (repeat for each model)")
     experiment.add_argument("--out", help="experiment directory (default runs/experiment-DATA)")
+    experiment.add_argument("--baseline", metavar="NAME", help="one of the models: the table adds each model's "
+                            "RGB accuracy as a fraction of its (task 2: against resnet34)")
     _add_training_options(experiment, TrainConfig(model=""))
 
 
@@ -178,7 +180,8 @@ def _experiment(parser, args) -> int:
 
     out = args.out or os.path.join("runs", f"experiment-{_data_name(args.data)}")
     try:
-        run_experiment([_config(args, m, out) for m in args.model], out, progress=not args.no_progress)
+        run_experiment([_config(args, m, out) for m in args.model], out, args.baseline,
+                       progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
     print(f"experiment directory: {out}")

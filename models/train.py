@@ -176,7 +176,7 @@ def _loader(dataset, config: TrainConfig, train: bool, epoch: int = 0) -> DataLo
                       persistent_workers=False)
 
 
-def run_epoch(model, loader, optimizer=None, scheduler_step=None, max_batches: Optional[int] = None,
+def run_epoch(model, loader, optimizer=None, max_batches: Optional[int] = None,
               progress: bool = True, desc: str = "", on_step=None) -> Tuple[float, float]:
     """One pass over ``loader``: training when ``optimizer`` is given, else evaluation. Returns (mean loss, accuracy)."""
     from tqdm.auto import tqdm
@@ -216,7 +216,6 @@ def plot_history(history: List[Dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
@@ -274,7 +273,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     settings must match); without it, ``config.out`` must not hold a run.
     """
     config.validate()
-    os.makedirs(config.out, exist_ok=True)
     last_path, best_path = os.path.join(config.out, "last.pt"), os.path.join(config.out, "best.pt")
     if resume and not os.path.isfile(last_path):
         raise FileNotFoundError(f"train --resume: expected a run to continue at {last_path}; not found")
@@ -289,6 +287,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     _seed_everything(config.seed)
     model, optimizer, scheduler = _build(config, num_classes)
     _check_input(model, datasets["train"][0][0], config)
+    os.makedirs(config.out, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
     state = {"epoch": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "stale_epochs": 0,
              "finished": False}
     if resume:
@@ -376,20 +375,25 @@ def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] =
                                          num_classes=config.num_classes, progress=progress)
 
 
-def run_experiment(configs: Sequence[TrainConfig], out: str, progress: bool = True, log=print) -> List[Dict]:
+def run_experiment(configs: Sequence[TrainConfig], out: str, baseline: Optional[str] = None, progress: bool = True,
+                   log=print) -> List[Dict]:
     """Train and test several models, then compare them on every channel combination.
 
     Each config runs in ``out/<model>`` (its ``out`` is replaced); a run that
     already has a ``last.pt`` there is resumed (or, if finished, only tested
     again), so rerunning an interrupted experiment continues it. Writes
     ``comparison.md``, ``comparison.json`` and ``comparison.png`` into ``out``
-    and returns the runs' summaries.
+    and returns the runs' summaries. ``baseline``: one of the models; the table
+    then gives each model's RGB test accuracy as a fraction of the baseline's
+    (task 2: a small network against ResNet34).
     """
     if not configs:
         raise ValueError("run_experiment: expected at least one model, got none")
     names = [c.model for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"run_experiment: expected distinct models (one directory each), got {names}")
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"run_experiment: expected the baseline to be one of the models {names}, got {baseline!r}")
     for c in configs:
         c.validate()  # all of them before the first hour of training
     os.makedirs(out, exist_ok=True)
@@ -400,25 +404,40 @@ def run_experiment(configs: Sequence[TrainConfig], out: str, progress: bool = Tr
         summaries.append(train(c, resume=os.path.isfile(os.path.join(c.out, "last.pt")), progress=progress,
                                log=log))
     _save_json(summaries, os.path.join(out, "comparison.json"))
-    table = comparison_markdown(summaries)
+    table = comparison_markdown(summaries, baseline)
     atomic_write(os.path.join(out, "comparison.md"), lambda f: f.write(table + "\n"))
     plot_comparison(summaries, os.path.join(out, "comparison.png"))
     log(f"test accuracy (%) of each model's best checkpoint:\n{table}")
     return summaries
 
 
-def comparison_markdown(summaries: Sequence[Dict]) -> str:
-    """Test accuracy per channel combination, one row per model; the best of each column in bold."""
+def comparison_markdown(summaries: Sequence[Dict], baseline: Optional[str] = None) -> str:
+    """Test accuracy per channel combination, one row per model; the best of each column in bold.
+
+    With ``baseline`` (a model of the table), a last column gives each model's
+    accuracy on the first combination (RGB) as a fraction of the baseline's.
+    """
     combos = list(summaries[0]["test_accuracy"])
     best = {c: max(s["test_accuracy"][c] for s in summaries) for c in combos}
-    lines = ["| model | params | epochs (best) | val | " + " | ".join(combos) + " | seen as |",
-             "|---|---:|---|---:|" + "---:|" * len(combos) + "---|"]
+    reference = None
+    if baseline is not None:
+        matches = [s["test_accuracy"][combos[0]] for s in summaries if s["model"] == baseline]
+        if not matches:
+            raise ValueError(f"comparison_markdown: expected the baseline among {[s['model'] for s in summaries]}, "
+                             f"got {baseline!r}")
+        reference = matches[0]
+    extra = [f"{combos[0]} / {baseline}"] if baseline is not None else []
+    lines = ["| model | params | epochs (best) | val | " + " | ".join(combos + ["seen as"] + extra) + " |",
+             "|---|---:|---|---:|" + "---:|" * len(combos) + "---|" + "---:|" * len(extra)]
     for s in summaries:
         cells = [f"**{100 * a:.2f}**" if a == best[c] and len(summaries) > 1 else f"{100 * a:.2f}"
                  for c, a in s["test_accuracy"].items()]
         seen = "its channels only" if s["fill"] is None else f"filled ({s['fill']})"
+        ratio = []
+        if reference is not None:
+            ratio = [f"{s['test_accuracy'][combos[0]] / reference:.3f}" if reference > 0 else "n/a"]
         lines.append(f"| {s['model']} | {s['params']:,} | {s['epochs_run']} ({s['best_epoch']}) | "
-                     f"{100 * s['best_val_accuracy']:.2f} | " + " | ".join(cells) + f" | {seen} |")
+                     f"{100 * s['best_val_accuracy']:.2f} | " + " | ".join(cells + [seen] + ratio) + " |")
     return "\n".join(lines)
 
 

@@ -283,7 +283,7 @@ def test_runs_refuse_to_overwrite_or_to_resume_something_else(tmp_path):
 def test_bad_settings_are_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(config(tmp_path, **overrides), progress=False, log=quiet)
-    assert not os.path.exists(tmp_path / "run" / "last.pt")
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_diverging_loss_stops_the_run_with_a_clear_error(tmp_path, monkeypatch):
@@ -328,11 +328,17 @@ def test_comparison_table_marks_each_columns_best():
     table = comparison_markdown(rows)
     assert "| a | 10 | 2 (1) | 50.00 | **90.00** | 20.00 | filled (mean) |" in table
     assert "| b | 10 | 2 (1) | 50.00 | 80.00 | **70.00** | its channels only |" in table
+    against_a = comparison_markdown(rows, baseline="a")
+    assert "| seen as | RGB / a |" in against_a and "| its channels only | 0.889 |" in against_a
+    with pytest.raises(ValueError, match="expected the baseline among \\['a', 'b'\\], got 'c'"):
+        comparison_markdown(rows, baseline="c")
 
 
 def test_experiment_checks_every_setting_before_training(tmp_path):
     with pytest.raises(ValueError, match="expected distinct models"):
         run_experiment([config(tmp_path), config(tmp_path)], str(tmp_path / "exp"), progress=False, log=quiet)
+    with pytest.raises(ValueError, match="expected the baseline to be one of the models"):
+        run_experiment([config(tmp_path)], str(tmp_path / "exp"), baseline="resnet34", progress=False, log=quiet)
     with pytest.raises(ValueError, match="accepts only 128x128 input"):
         run_experiment([config(tmp_path), config(tmp_path, model="layer_3_cnn")], str(tmp_path / "exp"),
                        progress=False, log=quiet)
@@ -364,9 +370,10 @@ def test_cli_model_options_parse_as_python_literals():
 def test_cli_experiment(tmp_path, capsys):
     out = str(tmp_path / "exp")
     assert cli(["experiment", "--model", SMALL, "--model", FLEXIBLE, "--out", out, "--epochs", "1", "--image-size",
-                "24", "--synthetic-per-class", "8", "--workers", "0", "--no-progress"]) == 0
+                "24", "--synthetic-per-class", "8", "--workers", "0", "--no-progress", "--baseline", SMALL]) == 0
     printed = capsys.readouterr().out
     assert f"| {FLEXIBLE} |" in printed and f"experiment directory: {out}" in printed
+    assert f"RGB / {SMALL} |" in printed and "| filled (mean) | 1.000 |" in printed
 
 
 @pytest.mark.parametrize("argv, message", [
