@@ -163,6 +163,11 @@ def _data_name(data: str) -> str:
     return os.path.basename(os.path.normpath(data))
 
 
+def _interrupted(command: str, out: str) -> int:
+    print(f"\ninterrupted: {out} keeps every complete epoch; to continue, run {command}", file=sys.stderr)
+    return 130
+
+
 def _train(parser, args) -> int:
     from .train import train
 
@@ -171,6 +176,8 @@ def _train(parser, args) -> int:
         train(_config(args, args.model, out, args.option), resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        return _interrupted("the same command" + ("" if args.resume else " with --resume"), out)
     print(f"run directory: {out}")
     return 0
 
@@ -184,6 +191,8 @@ def _experiment(parser, args) -> int:
                        progress=not args.no_progress)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        return _interrupted("the same command", out)
     print(f"experiment directory: {out}")
     return 0
 

@@ -376,6 +376,18 @@ def test_cli_experiment(tmp_path, capsys):
     assert f"RGB / {SMALL} |" in printed and "| filled (mean) | 1.000 |" in printed
 
 
+@pytest.mark.parametrize("command", ["train", "experiment"])
+def test_cli_interrupted_says_how_to_continue(tmp_path, capsys, monkeypatch, command):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_epoch", interrupt)
+    out = str(tmp_path / "x")
+    assert cli([command, "--model", SMALL, "--out", out, "--workers", "0", "--no-progress"]) == 130
+    hint = "the same command with --resume" if command == "train" else "the same command"
+    assert f"interrupted: {out} keeps every complete epoch; to continue, run {hint}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", SMALL, "--option", "num_kernels"], "expected KEY=VALUE"),
     (["train", "--model", SMALL, "--option", "num_kernels=2"], "bad options ['num_kernels']"),
