@@ -589,7 +589,8 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"dynamic_conv2d (K={NUM_KERNELS}, {dtypes_of(rows)}) on the CPU against a static conv and the peers")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    image_format = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=image_format, dpi=110), binary=True)
     plt.close(fig)
     return [ax.get_ylabel() for ax in axes]
 

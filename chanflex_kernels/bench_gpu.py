@@ -23,6 +23,7 @@ import torch
 from .backends import use_backend
 from .bench import MODES, NUM_KERNELS, QUICK_SHAPES, RESNET18_SHAPES, ConvShape, dynamic_provider, make_inputs, \
     static_provider
+from .files import atomic_write
 from .ops import dynamic_conv2d
 from .reference import dynamic_conv2d_grouped
 
@@ -133,8 +134,7 @@ def main(argv=None) -> None:
           f"do_bench medians; x/static: lower is better; TF32 for fp32 convs: {torch.backends.cudnn.allow_tf32}")
     print(markdown(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+        atomic_write(args.json, lambda f: json.dump([asdict(r) for r in rows], f, indent=1))
 
 
 if __name__ == "__main__":

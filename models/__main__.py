@@ -14,6 +14,8 @@ import json
 import os
 import sys
 
+from chanflex_kernels.files import atomic_write
+
 from .profile import parse_input, profile_models, to_markdown
 from .registry import list_models, model_info
 
@@ -53,8 +55,7 @@ def main(argv=None) -> int:
     rows = profile_models(args.model, shape)
     print(to_markdown(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in rows], f, indent=2)
+        atomic_write(args.json, lambda f: json.dump([dataclasses.asdict(r) for r in rows], f, indent=2))
     return 0
 
 
