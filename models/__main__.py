@@ -74,7 +74,7 @@ def _option(text: str):
 
 def _add_training_options(parser, d) -> None:
     """The options ``train`` and ``experiment`` share (everything but the model and the output directory)."""
-    from .train import OPTIMIZERS
+    from .train import OPTIMIZERS, PRECISIONS
     from chanflex_kernels.channels import FILL_STRATEGIES
 
     parser.add_argument("--data", default=d.data, help="dataset root, or 'synthetic' (default)")
@@ -99,6 +99,9 @@ def _add_training_options(parser, d) -> None:
                         help="synthetic data: classes")
     parser.add_argument("--synthetic-per-class", type=int, default=d.synthetic_per_class,
                         help="synthetic data: training images per class (val and test a quarter)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                        help="fp32 (default) or bf16 (autocast; weights and optimizer stay float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -142,6 +145,7 @@ def _add_evaluate_parser(commands) -> None:
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test", help="default test")
     evaluate.add_argument("--combos", help="comma-separated channel combinations (default RGB,RG,RB,GB,R,G,B)")
     evaluate.add_argument("--fill", choices=FILL_STRATEGIES, help="for static models (default: the run's)")
+    evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's, else cuda when available)")
     evaluate.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -157,7 +161,8 @@ def _config(args, model: str, out: str, options=()):
                        optimizer=args.optimizer, image_size=image_size, num_classes=args.num_classes,
                        patience=args.patience, temperature_epochs=args.temperature_epochs,
                        max_batches=args.max_batches, workers=args.workers, seed=args.seed, fill=args.fill,
-                       synthetic_classes=args.synthetic_classes, synthetic_per_class=args.synthetic_per_class)
+                       synthetic_classes=args.synthetic_classes, synthetic_per_class=args.synthetic_per_class,
+                       device=args.device, precision=args.precision)
 
 
 def _data_name(data: str) -> str:
@@ -210,7 +215,7 @@ def _evaluate(parser, args) -> int:
                                  synthetic_classes=config.synthetic_classes,
                                  synthetic_per_class=config.synthetic_per_class, seed=config.seed)[args.split]
         combos = args.combos.split(",") if args.combos else None
-        report = evaluate_checkpoint(args.checkpoint, dataset, config, combos, args.fill,
+        report = evaluate_checkpoint(args.checkpoint, dataset, config, combos, args.fill, args.device,
                                      progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

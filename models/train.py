@@ -39,6 +39,7 @@ from .registry import create, list_models, model_info
 __all__ = ["TrainConfig", "train", "run_experiment", "evaluate_checkpoint", "load_checkpoint"]
 
 OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16")
 # Settings a resumed run must share with the run it continues (the rest may change: workers, progress, ...).
 _RESUME_FIXED = ("model", "model_options", "data", "image_size", "num_classes", "epochs", "batch_size", "lr",
                  "weight_decay", "optimizer", "temperature_epochs", "seed", "max_batches", "synthetic_classes",
@@ -63,6 +64,10 @@ class TrainConfig:
     fill: how a model that is not channel-flexible sees fewer channels at test
         ('mean': seed 000's protocol, one channel x3 or two plus their mean).
     combos: the channel combinations of the test report.
+    device: where to train ('cpu', 'cuda', 'cuda:1'; default cuda when
+        available); a run may resume on another device.
+    precision: 'fp32', or 'bf16' (``torch.autocast`` to bfloat16: the chanflex
+        ops and convs run in bfloat16, the weights and optimizer stay float32).
     """
 
     model: str
@@ -85,6 +90,8 @@ class TrainConfig:
     combos: Tuple[str, ...] = DEFAULT_COMBOS
     synthetic_classes: int = 10
     synthetic_per_class: int = 64
+    device: Optional[str] = None
+    precision: str = "fp32"
 
     def validate(self) -> None:
         if self.model not in list_models():
@@ -104,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"train: expected optimizer in {OPTIMIZERS}, got {self.optimizer!r}")
         if self.fill not in FILL_STRATEGIES:
             raise ValueError(f"train: expected fill in {FILL_STRATEGIES}, got {self.fill!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train: expected precision in {PRECISIONS}, got {self.precision!r}")
+        resolve_device(self.device)
         if not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"train: expected workers to be an int >= 0, got {self.workers!r}")
         size = model_info(self.model).input_size
@@ -121,6 +131,25 @@ class TrainConfig:
         d = dict(d)
         d["combos"] = tuple(d.get("combos", DEFAULT_COMBOS))
         return cls(**d)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` as a torch.device (None: cuda when available, else cpu), checked to exist."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"train: expected device like 'cpu', 'cuda' or 'cuda:1', got {device!r}") from err
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train: expected an available device, got {device!r}; torch sees no CUDA device")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"train: expected a CUDA device index below {torch.cuda.device_count()}, "
+                             f"got {device!r}")
+    elif resolved.type != "cpu":
+        raise ValueError(f"train: expected device 'cpu' or 'cuda[:index]', got {device!r}")
+    return resolved
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -173,12 +202,17 @@ def _loader(dataset, config: TrainConfig, train: bool, epoch: int = 0) -> DataLo
     # Dropping a short last batch keeps BatchNorm from seeing a batch of one.
     return DataLoader(dataset, batch_size=config.batch_size, shuffle=train, generator=generator,
                       drop_last=train and len(dataset) > config.batch_size, num_workers=config.workers,
-                      persistent_workers=False)
+                      pin_memory=resolve_device(config.device).type == "cuda")
 
 
-def run_epoch(model, loader, optimizer=None, max_batches: Optional[int] = None,
-              progress: bool = True, desc: str = "", on_step=None) -> Tuple[float, float]:
-    """One pass over ``loader``: training when ``optimizer`` is given, else evaluation. Returns (mean loss, accuracy)."""
+def run_epoch(model, loader, optimizer=None, max_batches: Optional[int] = None, progress: bool = True,
+              desc: str = "", on_step=None, device=torch.device("cpu"), precision: str = "fp32"
+              ) -> Tuple[float, float]:
+    """One pass over ``loader``: training when ``optimizer`` is given, else evaluation. Returns (mean loss, accuracy).
+
+    ``precision`` 'bf16' runs the forward under ``torch.autocast`` in bfloat16
+    (the loss in float32; bfloat16 needs no loss scaling).
+    """
     from tqdm.auto import tqdm
 
     training = optimizer is not None
@@ -191,8 +225,10 @@ def run_epoch(model, loader, optimizer=None, max_batches: Optional[int] = None,
                 break
             if on_step is not None:
                 on_step(step / steps)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at batch {step}; lower the "
                                          f"learning rate or check the data")
@@ -236,8 +272,8 @@ def plot_history(history: List[Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _build(config: TrainConfig, num_classes: int):
-    model = create(config.model, num_classes=num_classes, **config.model_options)
+def _build(config: TrainConfig, num_classes: int, device: torch.device):
+    model = create(config.model, num_classes=num_classes, **config.model_options).to(device)
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
@@ -285,8 +321,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     num_classes = _num_classes(config, datasets)
     config = dataclasses.replace(config, num_classes=num_classes)
     _seed_everything(config.seed)
-    model, optimizer, scheduler = _build(config, num_classes)
-    _check_input(model, datasets["train"][0][0], config)
+    device = resolve_device(config.device)
+    model, optimizer, scheduler = _build(config, num_classes, device)
+    _check_input(model, datasets["train"][0][0].to(device), config)
     os.makedirs(config.out, exist_ok=True)  # only now: a run that cannot start leaves no directory behind
     state = {"epoch": 0, "history": [], "best_accuracy": -1.0, "best_epoch": 0, "stale_epochs": 0,
              "finished": False}
@@ -302,7 +339,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{config.model}: {params:,} parameters, {num_classes} classes; data {config.data} "
-        f"({', '.join(f'{s} {len(d)}' for s, d in datasets.items())}), {config.image_size}x{config.image_size}")
+        f"({', '.join(f'{s} {len(d)}' for s, d in datasets.items())}), {config.image_size}x{config.image_size}; "
+        f"{device}, {config.precision}")
     started = time.time()
     while not state["finished"] and state["epoch"] < config.epochs:
         epoch = state["epoch"] + 1
@@ -312,11 +350,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = run_epoch(
             model, train_loader, optimizer, max_batches=config.max_batches, progress=progress,
-            desc=f"epoch {epoch}/{config.epochs} train",
+            desc=f"epoch {epoch}/{config.epochs} train", device=device, precision=config.precision,
             on_step=lambda fraction: anneal_temperature(model, epoch - 1 + fraction, epochs=config.temperature_epochs))
         scheduler.step()
         val_loss, val_acc = run_epoch(model, _loader(datasets["val"], config, train=False), progress=progress,
-                                      desc=f"epoch {epoch}/{config.epochs} val")
+                                      desc=f"epoch {epoch}/{config.epochs} val", device=device,
+                                      precision=config.precision)
         state["history"].append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_accuracy": train_acc,
                                  "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.time() - tic})
         state["epoch"] = epoch
@@ -353,13 +392,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
 
 
 def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] = None, combos: Sequence = None,
-                        fill: Optional[str] = None, progress: bool = True):
+                        fill: Optional[str] = None, device: Optional[str] = None, progress: bool = True):
     """Test a checkpoint of this runner on each channel combination; returns a ``ChannelComboReport``.
 
     dataset: default the test split of the checkpoint's data; config: default
-    the checkpoint's; combos / fill override the config's. A channel-flexible
-    model sees only the channels of each combination; any other model sees
-    them filled to three by ``fill``.
+    the checkpoint's; combos / fill / device override the config's. A
+    channel-flexible model sees only the channels of each combination; any
+    other model sees them filled to three by ``fill``.
     """
     checkpoint = load_checkpoint(path)
     config = config or TrainConfig.from_dict(checkpoint["config"])
@@ -367,12 +406,15 @@ def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] =
         dataset = build_datasets(config.data, config.image_size, splits=("test",),
                                  synthetic_classes=config.synthetic_classes,
                                  synthetic_per_class=config.synthetic_per_class, seed=config.seed)["test"]
+    where = resolve_device(device if device is not None else config.device)
     model = create(config.model, num_classes=config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
+    model.to(where)
     flexible = model_info(config.model).channel_flexible
-    return evaluate_channel_combinations(model, _loader(dataset, config, train=False), combos or config.combos,
-                                         fill=None if flexible else (fill or config.fill),
-                                         num_classes=config.num_classes, progress=progress)
+    with torch.autocast(where.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        return evaluate_channel_combinations(model, _loader(dataset, config, train=False), combos or config.combos,
+                                             fill=None if flexible else (fill or config.fill),
+                                             num_classes=config.num_classes, progress=progress)
 
 
 def run_experiment(configs: Sequence[TrainConfig], out: str, baseline: Optional[str] = None, progress: bool = True,

@@ -192,6 +192,36 @@ def test_training_on_an_image_list_archive(tmp_path, workers):
     assert json.loads((tmp_path / "run" / "test_channels.json").read_text())["results"][0]["samples"] == 6
 
 
+def test_bf16_training_runs_the_model_in_bfloat16_and_learns(tmp_path, monkeypatch):
+    loss_inputs, outputs = [], []
+    real_loss = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(runner.F, "cross_entropy",
+                        lambda logits, y: loss_inputs.append(logits.dtype) or real_loss(logits, y))
+    model_class = type(models.create(FLEXIBLE))
+    real_forward = model_class.forward
+
+    def forward(self, x, *args, **kwargs):
+        out = real_forward(self, x, *args, **kwargs)
+        outputs.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(model_class, "forward", forward)
+    cfg = config(tmp_path, model=FLEXIBLE, image_size=24, epochs=3, synthetic_per_class=32, precision="bf16")
+    summary = train(cfg, progress=False, log=quiet)
+    # The first forward is the input-size check (float32); training, validation and test run in bfloat16.
+    assert outputs[0] == torch.float32 and set(outputs[1:]) == {torch.bfloat16} and len(outputs) > 20
+    assert set(loss_inputs) == {torch.float32}  # logits cast up for the loss
+    best = load_checkpoint(os.path.join(cfg.out, "best.pt"))
+    assert all(v.dtype == torch.float32 for v in best["model"].values() if v.is_floating_point())
+    assert summary["best_val_accuracy"] > 0.4  # chance 0.1; fp32 reaches 0.6-0.9 here, bfloat16 0.5-0.6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="expected an available device, got 'cuda'; torch sees no CUDA device"):
+        train(config(tmp_path, device="cuda"), progress=False, log=quiet)
+
+
 def _scripted_validation(monkeypatch, accuracies, snapshots):
     """Validation passes report ``accuracies`` in turn; the weights each one saw go to ``snapshots``."""
     real = runner.run_epoch
@@ -277,6 +307,9 @@ def test_runs_refuse_to_overwrite_or_to_resume_something_else(tmp_path):
     (dict(fill="copy"), "expected fill in .*got 'copy'"),
     (dict(model="layer_3_cnn", image_size=84), "accepts only 128x128 input; expected image_size 128, got 84"),
     (dict(num_classes=5), "expected labels below num_classes=5, got label 9"),
+    (dict(precision="fp16"), r"expected precision in \('fp32', 'bf16'\), got 'fp16'"),
+    (dict(device="tpu"), "expected device like 'cpu', 'cuda' or 'cuda:1', got 'tpu'"),
+    (dict(device="meta"), "expected device 'cpu' or 'cuda\\[:index\\]', got 'meta'"),
     (dict(model=FLEXIBLE, image_size=8),
      r"model 'flex_channel_cnn_pooled' cannot take 3x8x8 input \(image_size 8\): .*size"),
 ])
