@@ -392,6 +392,10 @@ def test_cli_trains_then_evaluates(tmp_path, capsys):
                 "--no-progress"]) == 0
     assert "| B | 20 |" in capsys.readouterr().out
     assert [r["combo"] for r in json.loads(open(json_path).read())["results"]] == ["RGB", "B"]
+    assert cli(["evaluate", "--checkpoint", os.path.join(out, "last.pt"), "--split", "train", "--device", "cpu",
+                "--fill", "zeros", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| RGB | 80 |" in printed and "fill: none, native channels" in printed  # flexible: no fill applies
 
 
 def test_cli_model_options_parse_as_python_literals():
