@@ -164,7 +164,9 @@ def dynamic_conv2d(
         groups: positive int dividing C_in and C_out.
 
     Returns:
-        (B, C_out, H_out, W_out), dtype of x. Differentiable in x, weight, attn
+        (B, C_out, H_out, W_out), dtype of x, channels-last when x is (as
+        ``nn.Conv2d``'s; the kernels write NCHW, so that costs a copy of the
+        output), else contiguous. Differentiable in x, weight, attn
         and bias. Half types accumulate in float32. Inside ``torch.autocast``
         it runs as ``F.conv2d`` does: float32 and half inputs are cast to
         autocast's dtype (float64 is not), and so is the output.
@@ -183,6 +185,7 @@ def dynamic_conv2d(
         if not (t is None and name == "bias") and not isinstance(t, torch.Tensor):
             raise ValueError(f"dynamic_conv2d: expected {name} to be a torch.Tensor, got {type(t).__name__}")
     x, weight, attn, bias = _autocast_inputs(x, weight, attn, bias)
+    channels_last = _is_channels_last(x)
     if weight.dim() == 5:
         x, padding = _resolve_padding(x, weight, padding, stride, dilation)
     else:
@@ -190,7 +193,8 @@ def dynamic_conv2d(
     check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
     backend = backends.get_backend()
     if backend == "reference":
-        return dynamic_conv2d_reference(x, weight, attn, bias, stride, padding, dilation, groups)
+        y = dynamic_conv2d_reference(x, weight, attn, bias, stride, padding, dilation, groups)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
     if backend == "cpp" and x.device.type != "cpu":
         raise ValueError(f"dynamic_conv2d: backend 'cpp' runs CPU tensors, got x on {x.device}")
     if backend == "triton":
@@ -200,8 +204,16 @@ def dynamic_conv2d(
         name, conv_args = "chanflex::dynamic_conv2d", (stride, padding, dilation, groups)
     tensors = (x, weight, attn, bias)
     if _differentiated(tensors):
-        return _AUTOGRAD_FUNCTIONS[name].apply(*tensors, OpArgs(*conv_args))
-    return _FORWARD_OPS[name](*tensors, *conv_args)
+        y = _AUTOGRAD_FUNCTIONS[name].apply(*tensors, OpArgs(*conv_args))
+    else:
+        y = _FORWARD_OPS[name](*tensors, *conv_args)
+    # The kernels write NCHW; a channels-last input gets a channels-last output, as from nn.Conv2d.
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """x is laid out channels-last, as nn.Conv2d decides its output's layout (a tensor both ways counts as NCHW)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _differentiated(tensors) -> bool:

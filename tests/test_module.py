@@ -179,3 +179,19 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     for g, p in zip(eager_grads, net.parameters()):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_converted_channels_last_model_keeps_the_layout_and_the_outputs():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3, stride=2)).double().eval()
+    model = model.to(memory_format=torch.channels_last)  # before convert: torch refuses it for 5-D kernel banks
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    expected = model(x)
+    converted = convert(model, num_kernels=3)
+    y = converted(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous(
+        memory_format=torch.channels_last)
+    assert_close_scaled(y, expected, torch.float64, "converted channels_last")
+    with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last format"):
+        converted.to(memory_format=torch.channels_last)

@@ -248,3 +248,25 @@ def test_comparison_catches_a_wrong_kernel(broken):
     # The comparison used by every test above fails on a deliberately wrong kernel.
     with pytest.raises(AssertionError):
         assert_matches_reference(broken, Case(3, 4, 6, 8, 8, stride=(2, 2), padding=(1, 1)), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_output_layout_follows_the_input_as_nn_conv2d(backend, layout):
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the interpreted Triton kernels: no float64
+    x = torch.randn(3, 6, 7, 9, dtype=dtype)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=torch.channels_last),
+         "sliced": torch.randn(3, 12, 7, 9, dtype=dtype)[:, ::2]}[layout].requires_grad_()
+    weight = torch.randn(2, 5, 6, 3, 3, dtype=dtype, requires_grad=True)
+    attn = torch.randn(3, 2, dtype=dtype)
+    with chanflex_kernels.use_backend(backend):
+        y = dynamic_conv2d(x, weight, attn, padding=1)
+    static = torch.nn.functional.conv2d(x, weight[0], padding=1)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        assert y.is_contiguous(memory_format=memory_format) == static.is_contiguous(memory_format=memory_format)
+    expected = dynamic_conv2d_reference(x.detach().double().contiguous(), weight.detach().double(), attn.double(),
+                                        padding=(1, 1))
+    assert_close_scaled(y, expected, dtype, f"{backend} {layout}")
+    y.backward(torch.randn_like(y))  # a channels-last gradient reaches the kernels' NCHW backward
+    grad_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format  # as nn.Conv2d's
+    assert x.grad.is_contiguous(memory_format=grad_format) and weight.grad.shape == weight.shape
