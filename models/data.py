@@ -9,8 +9,8 @@ channels of BGR arrays, and its "R" was blue.
 ``synthetic`` needs no download: small images whose class is carried both by
 a grating (orientation and frequency, visible in any single channel) and by a
 colour (visible only across channels), so a model learns it within a few
-epochs on a CPU and the channel combinations differ. Used by the demo run and
-the tests.
+epochs on a CPU and the channel combinations differ. Used by ``make
+experiment`` and the tests.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class ImageListDataset(Dataset):
 
 
 class SyntheticImages(Dataset):
-    """Deterministic class-structured images: item i of a split is the same on every call and machine.
+    """Deterministic class-structured images: item i of a split is the same on every call and in every process.
 
     Class c has a grating (orientation and frequency) and a colour; an image is
     that grating with a random phase, tinted by the colour, plus Gaussian noise.
