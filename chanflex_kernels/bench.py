@@ -301,6 +301,11 @@ def peak_memory_bytes(provider: str, shape: ConvShape, mode: str, dtype: str = T
     return int(done.stdout.strip().splitlines()[-1])
 
 
+# Peaks are read from the resident set, in pages, and malloc reuses freed pages: a static conv whose step
+# needs less than this (batch-1 inference on small planes) can read as 0 MB, and a ratio to it means nothing.
+MEMORY_RESOLUTION_MB = 0.5
+
+
 @dataclass
 class Row:
     shape: str
@@ -325,9 +330,12 @@ class Row:
 
     @property
     def memory_ratio(self) -> Optional[float]:
+        """chanflex's peak over the static conv's; None unmeasured or where the static peak is below resolution."""
         if self.static_peak_mb is None or self.chanflex_peak_mb is None:
             return None
-        return self.chanflex_peak_mb / max(self.static_peak_mb, 1e-9)
+        if self.static_peak_mb < MEMORY_RESOLUTION_MB:
+            return None
+        return self.chanflex_peak_mb / self.static_peak_mb
 
 
 def cpu_round_trip_ns() -> float:
@@ -372,8 +380,9 @@ def markdown(rows: Sequence[Row]) -> str:
               "peer/chanflex", "peak MB static", "peak MB chanflex", "peak chanflex/static", "CPU round trip ns"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        mem = (["-", "-", "-"] if r.memory_ratio is None else
-               [f"{r.static_peak_mb:.1f}", f"{r.chanflex_peak_mb:.1f}", f"{r.memory_ratio:.2f}"])
+        mem = (["-", "-", "-"] if r.static_peak_mb is None or r.chanflex_peak_mb is None else
+               [f"{r.static_peak_mb:.1f}", f"{r.chanflex_peak_mb:.1f}",
+                "-" if r.memory_ratio is None else f"{r.memory_ratio:.2f}"])
         trip = "-" if r.round_trip_ns is None else "/".join(f"{ns:.0f}" for ns in r.round_trip_ns)
         lines.append("| " + " | ".join([r.shape, r.mode, f"{r.static_ms:.1f}", f"{r.chanflex_ms:.1f}",
                                         f"{r.ours_over_static:.2f}", r.best_peer, f"{r.best_peer_ms:.1f}",

@@ -275,3 +275,15 @@ def test_step_runs_the_providers_in_its_dtype(dtype):
         assert all(t.grad is not None and t.grad.dtype == DTYPES[dtype] for t in used), provider
     with pytest.raises(ValueError, match="expected dtype in \\('float32', 'bfloat16', 'float16'\\), got 'int8'"):
         Step("static", tiny, "fwd", dtype="int8")
+
+
+def test_memory_ratio_is_not_made_of_a_peak_below_resolution():
+    # Batch-1 rows on small planes: the static conv's step can read as 0 MB (resident pages are reused).
+    tiny = Row("vgg19.conv5_x-B1-C512-O512-5x5-k3-s1", "fwd", 1.2, 3.0, "batch_as_groups", 3.0,
+               static_peak_mb=0.0, chanflex_peak_mb=1.09)
+    assert tiny.memory_ratio is None
+    assert "| 0.0 | 1.1 | - |" in markdown([tiny])
+    measured = Row("resnet18.layer4-B32-C512-O512-7x7-k3-s1", "fwd+bwd", 77.7, 94.5, "concat_k", 378.2,
+                   static_peak_mb=24.0, chanflex_peak_mb=43.8)
+    assert measured.memory_ratio == pytest.approx(43.8 / 24.0)
+    assert "| 24.0 | 43.8 | 1.82 |" in markdown([measured])
