@@ -298,8 +298,8 @@ def _check_resumable(config: TrainConfig, saved: Dict, path: str) -> None:
     differ = [f"{k}: saved {saved.get(k)!r}, now {getattr(config, k)!r}" for k in _RESUME_FIXED
               if saved.get(k) != getattr(config, k)]
     if differ:
-        raise ValueError(f"train --resume: expected the settings of the run in {path}; these differ: "
-                         + "; ".join(differ))
+        raise ValueError(f"train: resuming the run in {path} needs its settings; these differ: " + "; ".join(differ)
+                         + "; for a new run with these settings, choose another output directory")
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=print) -> Dict:

@@ -1,4 +1,5 @@
 """The experiment runner (models/train.py, models/data.py): data, training, checkpoints, resume, CLI."""
+import dataclasses
 import json
 import os
 import stat
@@ -352,6 +353,10 @@ def test_experiment_trains_each_model_then_compares_them(tmp_path):
     again = run_experiment(configs, out, progress=False, log=messages.append)
     assert [s["test_accuracy"] for s in again] == [s["test_accuracy"] for s in summaries]
     assert sum("finished after epoch 2" in m for m in messages) == 2
+    # Rerunning with other settings names them instead of mixing two runs.
+    longer = [dataclasses.replace(c, epochs=3) for c in configs]
+    with pytest.raises(ValueError, match=r"these differ: epochs: saved 2, now 3; .*choose another output directory"):
+        run_experiment(longer, out, progress=False, log=quiet)
 
 
 def test_comparison_table_marks_each_columns_best():
