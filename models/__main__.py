@@ -204,18 +204,11 @@ def _experiment(parser, args) -> int:
 
 
 def _evaluate(parser, args) -> int:
-    from .data import build_datasets
-    from .train import TrainConfig, evaluate_checkpoint, load_checkpoint
+    from .train import evaluate_checkpoint
 
     try:
-        config = TrainConfig.from_dict(load_checkpoint(args.checkpoint)["config"])
-        if args.data:
-            config = dataclasses.replace(config, data=args.data)
-        dataset = build_datasets(config.data, config.image_size, splits=(args.split,),
-                                 synthetic_classes=config.synthetic_classes,
-                                 synthetic_per_class=config.synthetic_per_class, seed=config.seed)[args.split]
-        combos = args.combos.split(",") if args.combos else None
-        report = evaluate_checkpoint(args.checkpoint, dataset, config, combos, args.fill, args.device,
+        report = evaluate_checkpoint(args.checkpoint, combos=args.combos.split(",") if args.combos else None,
+                                     fill=args.fill, device=args.device, split=args.split, data=args.data,
                                      progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))

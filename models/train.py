@@ -33,7 +33,7 @@ from chanflex_kernels.channels import FILL_STRATEGIES
 from chanflex_kernels.evaluation import DEFAULT_COMBOS, evaluate_channel_combinations
 from chanflex_kernels.files import atomic_write
 
-from .data import build_datasets
+from .data import SPLITS, build_datasets
 from .registry import create, list_models, model_info
 
 __all__ = ["TrainConfig", "train", "run_experiment", "evaluate_checkpoint", "load_checkpoint"]
@@ -188,6 +188,11 @@ def load_checkpoint(path: str) -> Dict:
     return checkpoint
 
 
+def _datasets(config: TrainConfig, splits: Sequence[str] = SPLITS) -> Dict:
+    return build_datasets(config.data, config.image_size, splits, synthetic_classes=config.synthetic_classes,
+                          synthetic_per_class=config.synthetic_per_class, seed=config.seed)
+
+
 def _num_classes(config: TrainConfig, datasets) -> int:
     largest = max(max(ds.labels) for ds in datasets.values())
     if config.num_classes is None:
@@ -316,8 +321,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         raise FileExistsError(f"train: {config.out} already holds a run ({last_path}); pass --resume to continue "
                               f"it or choose another output directory")
 
-    datasets = build_datasets(config.data, config.image_size, synthetic_classes=config.synthetic_classes,
-                              synthetic_per_class=config.synthetic_per_class, seed=config.seed)
+    datasets = _datasets(config)
     num_classes = _num_classes(config, datasets)
     config = dataclasses.replace(config, num_classes=num_classes)
     _seed_everything(config.seed)
@@ -392,20 +396,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
 
 
 def evaluate_checkpoint(path: str, dataset=None, config: Optional[TrainConfig] = None, combos: Sequence = None,
-                        fill: Optional[str] = None, device: Optional[str] = None, progress: bool = True):
+                        fill: Optional[str] = None, device: Optional[str] = None, split: str = "test",
+                        data: Optional[str] = None, progress: bool = True):
     """Test a checkpoint of this runner on each channel combination; returns a ``ChannelComboReport``.
 
-    dataset: default the test split of the checkpoint's data; config: default
-    the checkpoint's; combos / fill / device override the config's. A
-    channel-flexible model sees only the channels of each combination; any
-    other model sees them filled to three by ``fill``.
+    dataset: default ``split`` of the checkpoint's data (or of ``data``);
+    config: default the checkpoint's; combos / fill / device override the
+    config's. A channel-flexible model sees only the channels of each
+    combination; any other model sees them filled to three by ``fill``.
     """
     checkpoint = load_checkpoint(path)
     config = config or TrainConfig.from_dict(checkpoint["config"])
+    if data is not None:
+        config = dataclasses.replace(config, data=data)
     if dataset is None:
-        dataset = build_datasets(config.data, config.image_size, splits=("test",),
-                                 synthetic_classes=config.synthetic_classes,
-                                 synthetic_per_class=config.synthetic_per_class, seed=config.seed)["test"]
+        dataset = _datasets(config, (split,))[split]
     where = resolve_device(device if device is not None else config.device)
     model = create(config.model, num_classes=config.num_classes, **config.model_options)
     model.load_state_dict(checkpoint["model"])
