@@ -24,7 +24,8 @@ the transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
 stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
 (forward and transposed grad_x; no unfold, one call a band of output rows),
-and so does the stride-2 forward from 14x14 to 7x7,
+and so do the stride-2 forwards from 14x14 to 7x7, 28x28 to 14x14 and 56x56
+to 28x28,
 which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
@@ -695,8 +696,9 @@ def test_winograd_weight_grad_switch_rejects_other_values(monkeypatch):
 
 
 # Plane kernels (AVX-512 float32; 3x3, pad 1: stride 1 on 5x5 and 7x7
-# planes, stride 2 from 14x14 to 7x7): one call a band of whole output rows
-# (5x5 whole, 7x7 as rows 0-2 and 3-6), one accumulator a pixel, the input
+# planes, stride 2 from 14x14 to 7x7, 28x28 to 14x14 and 56x56 to 28x28):
+# one call a band of whole output rows (5x5 whole, 7x7 as rows 0-2 and 3-6,
+# 14x14 two rows a call, 28x28 one), one accumulator a pixel, the input
 # broadcast from its own plane; grad_x of the stride-1 ones through the
 # transposed conv takes them too (13x13 at stride 2 does not). 1 to 8
 # kernels mix in the first band's calls (9 fall back to the padding
@@ -714,6 +716,10 @@ PLANE_CASES = [
     Case(3, 16, 16, 14, 14, stride=(2, 2), padding=(1, 1)),
     Case(5, 70, 40, 14, 14, stride=(2, 2), padding=(1, 1), num_kernels=8, groups=2),
     Case(3, 24, 20, 13, 13, stride=(2, 2), padding=(1, 1)),
+    Case(3, 20, 18, 28, 28, stride=(2, 2), padding=(1, 1)),
+    Case(2, 70, 36, 28, 28, stride=(2, 2), padding=(1, 1), num_kernels=3, groups=2),
+    Case(3, 18, 20, 56, 56, stride=(2, 2), padding=(1, 1)),
+    Case(2, 40, 17, 56, 56, stride=(2, 2), padding=(1, 1), num_kernels=2, bias=False),
 ]
 
 
@@ -757,7 +763,7 @@ def test_plane_kernels_backward_output_masks(mask, plane_kernels):
     assert_masked_backward_matches(PLANE_CASES[2], mask)
 
 
-@pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2)])
+@pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2), (28, 2)])
 def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernels):
     # Their sums differ from the padding classes' only in rounding (the
     # pivoted mixing), which a default run cannot be told apart by; where
@@ -778,6 +784,28 @@ def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernel
             corner[value] = dynamic_conv2d(x, weight, attn, stride=stride, padding=1)[:, 0, 0, 0]
     assert corner[None].isfinite().all(), corner[None]
     assert corner["0"].isnan().all(), corner["0"]
+
+
+def test_plane_kernels_taken_past_packed_pixels(monkeypatch, plane_kernels):
+    # 56x56 -> 28x28 at stride 2 (784 output pixels) takes the plane kernels
+    # where it took the library's grouped conv, which skips the padding as
+    # they do: told apart by the rounding (each sums in its own order), on
+    # outputs that both match the reference (PLANE_CASES).
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 56, 56)
+    weight = torch.randn(4, 16, 16, 3, 3)
+    attn = torch.softmax(torch.randn(3, 4), dim=1)
+    outputs = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", value)
+        with torch.no_grad():
+            outputs[value] = dynamic_conv2d(x, weight, attn, stride=2, padding=1)
+    monkeypatch.delenv("CHANFLEX_CPU_DIRECT_PLANES")
+    with torch.no_grad():
+        default = dynamic_conv2d(x, weight, attn, stride=2, padding=1)
+    torch.testing.assert_close(outputs["1"], outputs["0"], rtol=1e-4, atol=1e-4)
+    assert torch.equal(default, outputs["1"])
+    assert not torch.equal(default, outputs["0"])
 
 
 # The direct weight gradient: dW and dattn from the channels-last input, one

@@ -317,7 +317,11 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   const PackedIsa isa = packed_isa();
   WinogradConv winograd_c = winograd_forward_conv(p);
   const bool winograd = plan_winograd(p, dtype, isa, winograd_c);
-  const bool packed = use_packed(p, dtype, isa);
+  // A plane shape past packed_max_pixels (56x56 -> 28x28 at stride 2) runs
+  // the plane kernels too: they unfold nothing, where the library's grouped
+  // conv lost (see kPlaneShapes).
+  const bool plane = dtype == at::kFloat && plane_shape(g, isa, g.num_kernels) >= 0;
+  const bool packed = plane || use_packed(p, dtype, isa);
   const bool streamed = !packed && use_stream_forward(p, dtype, isa);
   // One sample: the packed paths mix each kernel tile in cache as they apply
   // it, reading the K kernels once and writing no mixed kernel; elsewhere
@@ -328,7 +332,8 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   // mix-then-conv) and lose with larger ones (7x7/2 @224 1.07-1.22, 5x5 1.02-1.10).
   const bool streamed_one = streamed && g.kernel_h * g.kernel_w <= kStreamOneSampleMaxTaps;
   const bool one_sample_library = g.batch == 1 && !packed && !streamed_one;
-  if (!winograd && (one_sample_library || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype)))) {
+  if (!winograd && !plane &&
+      (one_sample_library || use_library(g, library_min_pixels(kLibraryForwardMinPixels, dtype)))) {
     return forward_library(g, x, weight, attn_c, bias_mixed, stride, padding, dilation, groups, dtype)
         .to(x.scalar_type());
   }

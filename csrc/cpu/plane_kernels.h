@@ -1,4 +1,4 @@
-// AVX-512 kernels of 3x3 pad-1 convs on 5x5 and 7x7 planes (and 14x14 -> 7x7, stride 2), without an unfold.
+// AVX-512 kernels of 3x3 pad-1 convs on 5x5 and 7x7 planes (and 14x14 -> 7x7, 28x28 -> 14x14, 56x56 -> 28x28 at stride 2), without an unfold.
 //
 // Part of the CPU kernel (dynamic_conv2d_kernel.cpp, which includes these
 // headers in order; each builds on the ones before it). Not a public header:
@@ -13,23 +13,31 @@ namespace {
 // ---------------------------------------------------------------------------
 // Direct small planes (forward and transposed grad_x, AVX-512): 3x3, pad 1
 // convs onto W x W output planes (kPlaneShapes: stride 1 on 5x5 and 7x7,
-// stride 2 from 14x14 to 7x7).
+// stride 2 from 14x14 to 7x7, 28x28 to 14x14 and 56x56 to 28x28).
 //
 // The padding classes still multiply the corners of the edge rows (177
 // products a channel pair at 5x5, where the direct conv does 169) and split
 // the plane into calls of 3 to 9 pixels that stream A again each (at 512@5
 // the 3- and 5-pixel calls took 10-40% more per product than the 9-pixel
 // one). Here one call covers a
-// band of whole rows (the whole plane at 5x5; rows 0-2 and 3-6 at 7x7)
-// with one accumulator a pixel (16 rows of A): for each tap, one A vector
-// times exactly the pixels whose input is inside the image, each input
-// value broadcast from the sample's own plane by the FMA itself. No
-// unfolded B is written, and the products are those of the direct conv.
+// band of whole rows (the whole plane at 5x5; rows 0-2 and 3-6 at 7x7; two
+// rows at 14x14, one at 28x28) with one accumulator a pixel (16 rows of A):
+// for each tap, one A vector times exactly the pixels whose input is inside
+// the image, each input value broadcast from the sample's own plane by the
+// FMA itself. No unfolded B is written, and the products are those of the
+// direct conv. The stride-2 forwards onto 14x14 and 28x28 (ResNet18's
+// layer3 and layer2.down3x3) were the last the unfold (and at 28x28 the
+// library's grouped conv) took; Intel Xeon (AVX-512, 2 threads), batch 32,
+// K = 4, forward ms, in-process medians, plane kernels off / on: 128->256
+// 28->14 16.3-17.1 / 13.2-14.7 (the unfold was 11% of the time), 64->128
+// 56->28 17.3-18.2 / 13.8-14.6.
 struct PlaneShape {
   int64_t width, stride;  // output width (and height); input planes are stride x width square
 };
-constexpr PlaneShape kPlaneShapes[] = {{5, 1}, {7, 1}, {7, 2}};
+constexpr PlaneShape kPlaneShapes[] = {{5, 1}, {7, 1}, {7, 2}, {14, 2}, {28, 2}};
 constexpr int kPlaneTaps = 9;
+constexpr int kMaxPlaneBandPixels = 28;
+constexpr size_t kMaxPlaneBands = 28;  // 28x28: a band a row
 
 // The kc steps (kc / 9 channels, 9 taps each) of one 16-row A panel (or,
 // MIX, of the K kernels' panels, mixed as in micro_kernel_avx512) times
@@ -45,7 +53,7 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
                          const MicroOut& out, const MicroMix* mix) {
   constexpr int NP = ROWS * W;
   constexpr int IW = S * W;  // input width and height
-  static_assert(NP <= 28, "one register a pixel, beside A and the mixing's");
+  static_assert(NP <= kMaxPlaneBandPixels, "one register a pixel, beside A and the mixing's");
   __m512 acc[NP];
 #pragma GCC unroll 28
   for (int j = 0; j < NP; ++j)
@@ -55,11 +63,17 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
   float* np = PAIR ? mix->mixed_next : nullptr;
   const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
   const int64_t channels = kc / kPlaneTaps;
+  // The input rows the band reads, requested 4 channels ahead: the whole
+  // plane up to 14x14 (at most 13 lines), the band's rows on 28x28 (one
+  // band reads 5 of its 28 rows).
+  constexpr bool kWholePlane = IW * IW <= 196;
+  constexpr int kFirstRow = kWholePlane ? 0 : (S * ROW0 - 1 < 0 ? 0 : S * ROW0 - 1);
+  constexpr int kLastRow = kWholePlane ? IW - 1 : (S * (ROW0 + ROWS - 1) + 1 > IW - 1 ? IW - 1 : S * (ROW0 + ROWS - 1) + 1);
+  constexpr int kFirst = kFirstRow * IW, kEnd = (kLastRow + 1) * IW;
   for (int64_t c = 0; c < channels; ++c, b += b_plane) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane), _MM_HINT_T0);
-    for (int line = 16; line < IW * IW; line += 16)
+    for (int line = kFirst; line < kEnd; line += 16)
       _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + line), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + IW * IW - 1), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + kEnd - 1), _MM_HINT_T0);
 #pragma GCC unroll 9
     for (int t = 0; t < kPlaneTaps; ++t) {
       __m512 av;
@@ -102,7 +116,12 @@ struct PlaneBand {
 };
 inline std::vector<PlaneBand> plane_bands(int64_t width) {
   if (width == 5) return {{0, 5}};
-  return {{0, 3}, {3, 4}};
+  if (width == 7) return {{0, 3}, {3, 4}};
+  // 14 and 28 wide: bands of equal rows.
+  const int64_t rows = kMaxPlaneBandPixels / width;
+  std::vector<PlaneBand> bands;
+  for (int64_t row0 = 0; row0 < width; row0 += rows) bands.push_back({row0, rows});
+  return bands;
 }
 
 template <int W, int S, int ROW0, int ROWS, bool PAIR, bool UNIT, size_t... MIX>
@@ -130,10 +149,18 @@ constexpr PlaneBandKernels later_band_kernels() {
   constexpr PlaneKernelRow plain{plane_kernel_avx512<W, S, ROW0, ROWS, 0, false>};
   return {std::array<PlaneKernelRow, 2>{plain, {}}, std::array<PlaneKernelRow, 2>{plain, {}}};
 }
-const PlaneBandKernels kPlaneKernels[std::size(kPlaneShapes)][2] = {
-    {first_band_kernels<5, 1, 5>(), {}},
+using PlaneKernels = std::array<PlaneBandKernels, kMaxPlaneBands>;  // a shape's, band by band
+// A W-wide plane in W / ROWS bands of ROWS rows.
+template <int W, int S, int ROWS, size_t... LATER>
+constexpr PlaneKernels equal_band_kernels(std::index_sequence<LATER...>) {
+  return {first_band_kernels<W, S, ROWS>(), later_band_kernels<W, S, static_cast<int>(LATER + 1) * ROWS, ROWS>()...};
+}
+const PlaneKernels kPlaneKernels[std::size(kPlaneShapes)] = {
+    {first_band_kernels<5, 1, 5>()},
     {first_band_kernels<7, 1, 3>(), later_band_kernels<7, 1, 3, 4>()},
-    {first_band_kernels<7, 2, 3>(), later_band_kernels<7, 2, 3, 4>()}};
+    {first_band_kernels<7, 2, 3>(), later_band_kernels<7, 2, 3, 4>()},
+    equal_band_kernels<14, 2, 2>(std::make_index_sequence<6>{}),
+    equal_band_kernels<28, 2, 1>(std::make_index_sequence<27>{})};
 
 MicroKernel plane_kernel(int shape, size_t band, int64_t mix_kernels, bool pair, bool unit) {
   const MicroKernel kernel = kPlaneKernels[shape][band][unit][pair][mix_kernels];
