@@ -64,8 +64,8 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
   const int64_t mix_stride = MIX ? mix->kernel_stride : 0;
   const int64_t channels = kc / kPlaneTaps;
   // The input rows the band reads, requested 4 channels ahead: the whole
-  // plane up to 14x14 (at most 13 lines), the band's rows on 28x28 (one
-  // band reads 5 of its 28 rows).
+  // plane up to 14x14 (at most 13 lines), the band's rows on larger ones
+  // (a band of 14x14 outputs reads 5 of 28 input rows, of 28x28 3 of 56).
   constexpr bool kWholePlane = IW * IW <= 196;
   constexpr int kFirstRow = kWholePlane ? 0 : (S * ROW0 - 1 < 0 ? 0 : S * ROW0 - 1);
   constexpr int kLastRow = kWholePlane ? IW - 1 : (S * (ROW0 + ROWS - 1) + 1 > IW - 1 ? IW - 1 : S * (ROW0 + ROWS - 1) + 1);
