@@ -67,7 +67,7 @@ TILED_CASES = [
     Case(5, 70, 66, 6, 6, kernel=(1, 1), bias=False),               # 1x1 stride 1: unfold is the identity
     Case(5, 70, 66, 7, 7, kernel=(1, 1), stride=(2, 2)),            # 1x1 strided: packed straight from x
     Case(3, 36, 20, 9, 11, kernel=(1, 1), stride=(2, 2), groups=2),  # 5x6 pixels: a short last panel, 2 groups
-    Case(3, 12, 18, 30, 30, kernel=(1, 1), stride=(2, 2), padding=(1, 1)),  # 1x1 padded, 256 pixels: the rows
+    Case(3, 12, 18, 30, 30, kernel=(1, 1), stride=(2, 2), padding=(1, 1)),  # 1x1 padded, 256 pixels: not the direct pack
     Case(4, 3, 64, 23, 23, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),  # a ResNet stem
     Case(3, 20, 70, 19, 18, padding=(1, 1)),                        # > 256 pixels, 180 deep: the streamed forward
     Case(3, 24, 40, 16, 16, padding=(1, 1), num_kernels=3),          # 256 pixels: the packed paths' widest planes
