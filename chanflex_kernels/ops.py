@@ -212,7 +212,12 @@ def dynamic_conv2d(
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
-    """x is laid out channels-last, as nn.Conv2d decides its output's layout (a tensor both ways counts as NCHW)."""
+    """x is laid out channels-last, as nn.Conv2d decides its output's layout (a tensor both ways counts as NCHW).
+
+    Under torch.vmap x is a batched tensor, which refuses layout queries; its output is NCHW.
+    """
+    if torch._C._functorch.is_batchedtensor(x):
+        return False
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
@@ -509,13 +514,18 @@ def make_autograd_functions(forward_op, backward_op):
     grad, vjp, jacrev and per-sample gradients refuse it: pytorch/pytorch#168393) and
     no forward mode. These classes have both, with the same formulas, which call
     the classes again (so every order is differentiable).
+
+    Both classes have vmap rules (make_vmap_rules); returns the forward's class,
+    what dynamic_conv2d applies.
     """
     class DynamicConv2dFunction(_Function):
-        generate_vmap_rule = True
-
         @staticmethod
         def forward(x, weight, attn, bias, args):
             return forward_op(x, weight, attn, bias, *args.conv_args)
+
+        @staticmethod
+        def vmap(info, in_dims, x, weight, attn, bias, args):
+            return forward_rule(info, in_dims[:4], x, weight, attn, bias, *args.conv_args)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -536,11 +546,14 @@ def make_autograd_functions(forward_op, backward_op):
             return tangent if tangent is not None else x.new_zeros(out_shape)
 
     class DynamicConv2dBackwardFunction(_Function):
-        generate_vmap_rule = True
-
         @staticmethod
         def forward(grad_out, x, weight, attn, bias, args):
             return backward_op(grad_out, x, weight, attn, bias, *args.conv_args, list(args.output_mask))
+
+        @staticmethod
+        def vmap(info, in_dims, grad_out, x, weight, attn, bias, args):
+            return backward_rule(info, in_dims[:5], grad_out, x, weight, attn, bias, *args.conv_args,
+                                 list(args.output_mask))
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -570,7 +583,74 @@ def make_autograd_functions(forward_op, backward_op):
     first_backward = make_backward(backward_fn)
     double_backward = make_double_backward(forward_fn, backward_fn)
     backward_jvp = make_backward_jvp(backward_fn)
-    return DynamicConv2dFunction, DynamicConv2dBackwardFunction
+    forward_rule, backward_rule = make_vmap_rules(forward_fn, backward_fn)
+    return DynamicConv2dFunction
+
+
+# --- vmap ---------------------------------------------------------------------
+
+def _vmapped(t: Optional[torch.Tensor], dim: Optional[int], size: int) -> Optional[torch.Tensor]:
+    """t with its vmapped dimension first; an unbatched t repeated ``size`` times (a view)."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """(V, B, ...) -> (V * B, ...): the vmapped dimension folded into the batch."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _at(t: Optional[torch.Tensor], dim: Optional[int], index: int) -> Optional[torch.Tensor]:
+    return t if t is None or dim is None else t.select(dim, index)
+
+
+def make_vmap_rules(forward_fn, backward_fn):
+    """torch.vmap rules for a (forward, backward) op pair, so vmap never takes torch's per-slice fallback.
+
+    The per-sample arguments (x, attn, grad_out) batched over vmap's dimension V
+    fold into the op's batch: one call of batch V * B. Kernels (weight, bias)
+    batched over V (model ensembles), or the kernels' gradients asked for one per
+    vmapped slice (per-sample gradients), are a loop of V calls, as separate
+    convolutions need. They are the autograd.Function classes' ``vmap``
+    staticmethods; forward_fn and backward_fn (make_autograd_functions) apply the
+    classes again, so transforms outside the vmap still see them.
+    """
+    def forward_rule(info, in_dims, x, weight, attn, bias, stride, padding, dilation, groups):
+        x_dim, weight_dim, attn_dim, bias_dim = in_dims[:4]
+        size = info.batch_size
+        if weight_dim is None and bias_dim is None:
+            xs, attns = _vmapped(x, x_dim, size), _vmapped(attn, attn_dim, size)
+            y = forward_fn(_fold(xs), weight, _fold(attns), bias, stride, padding, dilation, groups)
+            return y.reshape(size, xs.shape[1], *y.shape[1:]), 0
+        return torch.stack([
+            forward_fn(*(_at(t, d, v) for t, d in zip((x, weight, attn, bias), in_dims)),
+                       stride, padding, dilation, groups)
+            for v in range(size)]), 0
+
+    def backward_rule(info, in_dims, grad_out, x, weight, attn, bias, stride, padding, dilation, groups,
+                      output_mask):
+        tensors = (grad_out, x, weight, attn, bias)
+        size = info.batch_size
+        kernels_batched = in_dims[2] is not None or in_dims[4] is not None
+        # dW and dbias sum over the batch: folded, they would sum over the vmapped slices too.
+        if not kernels_batched and not output_mask[1] and not output_mask[3]:
+            grad_dim, x_dim, _, attn_dim, _ = in_dims[:5]
+            gs, xs, attns = (_vmapped(grad_out, grad_dim, size), _vmapped(x, x_dim, size),
+                             _vmapped(attn, attn_dim, size))
+            grads = backward_fn(_fold(gs), _fold(xs), weight, _fold(attns), bias, stride, padding, dilation, groups,
+                                output_mask)
+            batch = xs.shape[1]
+            out = tuple(g.reshape(size, batch, *g.shape[1:]) if need else g
+                        for g, need in zip(grads, output_mask))
+            return out, tuple(0 if need else None for need in output_mask)
+        slices = [backward_fn(*(_at(t, d, v) for t, d in zip(tensors, in_dims)), stride, padding, dilation, groups,
+                              output_mask) for v in range(size)]
+        out = tuple(torch.stack([s[i] for s in slices]) if need else slices[0][i]
+                    for i, need in enumerate(output_mask))
+        return out, tuple(0 if need else None for need in output_mask)
+
+    return forward_rule, backward_rule
 
 
 # forward op name -> the op, and the autograd.Function dynamic_conv2d calls when differentiated
@@ -590,7 +670,7 @@ def register_op_autograd(forward_name: str, backward_name: str) -> None:
     torch.library.register_autograd(backward_name, make_double_backward(forward_op, backward_op),
                                     setup_context=setup_backward_context)
     _FORWARD_OPS[forward_name] = forward_op
-    _AUTOGRAD_FUNCTIONS[forward_name] = make_autograd_functions(forward_op, backward_op)[0]
+    _AUTOGRAD_FUNCTIONS[forward_name] = make_autograd_functions(forward_op, backward_op)
 
 
 register_op_autograd("chanflex::dynamic_conv2d", "chanflex::dynamic_conv2d_backward")

@@ -251,7 +251,7 @@ def test_torch_func_matches_reference(transform, backend):
     raw = make_inputs(case)
     expected = func_transform(transform, dynamic_conv2d_reference, *raw, case.conv_args)
     with use_backend(backend), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap's per-sample fallback: slow, correct
+        warnings.filterwarnings("error", message=".*batching rule.*")  # the ops have vmap rules: no per-slice fallback
         actual = func_transform(transform, dynamic_conv2d, *(t.to(device=device, dtype=dtype) for t in raw),
                                 case.conv_args)
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -284,3 +284,129 @@ def test_torch_func_inside_torch_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="cannot be traced by torch.compile"):
         torch.compile(lambda x, t: jvp(dynamic_conv2d, x, t), fullgraph=True)(x, tangent)
+
+
+# --- torch.vmap --------------------------------------------------------------
+
+VMAP_SIZE = 3
+# use -> (calls of the forward op, calls of the backward op) for a vmapped dimension of VMAP_SIZE
+# (per-sample gradients vmap over the batch, also VMAP_SIZE):
+# per-sample arguments fold into one call of the op; batched kernels, or the kernels' gradients
+# wanted per slice, take one call a slice.
+VMAP_USES = {
+    "x+attn": (1, 0),
+    "x": (1, 0),
+    "attn": (1, 0),
+    "weight": (VMAP_SIZE, 0),
+    "bias": (VMAP_SIZE, 0),
+    "all-in_dim1": (VMAP_SIZE, 0),
+    "nested": (1, 0),
+    "per_sample_grad_x_attn": (1, 1),
+    "per_sample_grad_kernels": (1, VMAP_SIZE),
+    "grad_of_vmap": (1, 1),
+    "vmap_of_vjp_x_attn": (1, 1),
+    "vmap_of_vjp_kernels": (1, VMAP_SIZE),
+    "ensemble_grad": (VMAP_SIZE, VMAP_SIZE),
+}
+
+
+def vmap_use(name, fn, case):
+    """One torch.vmap use of fn (dynamic_conv2d or the reference) on VMAP_SIZE slices of case's inputs."""
+    slices = [make_inputs(case, seed=v) for v in range(VMAP_SIZE)]
+    x, weight, attn, bias = slices[0]
+    xs, ws, attns, biases = (torch.stack(t) for t in zip(*slices))
+    vmap, grad = torch.func.vmap, torch.func.grad
+
+    def conv(xx, ww, aa, bb):
+        return fn(xx, ww, aa, bb, **case.conv_args)
+
+    def sample_loss(ww, bb, xi, ai):
+        return conv(xi[None], ww, ai[None], bb).square().sum()
+
+    if name == "x+attn":
+        return vmap(lambda xx, aa: conv(xx, weight, aa, bias))(xs, attns)
+    if name == "x":
+        return vmap(lambda xx: conv(xx, weight, attn, bias))(xs)
+    if name == "attn":
+        return vmap(lambda aa: conv(x, weight, aa, bias))(attns)
+    if name == "weight":  # an ensemble of kernels on one batch
+        return vmap(lambda ww: conv(x, ww, attn, bias))(ws)
+    if name == "bias":
+        return vmap(lambda bb: conv(x, weight, attn, bb))(biases)
+    if name == "all-in_dim1":
+        moved = (t.movedim(0, 1) for t in (xs, ws, attns, biases))
+        return vmap(conv, in_dims=1, out_dims=1)(*moved)
+    if name == "nested":
+        return vmap(vmap(lambda xi, ai: conv(xi[None], weight, ai[None], bias)))(xs, attns)
+    if name == "per_sample_grad_x_attn":
+        return vmap(grad(sample_loss, argnums=(2, 3)), in_dims=(None, None, 0, 0))(weight, bias, x, attn)
+    if name == "per_sample_grad_kernels":  # DP-SGD
+        return vmap(grad(sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(weight, bias, x, attn)
+    if name == "grad_of_vmap":
+        return grad(lambda ww, bb: vmap(lambda xx, aa: conv(xx, ww, aa, bb))(xs, attns).square().sum(),
+                    argnums=(0, 1))(weight, bias)
+    if name.startswith("vmap_of_vjp"):  # several cotangents at once, as jacrev does
+        argnums = (0, 2) if name.endswith("x_attn") else (1, 3)
+        primals = [(x, weight, attn, bias)[i] for i in argnums]
+
+        def partial(*args):
+            full = [x, weight, attn, bias]
+            for i, t in zip(argnums, args):
+                full[i] = t
+            return conv(*full)
+
+        out, vjp_fn = torch.func.vjp(partial, *primals)
+        ramp = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+        cotangents = torch.stack([ramp * (1 + v) for v in range(VMAP_SIZE)])
+        return vmap(vjp_fn)(cotangents)
+    if name == "ensemble_grad":
+        return vmap(grad(lambda ww, xx: conv(xx, ww, attn, bias).square().sum(), argnums=(0, 1)))(ws, xs)
+    raise ValueError(name)
+
+
+def op_calls(run):
+    """run()'s result and how many times it called the forward and the backward op."""
+    with torch.profiler.profile() as prof:
+        result = run()
+    names = [e.name for e in prof.events() if e.name.startswith("chanflex::dynamic_conv2d")]
+    backward = sum("backward" in n for n in names)
+    return result, (len(names) - backward, backward)
+
+
+VMAP_CASE = Case(VMAP_SIZE, 4, 6, 6, 5, stride=(1, 2), padding=(1, 1), groups=2, num_kernels=3)
+
+
+@pytest.mark.parametrize("use,backend", [
+    (u, b) for b in BACKENDS for u in VMAP_USES
+    if b == "auto" or u in ("x+attn", "per_sample_grad_kernels", "ensemble_grad")])
+def test_vmap_matches_reference(use, backend):
+    """torch.vmap over each argument, per-sample and ensemble gradients: the reference's values,
+    no per-slice fallback (its warning is an error here), and the op called once per vmap when it can be."""
+    dtype = torch.float64 if backend == "auto" else torch.float32
+    expected = vmap_use(use, dynamic_conv2d_reference, VMAP_CASE)
+    with use_backend(backend), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        actual, calls = op_calls(lambda: vmap_use(use, lambda *t, **kw: dynamic_conv2d(
+            *(t_.to(device=DEVICE if backend != "auto" else "cpu", dtype=dtype) for t_ in t), **kw), VMAP_CASE))
+    assert calls == VMAP_USES[use], f"op calls (forward, backward): expected {VMAP_USES[use]}, got {calls}"
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    actual = actual if isinstance(actual, tuple) else (actual,)
+    for e, a in zip(expected, actual, strict=True):
+        assert_close_scaled(a.cpu(), e, dtype, f"vmap {use}")
+
+
+def test_vmap_module_ensemble():
+    """An ensemble of DynamicConv2d layers run by vmap over their stacked parameters equals each layer's call."""
+    torch.manual_seed(0)
+    layers = [DynamicConv2d(4, 6, 3, padding=1, num_kernels=3).double() for _ in range(VMAP_SIZE)]
+    params, buffers = torch.func.stack_module_state(layers)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+
+    def call(p, b):
+        return torch.func.functional_call(layers[0], (p, b), (x,))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        actual = torch.func.vmap(call)(params, buffers)
+    expected = torch.stack([layer(x) for layer in layers])
+    assert_close_scaled(actual, expected, torch.float64, "vmapped ensemble")
