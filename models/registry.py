@@ -39,6 +39,8 @@ _REGISTRY: Dict[str, ModelInfo] = {}
 def register(name: str, task: int, seed: str, summary: str, **info):
     """Decorator adding a builder ``f(num_classes, **options) -> nn.Module`` to the registry."""
     def add(builder):
+        if builder.__module__ == "__main__":  # `python -m models.task1`: the package registered it already
+            raise SystemExit("the model zoo's modules are not commands: run `python -m models --help`")
         if name in _REGISTRY:
             raise RuntimeError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelInfo(name, builder, task, seed, summary, **info)

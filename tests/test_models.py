@@ -198,6 +198,14 @@ def test_profile_command_prints_the_table():
     assert bad.returncode == 2 and "expected an input shape like 3x84x84" in bad.stderr
 
 
+@pytest.mark.parametrize("module", ["models.task1", "models.task2"])
+def test_zoo_modules_run_as_commands_point_to_the_cli(module):
+    """`python -m models.task1` used to die registering every model twice; it names the command instead."""
+    out = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "run `python -m models --help`" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_channel_combination_evaluation_on_zoo_models():
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
