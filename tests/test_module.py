@@ -185,7 +185,7 @@ def test_converted_channels_last_model_keeps_the_layout_and_the_outputs():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 4, 3, stride=2)).double().eval()
-    model = model.to(memory_format=torch.channels_last)  # before convert: torch refuses it for 5-D kernel banks
+    model = model.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     expected = model(x)
     converted = convert(model, num_kernels=3)
@@ -193,5 +193,29 @@ def test_converted_channels_last_model_keeps_the_layout_and_the_outputs():
     assert y.is_contiguous(memory_format=torch.channels_last) and expected.is_contiguous(
         memory_format=torch.channels_last)
     assert_close_scaled(y, expected, torch.float64, "converted channels_last")
-    with pytest.raises(RuntimeError, match="required rank 4 tensor to use channels_last format"):
-        converted.to(memory_format=torch.channels_last)
+    # after convert too (test_channels_last_model_conversion: the 5-D kernel banks keep their layout)
+    assert_close_scaled(converted.to(memory_format=torch.channels_last)(x), expected, torch.float64,
+                        "converted, then channels_last")
+
+
+def test_channels_last_model_conversion():
+    """model.to(memory_format=torch.channels_last), the usual CNN idiom, used to raise on the 5-D kernel bank
+    ("required rank 4"); now the kernels keep their shape and layout and the model computes the same."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicConv2d(3, 8, 3, padding=1, num_kernels=3), nn.BatchNorm2d(8), nn.ReLU(),
+                          DynamicConv2d(8, 6, 3, stride=2, bias=False)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    expected = model(x)
+    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    for layer, before in ((converted[0], model[0]), (converted[3], model[3])):
+        assert layer.weight.shape == before.weight.shape and layer.weight.is_contiguous()
+        torch.testing.assert_close(layer.weight, before.weight, rtol=0, atol=0)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    actual = converted(x_cl)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(actual, expected, torch.float32, "channels-last model")
+    actual.square().sum().backward()
+    assert converted[0].weight.grad.shape == model[0].weight.shape and x_cl.grad.shape == x.shape
+    doubled = converted.double()  # a dtype conversion with gradients present goes through the same path
+    assert doubled[0].weight.dtype == torch.float64 and doubled[0].weight.grad.dtype == torch.float64

@@ -173,6 +173,20 @@ class DynamicConv2d(nn.Module):
             padding = 0
         return dynamic_conv2d(x, weight, attn, self.bias, self.stride, padding, self.dilation, self.groups)
 
+    def _apply(self, fn, recurse=True):
+        """Module.to, .double(), .share_memory() and the like, with the (K, C_out, C_in/g, kh, kw) kernels.
+
+        ``model.to(memory_format=torch.channels_last)`` converts every 4-D and 5-D
+        tensor, and a 2-D layout needs rank 4: the kernel bank goes through fn as
+        K * C_out 4-D kernels, then back to 5-D, contiguous (the layout the ops read).
+        """
+        def kernel_bank_fn(t):
+            if t.dim() != 5 or not t.is_contiguous():
+                return fn(t)
+            return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2]).contiguous()
+
+        return super()._apply(kernel_bank_fn, recurse)
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}, padding={self.padding}")
