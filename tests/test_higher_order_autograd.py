@@ -410,3 +410,30 @@ def test_vmap_module_ensemble():
         actual = torch.func.vmap(call)(params, buffers)
     expected = torch.stack([layer(x) for layer in layers])
     assert_close_scaled(actual, expected, torch.float64, "vmapped ensemble")
+
+
+def dual_forward_over_reverse(fn, case, tangent_on, grad_wrt, create_graph):
+    """Tangents of torch.autograd.grad's gradients, taken with forward_ad dual tensors (forward over reverse)."""
+    inputs = make_inputs(case)
+    tangents = make_inputs(case, seed=1)
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(t.clone().requires_grad_(), tangents[i]) if i in tangent_on
+                 else t.clone().requires_grad_() for i, t in enumerate(inputs)]
+        y = fn(*duals, **case.conv_args)
+        grads = torch.autograd.grad(y.square().sum(), [duals[i] for i in grad_wrt], create_graph=create_graph)
+        return [fwAD.unpack_dual(g).tangent for g in grads]
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("tangent_on,grad_wrt", [((0,), (1, 2)), ((1,), (0, 3)), ((2,), (0, 1, 2, 3)),
+                                                 ((3,), (2,)), ((0, 1, 2, 3), (0, 1, 2, 3))],
+                         ids=lambda w: "+".join(NAMES[i] for i in w))
+def test_forward_over_reverse_with_dual_tensors(tangent_on, grad_wrt, create_graph):
+    """forward_ad dual tensors through torch.autograd.grad: the gradients' tangents are the reference's."""
+    case = Case(2, 4, 6, 6, 5, stride=(1, 2), padding=(1, 1), groups=2, num_kernels=3)
+    expected = dual_forward_over_reverse(dynamic_conv2d_reference, case, tangent_on, grad_wrt, create_graph)
+    actual = dual_forward_over_reverse(dynamic_conv2d, case, tangent_on, grad_wrt, create_graph)
+    for i, e, a in zip(grad_wrt, expected, actual, strict=True):
+        assert (e is None) == (a is None), f"tangent of grad {NAMES[i]}: expected {e is not None}, got {a is not None}"
+        if e is not None:
+            assert_close_scaled(a, e, torch.float64, f"tangent of grad {NAMES[i]}")
