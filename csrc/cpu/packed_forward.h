@@ -496,7 +496,7 @@ void unfold_channels_packed(const float* x, float* packed, const Plan& p, const 
     // the rows' two passes: 256->512 14->7 0.93-0.95, 512->1024 14->7 0.97;
     // but 128->256 28->14 1.00-1.01 and 64->128 56->28 1.05 (not profiled).
     const int64_t plane = g.height * g.width;
-    std::vector<int64_t> at(p.pixels);
+    std::array<int64_t, kDirectPackMaxPixels> at;  // each pixel's input offset; on the stack: called per task
     for (int64_t q = 0; q < p.pixels; ++q) at[q] = q / g.out_w * g.stride[0] * g.width + q % g.out_w * g.stride[1];
     for (int64_t c = c0; c < c1; ++c) {
       const float* xc = x + c * plane;
