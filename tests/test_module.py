@@ -1,4 +1,5 @@
 """DynamicConv2d: nn.Conv2d's argument forms, attention, from_conv2d/convert, state_dict, compile."""
+import copy
 import io
 import math
 
@@ -201,7 +202,6 @@ def test_converted_channels_last_model_keeps_the_layout_and_the_outputs():
 def test_channels_last_model_conversion():
     """model.to(memory_format=torch.channels_last), the usual CNN idiom, used to raise on the 5-D kernel bank
     ("required rank 4"); now the kernels keep their shape and layout and the model computes the same."""
-    import copy
     torch.manual_seed(0)
     model = nn.Sequential(DynamicConv2d(3, 8, 3, padding=1, num_kernels=3), nn.BatchNorm2d(8), nn.ReLU(),
                           DynamicConv2d(8, 6, 3, stride=2, bias=False)).eval()
