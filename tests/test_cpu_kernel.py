@@ -19,8 +19,8 @@ on. On AVX-512 the weight side of one-group Winograd convs may run in the
 transform domain too (CHANFLEX_CPU_WINOGRAD_WEIGHT_GRAD; by default on 14x14
 to 21x21 planes in batches of at least 16); its tests force it on. The
 packed forward skips the products of padding taps by default where
-they are at least 4% of all (and grad_x of stride-1 convs on AVX-512 runs as
-the transposed conv's forward where they are 15%), which several cases here
+they are at least 4% of all (and grad_x of stride-1 convs runs as the
+transposed conv's forward where they are 15%), which several cases here
 take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
 stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
 (forward and transposed grad_x; no unfold, one call a band of output rows),
@@ -29,8 +29,8 @@ to 28x28,
 which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
-the image) by default on AVX-512 where 4% of its products are padding; the
-tests at the very end force that on for both ISAs. The cases below cover
+the image) by default where 4% of its products are padding; the tests at
+the very end force that on for both ISAs. The cases below cover
 all."""
 import os
 
@@ -813,7 +813,7 @@ def test_plane_kernels_taken_past_packed_pixels(monkeypatch, plane_kernels):
 # The direct weight gradient: dW and dattn from the channels-last input, one
 # call per tap over the rectangle of output pixels whose tap reads inside
 # the image, the W and dW tiles gathered into and out of a tap-major block
-# layout. Default on AVX-512 where >= 4% of the products are padding; forced
+# layout. Default where >= 4% of the products are padding; forced
 # on here for both ISAs. Each case takes the packed weight side (4+ blocks a
 # thread): 40 channels leave a short last call (32 + 8; 16 + 16 + 8 on
 # AVX2), stride 2 on an odd plane, pad 2 with dilation 2, a 5x3 kernel, 12

@@ -862,14 +862,16 @@ void pack_flipped_weight_rows(const float* w_group, int64_t kernel_stride, int64
 }
 
 // Whether grad_x runs as the packed forward of the transposed conv t: on
-// AVX-512 where its padding classes skip at least kMinTransposedSkip of the
-// products (with CHANFLEX_CPU_SKIP_PADDING=1: wherever they apply, on AVX2
-// too). AMD Zen 4, K = 4, interleaved, ms, grad_x through dcols and fold ->
-// transposed: 512@7 (16% skipped) 43.8 -> 39.0, 512@5 (21%) 28.5 -> 25.4;
-// but 512@10 (12%) 87.4 -> 88.3 and 256->512@10 46.8 -> 62.2 (its
-// transposed conv gathers 9 taps of 512 channels per pixel where the old
-// path packs 512), and with the AVX2 micro-kernels (capped) 512@7 47.2 ->
-// 52.3, 512@5 27.7 -> 29.1.
+// AVX2 and AVX-512 where its padding classes skip at least
+// kMinTransposedSkip of the products (with CHANFLEX_CPU_SKIP_PADDING=1:
+// wherever they apply). AMD Zen 4, K = 4, interleaved, ms, grad_x through
+// dcols and fold -> transposed: 512@7 (16% skipped) 43.8 -> 39.0, 512@5
+// (21%) 28.5 -> 25.4; but 512@10 (12%) 87.4 -> 88.3 and 256->512@10 46.8 ->
+// 62.2 (its transposed conv gathers 9 taps of 512 channels per pixel where
+// the old path packs 512). With the AVX2 micro-kernels capped on Zen 4 it
+// lost (512@7 47.2 -> 52.3, 512@5 27.7 -> 29.1), but on an AVX2-only AMD
+// Zen 3 it wins (fwd+bwd, 10 interleaved rounds, twice: 512@7 210 -> 192
+// and 223 -> 201 ms; 512@5 125 -> 118 and 104 -> 106).
 constexpr double kMinTransposedSkip = 0.15;
 bool use_transposed_grad_x(const Plan& t, at::ScalarType dtype, PackedIsa isa) {
   if (!use_packed(t, dtype, isa)) return false;
@@ -877,7 +879,7 @@ bool use_transposed_grad_x(const Plan& t, at::ScalarType dtype, PackedIsa isa) {
   if (!use_tap_classes(classes, isa)) return false;
   const char* env = std::getenv("CHANFLEX_CPU_SKIP_PADDING");
   if (env != nullptr && std::string(env) == "1") return true;
-  return isa == PackedIsa::kAvx512 && 1.0 - classes.kept >= kMinTransposedSkip;
+  return 1.0 - classes.kept >= kMinTransposedSkip;
 }
 
 // grad_x by forward_packed_with on the transposed geometry t (see

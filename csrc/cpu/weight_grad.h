@@ -116,10 +116,14 @@ bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) 
 // call covers one tap of a run of input channels, read straight from the
 // channels-last input (9x less to pack than the unfolded panels at 3x3).
 // The block's W and dW tiles are transposed into and out of the block
-// layout (tap-major there, channel-major in W). Default where it skips at least
-// kMinSkippedProducts on AVX-512 (the block layout's ISA), or as
+// layout (tap-major there, channel-major in W). Default where it skips at
+// least kMinSkippedProducts, on AVX2 as on AVX-512, or as
 // CHANFLEX_CPU_DIRECT_WEIGHT_GRAD says ("1": wherever the packed weight
-// gradient runs, "0": never; tests force it on both ISAs).
+// gradient runs, "0": never; tests force it on both ISAs). AMD Zen 3
+// (AVX2 only), K = 4, fwd+bwd interleaved in one process, ms, unfolded ->
+// direct: 512@7 281 -> 268, 256->512 14->7 121 -> 118, 256->512@10 226 ->
+// 204, 512@10 361 -> 347, 512@5 135 -> 126, 256@14 206 -> 185; and the
+// step's peak falls by the unfolded chunk (512@7 70 -> 44 MB).
 struct TapRectangle {
   int64_t y0, y1, x0, x1;  // output pixels [y0, y1) x [x0, x1)
   int64_t in_y0, in_x0;    // the input pixel tap t reads at (y0, x0)
@@ -151,7 +155,7 @@ bool use_direct_weight_grad(const Plan& p, PackedIsa isa) {
   int64_t kept = 0;
   for (const TapRectangle& r : tap_rectangles(p)) kept += (r.y1 - r.y0) * (r.x1 - r.x0);
   const double skipped = 1.0 - static_cast<double>(kept) / static_cast<double>(p.pixels * p.g.kernel_h * p.g.kernel_w);
-  return isa == PackedIsa::kAvx512 && skipped >= kMinSkippedProducts &&
+  return skipped >= kMinSkippedProducts &&
          make_weight_grad_blocks(p, isa, /*direct=*/true).tasks >= 4 * at::get_num_threads();
 }
 
