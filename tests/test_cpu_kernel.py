@@ -2,7 +2,8 @@
 counts, the 1x1 and batch-1 special cases, and its memory bound.
 
 float32 layers with at most 256 output pixels (on AVX-512: 441 for the
-forward and grad_x, 512 for the weight side) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
+forward and grad_x; 512 for the weight side there, and on AVX2 where the
+kernel has several taps) take the packed micro-kernel paths on AVX2 and AVX-512 machines (CHANFLEX_CPU_ISA caps the instruction
 set, so one AVX-512 machine tests the AVX2 and generic variants too): the forward, grad_x, and the weight side (dW and
 dattn) when its 48x192 weight blocks number at least 4 per thread; larger
 planes at most 256 deep (C_in/groups * kh * kw) stream their forward
@@ -74,7 +75,7 @@ TILED_CASES = [
     RAGGED_COLUMN_PANEL,
     PIXEL_TAIL_14,
     GROUP_CROSSING_BLOCK,
-    Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, AVX-512 packed weight side
+    Case(3, 32, 200, 20, 20, padding=(1, 1)),                       # 400 pixels: BLAS forward, packed weight side
     # 1080-deep forward: partial sums carried over 3 (AVX-512) or 5 (AVX2)
     # reduction blocks, for 2-panel and ragged 8-row calls of 12 and 13 pixels
     # (AVX2: 6, 6, 6 and a 7-pixel last call, as on 7x7 planes).
@@ -826,6 +827,7 @@ DIRECT_CASES = [
     Case(3, 24, 300, 9, 8, kernel=(5, 3), padding=(2, 1), num_kernels=9),
     Case(4, 48, 400, 6, 6, padding=(1, 1), groups=4),
     Case(3, 32, 144, 2, 2, kernel=(5, 5), padding=(2, 2), num_kernels=1),
+    Case(2, 64, 192, 18, 18, padding=(1, 1)),  # 324 pixels: past AVX2's packed forward, not its weight side
 ]
 
 

@@ -100,12 +100,20 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
 // The packed weight gradient needs enough blocks to keep every thread busy.
 // The packed weight gradient also wins at VGG19's 21x21 stage on AVX-512
 // (weight side alone, 441 pixels: 70 vs 97-107 ms at 256->256, 37 vs 41-45
-// at 128->256), not at 28x28 (784 pixels: 41 vs 37 ms); AVX2 keeps the
-// forward's limit, which is where it was measured.
-int64_t packed_weight_grad_max_pixels(PackedIsa isa) { return isa == PackedIsa::kAvx512 ? 512 : kPackedMaxPixelsAvx2; }
-
+// at 128->256), not at 28x28 (784 pixels: 41 vs 37 ms). On AVX2 (AMD Zen
+// 3, fwd+bwd interleaved in one process, ms, BLAS -> packed) it wins there
+// too for kernels of several taps (direct: 256@21 331 -> 274 and 328 ->
+// 259, 128->256@21 164 -> 135, the step's peak 1.22x -> 0.90x the static
+// conv's; unfolded: 3x3 unpadded 256 channels 19x19 326 -> 301, 128->256
+// 18x18 130 -> 121) but not for 1x1 convs (256@21 59 -> 70), which keep
+// the forward's limit.
+constexpr int64_t kPackedWeightGradMaxPixels = 512;
+int64_t packed_weight_grad_max_pixels(const Plan& p, PackedIsa isa) {
+  const bool one_tap = p.g.kernel_h * p.g.kernel_w == 1;
+  return isa == PackedIsa::kAvx512 || !one_tap ? kPackedWeightGradMaxPixels : kPackedMaxPixelsAvx2;
+}
 bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
-  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_weight_grad_max_pixels(isa) &&
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_weight_grad_max_pixels(p, isa) &&
          make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
