@@ -13,7 +13,7 @@ larger planes and float64 take the BLAS path; output planes of at least 441 pixe
 (weight side) with 16+ input channels per group run the library's conv on
 chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
 Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
-to 42x42, 21x21 on AVX2, in batches of at least 4 samples and 768 output pixels,
+to 42x42, in batches of at least 4 samples and 768 output pixels,
 1536 on AVX2, whose scratch fits in their activations): the direct-path tests here
 switch it off (CHANFLEX_CPU_WINOGRAD=0), the Winograd ones at the end force it
 on. On AVX-512 the weight side of one-group Winograd convs may run in the
@@ -456,8 +456,8 @@ def _run(case, inputs):
 
 @pytest.mark.parametrize("cap", ["avx512", "avx2"])
 def test_winograd_default_range(monkeypatch, cap):
-    # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels (21x21
-    # on AVX2), batches of at least 4 samples and 768 output pixels (1536 on
+    # By default: 3x3 stride-1 planes of 10x10 to 42x42 output pixels,
+    # batches of at least 4 samples and 768 output pixels (1536 on
     # AVX2), whose Winograd scratch fits in the activations plus the K
     # kernels' size, in the fewest passes (1 or 2) for which it does, with
     # chunks of one sample per thread (of at least 32 K tiles where a pass's
@@ -473,8 +473,9 @@ def test_winograd_default_range(monkeypatch, cap):
     cases = {Case(16, 64, 64, 10, 10, padding=(1, 1)): "2",  # 100 pixels; chunks of 2 fit in 2 passes only
              Case(24, 8, 8, 10, 10, padding=(1, 1)): "1",  # chunks of 2 fit in 1 pass
              Case(24, 8, 8, 9, 9, padding=(1, 1)): "0",                                 # 81 pixels: below the range
-             Case(12, 8, 8, 22, 22, padding=(1, 1)): "1" if avx512 else "0",            # 484: above AVX2's range
-             Case(24, 8, 8, 43, 43, padding=(1, 1)): "0",                               # 1849: above AVX-512's
+             Case(12, 8, 8, 22, 22, padding=(1, 1)): "1",                               # 484
+             Case(12, 8, 8, 42, 42, padding=(1, 1)): "1",                               # 1764: the range's top
+             Case(24, 8, 8, 43, 43, padding=(1, 1)): "0",                               # 1849: above the range
              Case(24, 8, 8, 12, 12, stride=(2, 2), padding=(1, 1)): "0",                # stride 2: not eligible
              Case(4, 32, 32, 14, 14, padding=(1, 1)): "0",    # 784 pixels in the batch, but 2 passes' scratch is
                                                               # above the activations plus the kernels

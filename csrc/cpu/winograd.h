@@ -599,9 +599,9 @@ void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* 
 // stride 1, undilated float32 on a packed ISA, as CHANFLEX_CPU_WINOGRAD
 // says ("0": never; "1", "2" or "4": every such conv, in that many passes
 // with the default chunks; tests use them for planes outside the default
-// range), by default those with 100 to 1764 output pixels (10x10 to 42x42;
-// on AVX2 to 441, 21x21) whose pass scratch fits in their activations plus
-// the K kernels' size, in 1 or 2 passes. In-process A/B on AMD Zen 5, K =
+// range), by default those with 100 to 1764 output pixels (10x10 to 42x42)
+// whose pass scratch fits in their activations plus the K kernels' size,
+// in 1 or 2 passes. In-process A/B on AMD Zen 5, K =
 // 4, ms, direct -> Winograd in one pass: forward 256@14 22.9 -> 14.4,
 // 512@10 49.0 -> 32.1, 256@21 51.2 -> 36.4, 128@28 36.0 -> 21.3, 64->128@42
 // 28.6 -> 24.1; fwd+bwd 256@21 162 -> 136, 128@21 50.9 -> 43.1, 256@28 321
@@ -609,7 +609,13 @@ void winograd_conv(PackedIsa isa, WinogradConv c, const float* in, const float* 
 // 21.4 (too few tiles to pay for the transforms, or the library's conv as
 // fast). AVX2 (the cap on the same machine): forward 256@21 107.9 -> 60.1,
 // 512@10 92.5 -> 54.2, but 128@28 21.5 vs 23.1 and 64->128@42 25.9 vs 30.2
-// against the library's conv, so there only up to 441 pixels. Memory: the
+// against the library's conv, which the cap leaves on AVX-512. On an
+// AVX2-only CPU (AMD Zen 3), where the library's conv runs AVX2 too,
+// Winograd in one pass won there as well (in-process, ms, library ->
+// Winograd: forward 128@28 59.5 -> 37.9, 128@42 112.2 -> 88.9, 64->128@42
+// 77.6 -> 45.5; fwd+bwd 128@28 172 -> 139, 128@42 374 -> 321), so AVX2
+// takes the same range (64@56: forward 58 -> 45 but fwd+bwd 187 -> 191,
+// past the range on both ISAs). Memory: the
 // transformed kernels are 16/9 K |W| per pass of all 16 positions and a
 // sample's buffers 9x its activations; in one pass the fwd+bwd peak at
 // 256@14 rose from 1.32 to 1.70 of the static conv's (512@10: 2.62 to
@@ -641,8 +647,7 @@ int64_t winograd_pass_chunk(const WinogradConv& c, const PackedGemm& s) {
   if (chunk < c.batch) chunk = std::min(chunk + chunk % 2, c.batch);
   return chunk;
 }
-constexpr int64_t kWinogradMaxPixelsAvx512 = 1764;
-constexpr int64_t kWinogradMaxPixelsAvx2 = 441;
+constexpr int64_t kWinogradMaxPixels = 1764;
 // Transforming and packing the K kernels is a cost per call that the
 // batch's samples must pay back: by default at least 4 samples and this
 // many output pixels in the batch. Measured break-even (forward, against
@@ -667,9 +672,8 @@ bool winograd_eligible(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
 bool plan_winograd_default(const Plan& p, PackedIsa isa, WinogradConv& c) {
   const ConvGeometry& g = p.g;
   const bool avx512 = isa == PackedIsa::kAvx512;
-  const int64_t max_pixels = avx512 ? kWinogradMaxPixelsAvx512 : kWinogradMaxPixelsAvx2;
   const int64_t min_batch_pixels = avx512 ? kWinogradMinBatchPixelsAvx512 : kWinogradMinBatchPixelsAvx2;
-  if (p.pixels < kWinogradMinPixels || p.pixels > max_pixels || g.batch < kWinogradMinBatch ||
+  if (p.pixels < kWinogradMinPixels || p.pixels > kWinogradMaxPixels || g.batch < kWinogradMinBatch ||
       g.batch * p.pixels < min_batch_pixels) {
     return false;
   }
