@@ -26,7 +26,7 @@ take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
 stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
 (forward and transposed grad_x; no unfold, one call a band of output rows),
 and so do the stride-2 forwards from 14x14 to 7x7, 28x28 to 14x14 and 56x56
-to 28x28,
+to 28x28; on AVX2 the 5x5 ones (a row a call),
 which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
@@ -767,14 +767,16 @@ def test_plane_kernels_backward_output_masks(mask, plane_kernels):
     assert_masked_backward_matches(PLANE_CASES[2], mask)
 
 
-@pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2), (28, 2)])
-def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernels):
-    # Their sums differ from the padding classes' only in rounding (the
-    # pivoted mixing), which a default run cannot be told apart by; where
-    # the classes multiply padding (an edge row's corners) they differ for
-    # sure. An infinite weight on tap (1, 0), which reads the padding left
-    # of the top-left pixel, leaves that pixel finite on the plane kernels
-    # (by default) and makes it NaN (0 * inf) on the classes.
+def corner_on_plane_kernels(monkeypatch, width, stride):
+    """Whether a 3x3 pad-1 forward on a width x width plane takes the plane kernels by default.
+
+    Their sums differ from the padding classes' only in rounding, which a
+    default run cannot be told apart by; where the classes multiply padding
+    (an edge row's corners) they differ for sure. An infinite weight on tap
+    (1, 0), which reads the padding left of the top-left pixel, leaves that
+    pixel finite on the plane kernels and makes it NaN (0 * inf) on the
+    classes (CHANFLEX_CPU_DIRECT_PLANES=0, checked here too).
+    """
     torch.manual_seed(0)
     x = torch.randn(3, 16, width, width)
     weight = torch.randn(4, 16, 16, 3, 3)
@@ -786,8 +788,15 @@ def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernel
             monkeypatch.setenv("CHANFLEX_CPU_DIRECT_PLANES", value)
         with torch.no_grad():
             corner[value] = dynamic_conv2d(x, weight, attn, stride=stride, padding=1)[:, 0, 0, 0]
-    assert corner[None].isfinite().all(), corner[None]
+    monkeypatch.delenv("CHANFLEX_CPU_DIRECT_PLANES")
     assert corner["0"].isnan().all(), corner["0"]
+    assert corner[None].isfinite().all() or corner[None].isnan().all(), corner[None]
+    return bool(corner[None].isfinite().all())
+
+
+@pytest.mark.parametrize("width, stride", [(5, 1), (7, 1), (14, 2), (28, 2)])
+def test_plane_kernels_taken_by_default(monkeypatch, width, stride, plane_kernels):
+    assert corner_on_plane_kernels(monkeypatch, width, stride)
 
 
 def test_plane_kernels_taken_past_packed_pixels(monkeypatch, plane_kernels):
@@ -810,6 +819,46 @@ def test_plane_kernels_taken_past_packed_pixels(monkeypatch, plane_kernels):
     torch.testing.assert_close(outputs["1"], outputs["0"], rtol=1e-4, atol=1e-4)
     assert torch.equal(default, outputs["1"])
     assert not torch.equal(default, outputs["0"])
+
+
+# AVX2's plane kernels: 5x5 at stride 1 only (a row a call; A mixed by its
+# own pass, so any K, 9 included); its 7x7 and stride-2 planes keep the
+# padding classes. 600 channels carry partial sums over reduction blocks.
+PLANE_CASES_AVX2 = [case for case in PLANE_CASES if case.height == 5 and case.stride == (1, 1)] + [
+    Case(3, 16, 48, 5, 5, padding=(1, 1), num_kernels=9),
+    Case(4, 16, 32, 5, 5, padding=(1, 1), layout="channels_last"),
+    Case(3, 24, 20, 5, 5, padding=(1, 1), groups=2, num_kernels=1, bias=False),
+    Case(2, 8, 17, 5, 5, padding=(1, 1), num_kernels=2),
+]
+
+
+@pytest.fixture
+def plane_kernels_avx2(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx2")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2")
+
+
+@pytest.mark.parametrize("case", PLANE_CASES_AVX2, ids=lambda c: c.id)
+def test_plane_kernels_avx2_match_reference(case, threads, plane_kernels_avx2):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("chunk_bytes", ["1", "20000"], ids=["chunk-threads", "chunk-20k"])
+@pytest.mark.parametrize("case", PLANE_CASES_AVX2[1:3], ids=lambda c: c.id)
+def test_plane_kernels_avx2_across_chunks(monkeypatch, case, chunk_bytes, plane_kernels_avx2):
+    monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True)], ids=str)
+def test_plane_kernels_avx2_backward_output_masks(mask, plane_kernels_avx2):
+    assert_masked_backward_matches(PLANE_CASES_AVX2[1], mask)
+
+
+@pytest.mark.parametrize("width, stride, taken", [(5, 1, True), (7, 1, False), (14, 2, False)])
+def test_plane_kernels_avx2_taken_by_default(monkeypatch, width, stride, taken, plane_kernels_avx2):
+    assert corner_on_plane_kernels(monkeypatch, width, stride) == taken
 
 
 # The direct weight gradient: dW and dattn from the channels-last input, one

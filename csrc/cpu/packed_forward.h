@@ -309,7 +309,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
   const int64_t plane_width = plane >= 0 ? kPlaneShapes[plane].width : 0;
   const int64_t plane_floats = plane >= 0 ? plane_width * plane_width * kPlaneShapes[plane].stride *
                                                 kPlaneShapes[plane].stride : 0;  // of an input channel
-  const std::vector<PlaneBand> bands = plane >= 0 ? plane_bands(plane_width) : std::vector<PlaneBand>{};
+  const std::vector<PlaneBand> bands = plane >= 0 ? plane_bands(plane_width, s.isa) : std::vector<PlaneBand>{};
   // Without classes, one class of every pixel and every tap.
   TapClasses all_pixels;
   all_pixels.classes.push_back(TapClass{0, s.pixels, 0, {}});
@@ -400,7 +400,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                                  pair_first ? mix_attn + (i0 + si + 1) * K : nullptr,
                                  pair_first ? a_next + panel * kc * kMR : nullptr};
               for (size_t band = 0; band < bands.size(); ++band) {
-                const int64_t first = bands[band].row0 * plane_width;
+                const int64_t first = bands[band].first;
                 MicroOut out{c_tile + panel * kMR * s.pixels + first,
                              s.pixels,
                              std::min(kMR, nr - panel * kMR),
@@ -410,7 +410,7 @@ void run_packed_gemm(const PackedGemm& s, const float* b_packed, const float* at
                              /*store_partial=*/q0 + kc < s.depth};
                 if (pivot) out.scale = &pivoted.scales[i0 + si];
                 const bool mixes = fused_mix && band == 0 && !pair_second;
-                plane_kernel(plane, band, mixes ? K : 0, mixes && pair_first, pivot)(
+                plane_kernel(s.isa, plane, band, mixes ? K : 0, mixes && pair_first, pivot)(
                     kc, a_call, kc * kMR, b_group + q0 / kPlaneTaps * plane_floats, plane_floats, out,
                     mixes ? &mix : nullptr);
               }
