@@ -26,7 +26,7 @@ take; the padding-skip tests force it on for both ISAs. On AVX-512, 3x3
 stride-1 pad-1 convs on 5x5 and 7x7 planes take the plane kernels instead
 (forward and transposed grad_x; no unfold, one call a band of output rows),
 and so do the stride-2 forwards from 14x14 to 7x7, 28x28 to 14x14 and 56x56
-to 28x28; on AVX2 the 5x5 ones (a row a call),
+to 28x28; on AVX2 the stride-1 ones (calls of 5 pixels),
 which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
@@ -821,14 +821,16 @@ def test_plane_kernels_taken_past_packed_pixels(monkeypatch, plane_kernels):
     assert not torch.equal(default, outputs["0"])
 
 
-# AVX2's plane kernels: 5x5 at stride 1 only (a row a call; A mixed by its
-# own pass, so any K, 9 included); its 7x7 and stride-2 planes keep the
-# padding classes. 600 channels carry partial sums over reduction blocks.
-PLANE_CASES_AVX2 = [case for case in PLANE_CASES if case.height == 5 and case.stride == (1, 1)] + [
+# AVX2's plane kernels: stride 1 only, 5x5 and 7x7 (calls of 5 pixels in
+# raster order, the last of 7x7 4, some across two rows; A mixed by its own
+# pass, so any K, 9 included); its stride-2 planes keep the padding classes.
+# 600 and 130 channels carry partial sums over reduction blocks.
+PLANE_CASES_AVX2 = [case for case in PLANE_CASES if case.stride == (1, 1)] + [
     Case(3, 16, 48, 5, 5, padding=(1, 1), num_kernels=9),
     Case(4, 16, 32, 5, 5, padding=(1, 1), layout="channels_last"),
     Case(3, 24, 20, 5, 5, padding=(1, 1), groups=2, num_kernels=1, bias=False),
     Case(2, 8, 17, 5, 5, padding=(1, 1), num_kernels=2),
+    Case(2, 8, 17, 7, 7, padding=(1, 1), num_kernels=2, layout="sliced"),
 ]
 
 
@@ -856,7 +858,7 @@ def test_plane_kernels_avx2_backward_output_masks(mask, plane_kernels_avx2):
     assert_masked_backward_matches(PLANE_CASES_AVX2[1], mask)
 
 
-@pytest.mark.parametrize("width, stride, taken", [(5, 1, True), (7, 1, False), (14, 2, False)])
+@pytest.mark.parametrize("width, stride, taken", [(5, 1, True), (7, 1, True), (14, 2, False), (28, 2, False)])
 def test_plane_kernels_avx2_taken_by_default(monkeypatch, width, stride, taken, plane_kernels_avx2):
     assert corner_on_plane_kernels(monkeypatch, width, stride) == taken
 

@@ -1,4 +1,4 @@
-// Kernels of 3x3 pad-1 convs on small planes without an unfold: AVX-512 on 5x5 and 7x7 (and 14x14 -> 7x7, 28x28 -> 14x14, 56x56 -> 28x28 at stride 2), AVX2 on 5x5.
+// Kernels of 3x3 pad-1 convs on small planes without an unfold: 5x5 and 7x7 (AVX-512 and AVX2), and on AVX-512 14x14 -> 7x7, 28x28 -> 14x14, 56x56 -> 28x28 at stride 2.
 //
 // Part of the CPU kernel (dynamic_conv2d_kernel.cpp, which includes these
 // headers in order; each builds on the ones before it). Not a public header:
@@ -109,30 +109,34 @@ void plane_kernel_avx512(int64_t kc, const float* a, int64_t /*a_panel_stride*/,
   }
 }
 
-// AVX2 (16 registers): one output row of a 5x5 plane a call, 16 rows of A
-// in two registers a pixel as in micro_kernel_avx2 (10 accumulators). A is
-// mixed already (AVX2 mixes in a pass of its own, mix_packed_tile); taps
-// whose input row is padding load no A. The padding classes split a 5x5
-// plane into calls of 3 to 7 pixels (the edge rows' with 6 of the 9 taps,
-// the interior's 3-pixel remainders), each streaming A again, and unfold
-// every sample's B first. AMD Zen 3 (AVX2, 2 threads), batch 32, K = 4,
-// in-process medians, classes / plane kernels: 512@5 forward 53.2 / 35.9
-// ms, fwd+bwd 178.9 / 134.2. 7x7 planes (rows of 7, or calls of 6 across
-// rows) ran even with the classes at 512@7 (80-125 ms, noisy) and lost
-// 30% from 14x14 to 7x7 at stride 2 (39.5 / 54.2): those keep the classes.
-template <int W, int ROW>
+// AVX2 (16 registers), stride 1 (5x5 and 7x7 planes): calls of 5 output
+// pixels in raster order (NP, from pixel P0; 7x7's last has 4), 16 rows of
+// A in two registers a pixel as in micro_kernel_avx2 (10 accumulators), A
+// mixed already (AVX2 mixes in a pass of its own, mix_packed_tile). The
+// padding classes split a 5x5 plane into calls of 3 to 7 pixels (the edge
+// rows' with 6 of the 9 taps, the interior's remainders), each streaming A
+// again, and unfold every sample's B first. Calls of 7 pixels (a 7x7 row,
+// A's second half from L1 as in micro_kernel_avx2's) or 6 ran at about 60%
+// of the 5-pixel calls' FMA rate: 7x7 planes on rows of 7 ran even with the
+// classes. AMD Zen 3 (AVX2, 2 threads), batch 32, K = 4, in-process medians,
+// classes / plane kernels: 512@5 forward 53.2 / 35.9 ms, fwd+bwd 178.9 /
+// 134.2; 512@7 forward 76.2 / 60.1, fwd+bwd 329.8 / 268.7. The stride-2
+// planes keep the classes: 14x14 -> 7x7 ran even (39.6 / 39.4 ms), 28x28
+// -> 14x14 lost (34.1 / 37.5).
+template <int W, int P0, int NP>
 __attribute__((target("avx2,fma")))
 void plane_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, const float* b, int64_t b_plane,
                        const MicroOut& out, const MicroMix* /*mix: mixed already*/) {
-  static_assert(W < kMaxCallPixelsAvx2, "two registers a pixel, two for A and one for B");
-  __m256 lo[W], hi[W];
+  static_assert(NP < kMaxCallPixelsAvx2, "two registers a pixel, two for A and one for B");
+  __m256 lo[NP], hi[NP];
 #pragma GCC unroll 6
-  for (int j = 0; j < W; ++j) {
+  for (int j = 0; j < NP; ++j) {
     lo[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld) : _mm256_setzero_ps();
     hi[j] = out.load_partial ? _mm256_load_ps(out.partial + j * out.partial_ld + 8) : _mm256_setzero_ps();
   }
-  // The row's input rows (at most 3 of W floats), 4 channels ahead.
-  constexpr int kFirst = (ROW > 0 ? ROW - 1 : 0) * W, kEnd = (ROW + 2 < W ? ROW + 2 : W) * W;
+  // The input rows the call reads, requested 4 channels ahead.
+  constexpr int kRow = P0 / W, kLastRow = (P0 + NP - 1) / W;
+  constexpr int kFirst = (kRow > 0 ? kRow - 1 : 0) * W, kEnd = (kLastRow + 2 < W ? kLastRow + 2 : W) * W;
   const int64_t channels = kc / kPlaneTaps;
   for (int64_t c = 0; c < channels; ++c, b += b_plane) {
     for (int line = kFirst; line < kEnd; line += 16)
@@ -140,14 +144,15 @@ void plane_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
     _mm_prefetch(reinterpret_cast<const char*>(b + 4 * b_plane + kEnd - 1), _MM_HINT_T0);
 #pragma GCC unroll 9
     for (int t = 0; t < kPlaneTaps; ++t, a += kMR) {
-      const int ih = ROW + t / 3 - 1, kj = t % 3;
-      if (ih < 0 || ih >= W) continue;
+      const int ki = t / 3, kj = t % 3;
+      // A call within one row loads no A for the taps that read its padding rows.
+      if (kRow == kLastRow && (kRow + ki - 1 < 0 || kRow + ki - 1 >= W)) continue;
       _mm_prefetch(reinterpret_cast<const char*>(a + kPrefetchSteps * kMR), _MM_HINT_T0);
       const __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_loadu_ps(a + 8);
 #pragma GCC unroll 6
-      for (int j = 0; j < W; ++j) {
-        const int iw = j + kj - 1;
-        if (iw < 0 || iw >= W) continue;
+      for (int j = 0; j < NP; ++j) {
+        const int ih = (P0 + j) / W + ki - 1, iw = (P0 + j) % W + kj - 1;
+        if (ih < 0 || ih >= W || iw < 0 || iw >= W) continue;
         const __m256 bj = _mm256_broadcast_ss(b + ih * W + iw);
         lo[j] = _mm256_fmadd_ps(a0, bj, lo[j]);
         hi[j] = _mm256_fmadd_ps(a1, bj, hi[j]);
@@ -156,23 +161,24 @@ void plane_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
   }
   if (out.store_partial) {
 #pragma GCC unroll 6
-    for (int j = 0; j < W; ++j) {
+    for (int j = 0; j < NP; ++j) {
       _mm256_store_ps(out.partial + j * out.partial_ld, lo[j]);
       _mm256_store_ps(out.partial + j * out.partial_ld + 8, hi[j]);
     }
     return;
   }
-  alignas(32) float tile[W][kMR];
+  alignas(32) float tile[NP][kMR];
 #pragma GCC unroll 6
-  for (int j = 0; j < W; ++j) {
+  for (int j = 0; j < NP; ++j) {
     _mm256_store_ps(tile[j], lo[j]);
     _mm256_store_ps(tile[j] + 8, hi[j]);
   }
   for (int64_t i = 0; i < out.mr; ++i) {
     float* row = out.c + i * out.ldc;
-    for (int j = 0; j < W; ++j) row[j] = tile[j][i];
+    for (int j = 0; j < NP; ++j) row[j] = tile[j][i];
   }
 }
+constexpr int64_t kPlaneCallPixelsAvx2 = 5;
 
 // The bands of output rows one call covers: (first row, rows), at most 28
 // pixels each; the first band takes the mixing calls, so it is the smaller.
@@ -182,8 +188,9 @@ struct PlaneBand {
 inline std::vector<PlaneBand> plane_bands(int64_t width, PackedIsa isa) {
   std::vector<PlaneBand> bands;
   if (isa != PackedIsa::kAvx512) {
-    // AVX2: a row a band (see plane_kernel_avx2).
-    for (int64_t row = 0; row < width; ++row) bands.push_back({row * width, width});
+    // AVX2: calls of kPlaneCallPixelsAvx2 pixels (see plane_kernel_avx2).
+    for (int64_t first = 0; first < width * width; first += kPlaneCallPixelsAvx2)
+      bands.push_back({first, std::min(kPlaneCallPixelsAvx2, width * width - first)});
     return bands;
   }
   if (width == 5) return {{0, 25}};
@@ -232,20 +239,24 @@ const PlaneKernels kPlaneKernels[std::size(kPlaneShapes)] = {
     equal_band_kernels<14, 2, 2>(std::make_index_sequence<6>{}),
     equal_band_kernels<28, 2, 1>(std::make_index_sequence<27>{})};
 
-// AVX2's, row by row, for the one shape it takes (kPlaneShapes[0], 5x5).
-template <size_t... ROW>
-constexpr std::array<MicroKernel, sizeof...(ROW)> row_kernels_avx2(std::index_sequence<ROW...>) {
-  return {plane_kernel_avx2<5, static_cast<int>(ROW)>...};
+// AVX2's, for its stride-1 shapes (kPlaneShapes[0] and [1]): [shape][call].
+template <int W, size_t... CALL>
+constexpr std::array<MicroKernel, 10> call_kernels_avx2(std::index_sequence<CALL...>) {
+  constexpr int kCall = static_cast<int>(kPlaneCallPixelsAvx2);
+  return {plane_kernel_avx2<W, static_cast<int>(CALL) * kCall, std::min(kCall, W * W - static_cast<int>(CALL) * kCall)>...};
 }
-constexpr auto kPlaneKernelsAvx2 = row_kernels_avx2(std::make_index_sequence<5>{});
-constexpr int kPlaneShapeAvx2 = 0;
+constexpr std::array<MicroKernel, 10> kPlaneKernelsAvx2[] = {call_kernels_avx2<5>(std::make_index_sequence<5>{}),
+                                                             call_kernels_avx2<7>(std::make_index_sequence<10>{})};
+static_assert(kPlaneShapes[0].width == 5 && kPlaneShapes[0].stride == 1 && kPlaneShapes[1].width == 7 &&
+                  kPlaneShapes[1].stride == 1 && kPlaneShapes[2].stride == 2,
+              "AVX2's plane kernels are the stride-1 shapes, listed first");
 
 MicroKernel plane_kernel(PackedIsa isa, int shape, size_t band, int64_t mix_kernels, bool pair, bool unit) {
   if (isa != PackedIsa::kAvx512) {
-    TORCH_CHECK(shape == kPlaneShapeAvx2 && mix_kernels == 0 && !pair && !unit,
-                "plane_kernel: AVX2 has kernels of mixed A on 5x5 planes only, not shape ", shape, " mixing ",
-                mix_kernels);
-    return kPlaneKernelsAvx2[band];
+    TORCH_CHECK(shape < static_cast<int>(std::size(kPlaneKernelsAvx2)) && mix_kernels == 0 && !pair && !unit,
+                "plane_kernel: AVX2 has kernels of mixed A on 5x5 and 7x7 planes only, not shape ", shape,
+                " mixing ", mix_kernels);
+    return kPlaneKernelsAvx2[shape][band];
   }
   const MicroKernel kernel = kPlaneKernels[shape][band][unit][pair][mix_kernels];
   TORCH_CHECK(kernel != nullptr, "plane_kernel: no kernel for shape ", shape, ", band ", band, ", mixing ",
@@ -256,9 +267,9 @@ MicroKernel plane_kernel(PackedIsa isa, int shape, size_t band, int64_t mix_kern
 // The kPlaneShapes index of a forward (or grad_x's transposed forward) of
 // geometry g on the plane kernels, -1 where it does not take them: float32,
 // 3x3, undilated, pad 1, one of kPlaneShapes; on AVX-512 the K kernels
-// mixed in the micro-kernel (K <= kMaxMicroMixKernels), on AVX2 5x5 only
-// (kPlaneShapeAvx2, any K); CHANFLEX_CPU_DIRECT_PLANES=0 switches them off
-// (tests, A/Bs).
+// mixed in the micro-kernel (K <= kMaxMicroMixKernels), on AVX2 the
+// stride-1 shapes (5x5 and 7x7, any K); CHANFLEX_CPU_DIRECT_PLANES=0
+// switches them off (tests, A/Bs).
 int plane_shape(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
   const char* env = std::getenv("CHANFLEX_CPU_DIRECT_PLANES");
   const std::string value(env == nullptr ? "" : env);
@@ -273,7 +284,7 @@ int plane_shape(const ConvGeometry& g, PackedIsa isa, int64_t num_kernels) {
     return -1;
   for (int shape = 0; shape < static_cast<int>(std::size(kPlaneShapes)); ++shape) {
     const PlaneShape& ps = kPlaneShapes[shape];
-    if (isa != PackedIsa::kAvx512 && shape != kPlaneShapeAvx2) continue;
+    if (isa != PackedIsa::kAvx512 && ps.stride != 1) continue;
     if (g.stride[0] == ps.stride && g.out_h == ps.width && g.out_w == ps.width && g.height == ps.stride * ps.width &&
         g.width == ps.stride * ps.width)
       return shape;
