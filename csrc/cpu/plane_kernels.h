@@ -180,15 +180,16 @@ void plane_kernel_avx2(int64_t kc, const float* a, int64_t /*a_panel_stride*/, c
 }
 constexpr int64_t kPlaneCallPixelsAvx2 = 5;
 
-// The bands of output rows one call covers: (first row, rows), at most 28
-// pixels each; the first band takes the mixing calls, so it is the smaller.
+// The bands of output pixels one call covers, in raster order: on AVX-512
+// whole rows, at most 28 pixels (the first band takes the mixing calls, so
+// it is the smaller); on AVX2 kPlaneCallPixelsAvx2 pixels.
 struct PlaneBand {
   int64_t first, pixels;  // in raster order
 };
 inline std::vector<PlaneBand> plane_bands(int64_t width, PackedIsa isa) {
   std::vector<PlaneBand> bands;
   if (isa != PackedIsa::kAvx512) {
-    // AVX2: calls of kPlaneCallPixelsAvx2 pixels (see plane_kernel_avx2).
+    // AVX2: see plane_kernel_avx2.
     for (int64_t first = 0; first < width * width; first += kPlaneCallPixelsAvx2)
       bands.push_back({first, std::min(kPlaneCallPixelsAvx2, width * width - first)});
     return bands;
