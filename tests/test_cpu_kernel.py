@@ -10,7 +10,9 @@ planes at most 256 deep (C_in/groups * kh * kw) stream their forward
 through the same micro-kernel a block of output rows at a time; other
 larger planes and float64 take the BLAS path; output planes of at least 441 pixels
 (forward, and grad_x at stride 1; above the packed limit in float32) or 784
-(weight side) with 16+ input channels per group run the library's conv on
+(weight side; float32 on AVX2 only where the packed weight side does not
+run: kernels of several taps stay on it while one sample's unfolded panels
+fit 16 MiB) with 16+ input channels per group run the library's conv on
 chunks of samples. 3x3 stride-1 float32 convs on AVX2 and AVX-512 may take
 Winograd F(2x2, 3x3) instead (forward and grad_x; by default on planes of 10x10
 to 42x42, in batches of at least 4 samples and 768 output pixels,
@@ -125,6 +127,49 @@ def test_library_chunked_path(monkeypatch, case, dtype, chunk):
         sample = case.in_channels * case.height * case.width + case.out_channels * out_h * out_w
         monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", str(chunk * sample * dtype.itemsize))
     assert_matches_reference(dynamic_conv2d, case, dtype)
+
+
+# On AVX2, float32 weight sides of kernels with several taps stay on the
+# packed path past 512 pixels, where the library's conv backward took them
+# from 784, while one sample's unfolded panels fit 16 MiB; AVX-512 keeps the
+# library from 784 pixels. 192 rows x 576 columns: weight blocks for every
+# thread at 2 threads. 40x40 and 58->29 at stride 2 (unfolded 3.7 and 1.9
+# MiB a sample), and 86x86 (17.0 MiB: the library on both).
+LARGE_WEIGHT_SIDE_CASES = [
+    (Case(2, 64, 192, 40, 40, padding=(1, 1)), False),
+    (Case(2, 64, 192, 58, 58, stride=(2, 2), padding=(1, 1), num_kernels=3), False),
+    (Case(1, 64, 192, 86, 86, padding=(1, 1), bias=False), True),
+]
+
+
+def _runs_library_weight_side(case) -> bool:
+    """Whether the float32 weight side (dW and dattn) of `case` runs the library's conv backward."""
+    from comparison import make_inputs
+    x, weight, attn, _ = (None if t is None else t.float() for t in make_inputs(case))
+    conv = case.conv_args
+    grad_out = torch.ones_like(dynamic_conv2d(x, weight, attn, **conv))
+    with torch.profiler.profile() as prof:
+        torch.ops.chanflex.dynamic_conv2d_backward(
+            grad_out, x, weight, attn, None, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]),
+            conv["groups"], [False, True, True, False])
+    return any(e.name == "aten::convolution_backward" for e in prof.events())
+
+
+@pytest.mark.parametrize("packed_isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("case, library_on_avx2", LARGE_WEIGHT_SIDE_CASES,
+                         ids=lambda v: v.id if isinstance(v, Case) else f"avx2-{'library' if v else 'packed'}")
+def test_large_plane_weight_side_path(monkeypatch, case, library_on_avx2, packed_isa):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", packed_isa)
+    if torch.ops.chanflex.cpu_packed_isa() != packed_isa:
+        pytest.skip(f"this CPU has no {packed_isa}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert _runs_library_weight_side(case) == (library_on_avx2 or packed_isa == "avx512")
+        if not library_on_avx2:
+            assert_masked_backward_matches(case, (False, True, True))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")

@@ -612,9 +612,11 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   const bool winograd_x = need_x && !half_library_x && plan_winograd(p, dtype, isa, winograd_c);
   const bool library_x = half_library_x || (g.batch > 0 && need_x && !winograd_x && stride_one &&
                                             use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype)));
+  // (float32 on AVX2: where the packed weight side does not run.)
   const bool library_g = g.batch > 0 && (need_w || need_attn) &&
                          (conv_dtype != dtype ? use_half_library(g, kLibraryWeightGradMinPixels)
-                                              : use_library(g, kLibraryWeightGradMinPixels));
+                                              : use_library(g, kLibraryWeightGradMinPixels) &&
+                                                    !use_packed_weight_grad(p, dtype, isa));
   if (library_x || library_g) {
     if (need_w && library_g) grad_w.zero_();
     backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, conv_dtype, library_x,

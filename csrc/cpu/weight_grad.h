@@ -106,14 +106,29 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
 // 259, 128->256@21 164 -> 135, the step's peak 1.22x -> 0.90x the static
 // conv's; unfolded: 3x3 unpadded 256 channels 19x19 326 -> 301, 128->256
 // 18x18 130 -> 121) but not for 1x1 convs (256@21 59 -> 70), which keep
-// the forward's limit.
+// the forward's limit. On AVX2 kernels of several taps take it on larger
+// planes too, in place of the library's conv backward (use_library, from
+// 784 pixels) or BLAS, while one sample's unfolded panels fit
+// kPackedWeightGradMaxSampleBytesAvx2 (a chunk holds at least a sample a
+// thread; past it the library's chunks need no unfold). AMD Zen 3, batch
+// 32, K = 4, the weight side alone (dW and dattn, in-process medians,
+// library -> packed, ms): 128@28 130.7 -> 67.4, 64->128 56->28 71.4 ->
+// 51.6, 64@56 130.0 -> 96.9, 64->128@42 135.8 -> 89.8, 128@42 266.7 ->
+// 179.9, 64@84 274.9 -> 219.0; ResNet's 3->64 7x7/2 stem (BLAS before)
+// 172.0 -> 171.8. The step's fwd+bwd peak: 0.46 -> 0.55 of the static
+// conv's at 56->28, 0.58 -> 0.66 at 64@56, 0.57 -> 0.66 at 64@84 (the
+// unfolded chunk), 0.74 -> 0.70 at 128@28.
 constexpr int64_t kPackedWeightGradMaxPixels = 512;
-int64_t packed_weight_grad_max_pixels(const Plan& p, PackedIsa isa) {
-  const bool one_tap = p.g.kernel_h * p.g.kernel_w == 1;
-  return isa == PackedIsa::kAvx512 || !one_tap ? kPackedWeightGradMaxPixels : kPackedMaxPixelsAvx2;
+constexpr int64_t kPackedWeightGradMaxSampleBytesAvx2 = int64_t{16} << 20;
+bool packed_weight_grad_plane(const Plan& p, PackedIsa isa) {
+  if (isa == PackedIsa::kAvx2) {
+    if (p.g.kernel_h * p.g.kernel_w == 1) return p.pixels <= kPackedMaxPixelsAvx2;
+    if (p.unfolded * static_cast<int64_t>(sizeof(float)) <= kPackedWeightGradMaxSampleBytesAvx2) return true;
+  }
+  return p.pixels <= kPackedWeightGradMaxPixels;
 }
 bool use_packed_weight_grad(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
-  return dtype == at::kFloat && isa != PackedIsa::kGeneric && p.pixels <= packed_weight_grad_max_pixels(p, isa) &&
+  return dtype == at::kFloat && isa != PackedIsa::kGeneric && packed_weight_grad_plane(p, isa) &&
          make_weight_grad_blocks(p, isa).tasks >= 4 * at::get_num_threads();
 }
 
