@@ -172,6 +172,30 @@ def test_large_plane_weight_side_path(monkeypatch, case, library_on_avx2, packed
         torch.set_num_threads(before)
 
 
+# On AVX2, grad_x of strided float32 convs with kernels of several taps runs
+# packed (dcols = W_b^T dy_b, folded per chunk) past 256 output pixels too,
+# where BLAS took it: 841 pixels at 3x3/2, a 7x7/2 stem on 529, strides
+# (2, 1) with a 3x5 kernel on 680; 1x1 strided convs keep BLAS there.
+LARGE_STRIDED_GRAD_X_CASES = [
+    Case(3, 16, 24, 58, 58, stride=(2, 2), padding=(1, 1)),
+    Case(2, 3, 16, 45, 45, kernel=(7, 7), stride=(2, 2), padding=(3, 3), num_kernels=3),
+    Case(2, 8, 12, 33, 40, kernel=(3, 5), stride=(2, 1), padding=(1, 2), groups=2, layout="channels_last"),
+    Case(3, 12, 16, 60, 60, kernel=(1, 1), stride=(2, 2), bias=False),
+]
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, "20000"], ids=lambda v: f"chunk-{v or 'default'}")
+@pytest.mark.parametrize("case", LARGE_STRIDED_GRAD_X_CASES, ids=lambda c: c.id)
+def test_large_plane_strided_grad_x(monkeypatch, case, chunk_bytes, threads):
+    monkeypatch.setenv("CHANFLEX_CPU_ISA", "avx2")
+    if torch.ops.chanflex.cpu_packed_isa() != "avx2":
+        pytest.skip("this CPU has no AVX2")
+    if chunk_bytes is not None:
+        monkeypatch.setenv("CHANFLEX_CPU_CHUNK_BYTES", chunk_bytes)  # a sample or two per chunk
+    assert_masked_backward_matches(case, (True, False, False))
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
 def threads(request):
     # Tiling, sample splitting and serial-vs-parallel choices depend on the thread count.

@@ -635,8 +635,9 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     const at::Tensor w_c = (kernel_x || kernel_attn) ? to_compute(weight, dtype, /*pooled=*/false) : at::Tensor();
     const at::Tensor x_c = (kernel_w || kernel_attn) ? x.to(dtype).contiguous() : at::Tensor();
     // Few output pixels: the packed paths (grad_x, and the weight side when
-    // it has blocks for every thread); the rest through BLAS.
-    const bool packed_x = kernel_x && use_packed(p, dtype, isa);
+    // it has blocks for every thread; on AVX2 some larger planes); the rest
+    // through BLAS.
+    const bool packed_x = kernel_x && use_packed_grad_x(p, dtype, isa);
     WinogradGradPlan winograd_plan;
     const bool winograd_g = (kernel_w || kernel_attn) && plan_winograd_weight_grad(p, dtype, isa, winograd_plan);
     const bool packed_g = (kernel_w || kernel_attn) && !winograd_g && use_packed_weight_grad(p, dtype, isa);

@@ -206,6 +206,17 @@ inline int64_t packed_max_pixels(PackedIsa isa) {
   return isa == PackedIsa::kAvx512 ? kPackedMaxPixelsAvx512 : isa == PackedIsa::kAvx2 ? kPackedMaxPixelsAvx2 : 0;
 }
 
+// On AVX2 two backward parts run packed past that limit too, where their
+// other paths (BLAS, the library's conv backward) were slower on AMD Zen 3:
+// grad_x of strided convs and the weight side, for kernels of several taps
+// (use_packed_grad_x, packed_weight_grad_plane), as long as one sample's
+// unfolded input fits this (their scratch holds a chunk of such samples,
+// at least one a thread).
+constexpr int64_t kPackedMaxUnfoldedSampleBytesAvx2 = int64_t{16} << 20;
+inline bool unfolded_sample_fits_avx2(const Plan& p) {
+  return p.unfolded * static_cast<int64_t>(sizeof(float)) <= kPackedMaxUnfoldedSampleBytesAvx2;
+}
+
 // Most reduction depth per block, per ISA: B panels stay in L1, the mixed A
 // panels in L2; a deeper block halves the output read-modify-writes
 // (AVX-512 at 512@7 and 512@10: 512 measured 2-7% faster than 256).

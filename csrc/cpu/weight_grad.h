@@ -109,8 +109,8 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
 // the forward's limit. On AVX2 kernels of several taps take it on larger
 // planes too, in place of the library's conv backward (use_library, from
 // 784 pixels) or BLAS, while one sample's unfolded panels fit
-// kPackedWeightGradMaxSampleBytesAvx2 (a chunk holds at least a sample a
-// thread; past it the library's chunks need no unfold). AMD Zen 3, batch
+// (unfolded_sample_fits_avx2; past it the library's chunks need no
+// unfold). AMD Zen 3, batch
 // 32, K = 4, the weight side alone (dW and dattn, in-process medians,
 // library -> packed, ms): 128@28 130.7 -> 67.4, 64->128 56->28 71.4 ->
 // 51.6, 64@56 130.0 -> 96.9, 64->128@42 135.8 -> 89.8, 128@42 266.7 ->
@@ -119,11 +119,10 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
 // conv's at 56->28, 0.58 -> 0.66 at 64@56, 0.57 -> 0.66 at 64@84 (the
 // unfolded chunk), 0.74 -> 0.70 at 128@28.
 constexpr int64_t kPackedWeightGradMaxPixels = 512;
-constexpr int64_t kPackedWeightGradMaxSampleBytesAvx2 = int64_t{16} << 20;
 bool packed_weight_grad_plane(const Plan& p, PackedIsa isa) {
   if (isa == PackedIsa::kAvx2) {
     if (p.g.kernel_h * p.g.kernel_w == 1) return p.pixels <= kPackedMaxPixelsAvx2;
-    if (p.unfolded * static_cast<int64_t>(sizeof(float)) <= kPackedWeightGradMaxSampleBytesAvx2) return true;
+    if (unfolded_sample_fits_avx2(p)) return true;
   }
   return p.pixels <= kPackedWeightGradMaxPixels;
 }
