@@ -637,10 +637,11 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     // Few output pixels: the packed paths (grad_x, and the weight side when
     // it has blocks for every thread; on AVX2 some larger planes); the rest
     // through BLAS.
-    const bool packed_x = kernel_x && use_packed_grad_x(p, dtype, isa);
     WinogradGradPlan winograd_plan;
     const bool winograd_g = (kernel_w || kernel_attn) && plan_winograd_weight_grad(p, dtype, isa, winograd_plan);
     const bool packed_g = (kernel_w || kernel_attn) && !winograd_g && use_packed_weight_grad(p, dtype, isa);
+    const bool blas_g = (kernel_w || kernel_attn) && !packed_g && !winograd_g;
+    const bool packed_x = kernel_x && use_packed_grad_x(p, dtype, isa, /*blas_weight_side=*/blas_g);
     // Stride 1 where the transposed conv's padding classes skip enough:
     // grad_x as that conv's packed forward.
     ConvGeometry transposed;
@@ -665,7 +666,6 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
                          kernel_attn ? grad_attn.data_ptr<float>() : nullptr);
     }
     const bool blas_x = kernel_x && !packed_x;
-    const bool blas_g = (kernel_w || kernel_attn) && !packed_g && !winograd_g;
     if (blas_g && kernel_w) grad_w.zero_();
     if (blas_x || blas_g) {
       AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_cpu", [&] {

@@ -132,16 +132,19 @@ void pack_grad_out(const float* go, float* packed, const Plan& p, const PackedGe
 // Whether grad_x runs packed (backward_data_packed, or the transposed conv's
 // forward): float32 planes within the packed limit, and on AVX2 strided
 // convs with kernels of several taps past it (unfolded_sample_fits_avx2),
-// which BLAS took. AMD Zen 3, batch 32, K = 4, grad_x alone (in-process
-// medians, BLAS -> packed, ms): 64->128 56->28 3x3/2 48.0 -> 36.7 and 53.8
-// -> 41.7, ResNet's 3->64 7x7/2 stem 196.6 -> 170.9; the step's fwd+bwd
-// peak 0.55 -> 0.53 and 0.68 -> 0.70 of the static conv's. 1x1 strided
-// convs lose (64->128 56->28 8.0 -> 18.5), stride 1 keeps the library.
-bool use_packed_grad_x(const Plan& p, at::ScalarType dtype, PackedIsa isa) {
+// which BLAS took, unless BLAS runs the weight side in the same call (it
+// unfolds each sample once for both). AMD Zen 3, batch 32, K = 4, grad_x
+// alone (in-process medians, BLAS -> packed, ms): 64->128 56->28 3x3/2
+// 48.0 -> 36.7 and 53.8 -> 41.7, ResNet's 3->64 7x7/2 stem 196.6 -> 170.9,
+// but the stem's fwd+bwd (weight side on BLAS: too few weight blocks) 491
+// -> 507; the step's fwd+bwd peak at 56->28 0.55 -> 0.53 of the static
+// conv's. 1x1 strided convs lose (56->28 8.0 -> 18.5), stride 1 keeps the
+// library.
+bool use_packed_grad_x(const Plan& p, at::ScalarType dtype, PackedIsa isa, bool blas_weight_side) {
   if (use_packed(p, dtype, isa)) return true;
   const bool strided = p.g.stride[0] > 1 || p.g.stride[1] > 1;
   return dtype == at::kFloat && isa == PackedIsa::kAvx2 && strided && p.g.kernel_h * p.g.kernel_w > 1 &&
-         unfolded_sample_fits_avx2(p);
+         !blas_weight_side && unfolded_sample_fits_avx2(p);
 }
 
 // grad_x of dynamic_conv2d: dcols_b = W_b^T @ dy_b through run_packed_gemm,
