@@ -114,8 +114,8 @@ WeightGradBlocks make_weight_grad_blocks(const Plan& p, PackedIsa isa, bool dire
 // 32, K = 4, the weight side alone (dW and dattn, in-process medians,
 // library -> packed, ms): 128@28 130.7 -> 67.4, 64->128 56->28 71.4 ->
 // 51.6, 64@56 130.0 -> 96.9, 64->128@42 135.8 -> 89.8, 128@42 266.7 ->
-// 179.9, 64@84 274.9 -> 219.0; ResNet's 3->64 7x7/2 stem (BLAS before)
-// 172.0 -> 171.8. The step's fwd+bwd peak: 0.46 -> 0.55 of the static
+// 179.9, 64@84 274.9 -> 219.0 (ResNet's 3->64 7x7/2 stem keeps BLAS: its
+// 4 weight blocks are too few for 2 threads). The step's fwd+bwd peak: 0.46 -> 0.55 of the static
 // conv's at 56->28, 0.58 -> 0.66 at 64@56, 0.57 -> 0.66 at 64@84 (the
 // unfolded chunk), 0.74 -> 0.70 at 128@28.
 constexpr int64_t kPackedWeightGradMaxPixels = 512;
