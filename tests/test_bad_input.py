@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from chanflex_kernels import DynamicConv2d, dynamic_conv2d
+from chanflex_kernels import ChannelFlexConv2d, DynamicConv2d, FlexChannelConv2d, dynamic_conv2d
 
 
 def good():
@@ -100,3 +100,40 @@ def test_module_rejects_input_smaller_than_kernel():
     layer = DynamicConv2d(3, 8, 5)
     with pytest.raises(ValueError, match=r"expected the dilated kernel \(5x5\) to fit in the padded input, got a padded input of 4x4"):
         layer(torch.randn(2, 3, 4, 4))
+
+
+LAYERS = {
+    "DynamicConv2d": lambda: DynamicConv2d(3, 8, 3, padding=1),
+    "ChannelFlexConv2d": lambda: ChannelFlexConv2d(3, 8, 3, padding=1),
+    "FlexChannelConv2d": lambda: FlexChannelConv2d(8, 3),
+}
+
+
+@pytest.mark.parametrize("layer_name", sorted(LAYERS))
+@pytest.mark.parametrize("dtype,message", [
+    (torch.int64, r"expected a floating-point input, got torch.int64"),
+    (torch.bool, r"expected a floating-point input, got torch.bool"),
+    (torch.float64, r"expected input of dtype torch.float32 \(the layer's parameters'\), got torch.float64"),
+    (torch.bfloat16, r"expected input of dtype torch.float32 \(the layer's parameters'\), got torch.bfloat16"),
+])
+def test_layers_reject_input_of_another_type(layer_name, dtype, message):
+    layer = LAYERS[layer_name]()
+    x = torch.randn(2, 3, 8, 8).to(dtype)
+    with pytest.raises(ValueError, match=f"{layer_name}: {message}"):
+        layer(x)
+
+
+@pytest.mark.parametrize("layer_name", sorted(LAYERS))
+def test_layers_reject_input_on_another_device(layer_name):
+    layer = LAYERS[layer_name]()
+    with pytest.raises(ValueError, match=f"{layer_name}: expected input on cpu \\(the layer's device\\), got meta"):
+        layer(torch.randn(2, 3, 8, 8, device="meta"))
+
+
+@pytest.mark.parametrize("layer_name", sorted(LAYERS))
+def test_layers_take_half_input_under_autocast(layer_name):
+    # autocast casts inside, as it does for nn.Conv2d: a float32 layer runs on a bfloat16 input.
+    layer = LAYERS[layer_name]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 8, 8, 8)

@@ -20,7 +20,7 @@ from torch.nn.modules.utils import _pair
 
 from ..channels import ChannelSpec, check_channel_mask, normalize_channel_names, resolve_channels
 from ..ops import per_sample_conv2d
-from .dynamic_conv import DynamicConv2d
+from .dynamic_conv import DynamicConv2d, check_layer_input
 
 __all__ = ["ChannelFlexConv2d", "FlexChannelConv2d"]
 
@@ -114,6 +114,7 @@ class ChannelFlexConv2d(DynamicConv2d):
             what = "all channels" if channels is None else f"the channels {channels!r}"
             raise ValueError(f"{where}: expected x of shape (B, {expected_width}, H, W) or ({expected_width}, H, W) "
                              f"holding {what}, got {tuple(x.shape)}")
+        check_layer_input(where, x, self.weight)
         batch = x.shape[0]
         weight = self.weight
 
@@ -214,6 +215,7 @@ class FlexChannelConv2d(nn.Module):
             raise ValueError(f"{where}: expected inputs of {self.input_size[0]}x{self.input_size[1]} (the generator "
                              f"is a Linear over H*W, as in seed 002), got {x.shape[2]}x{x.shape[3]}; "
                              f"use input_size=None for the size-invariant form")
+        check_layer_input(where, x, self.plane_conv.weight)
         if channel_mask is not None:
             mask = check_channel_mask(channel_mask, x.shape[0], x.shape[1], x.device, where)
             x = torch.where(mask[:, :, None, None], x, x.new_zeros(()))

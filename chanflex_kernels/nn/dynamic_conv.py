@@ -21,6 +21,22 @@ def _check_temperature(value) -> float:
     return value
 
 
+def check_layer_input(where: str, x: torch.Tensor, param: torch.Tensor) -> None:
+    """Refuse an input the layer cannot run, before its attention branch fails less clearly.
+
+    x must be a floating-point tensor on ``param``'s device and, outside
+    ``torch.autocast`` (which casts inside), of ``param``'s dtype, as
+    ``nn.Conv2d`` requires.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"{where}: expected a floating-point input, got {x.dtype}")
+    if x.device != param.device:
+        raise ValueError(f"{where}: expected input on {param.device} (the layer's device), got {x.device}")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{where}: expected input of dtype {param.dtype} (the layer's parameters'), got {x.dtype}; "
+                         f"convert the input or the layer (.to(dtype)), or run under torch.autocast")
+
+
 class DynamicConv2d(nn.Module):
     r"""Dynamic convolution (DY-CNN, Chen et al., CVPR 2020) with ``nn.Conv2d``'s signature.
 
@@ -139,6 +155,7 @@ class DynamicConv2d(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Kernel attention for x (B, C_in, H, W): (B, K), rows summing to 1."""
+        check_layer_input("DynamicConv2d", x, self.weight)
         return self._attention_from_features(x.mean(dim=(2, 3)))
 
     def _attention_from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -161,6 +178,7 @@ class DynamicConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d: expected input of shape (B, {self.in_channels}, H, W) or "
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_layer_input("DynamicConv2d", x, self.weight)
         y = self._convolve(x, self.weight, self.attention(x))
         return y.squeeze(0) if unbatched else y
 
