@@ -207,6 +207,8 @@ def fill_channels(x: torch.Tensor, channels: ChannelSpec, strategy: str = "repli
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"fill_channels: expected x of shape (B, {len(index)}, H, W) for channels {index}, "
                          f"got {shape}")
+    if strategy == "mean" and not x.is_floating_point():
+        raise ValueError(f"fill_channels: expected a floating-point x for strategy 'mean', got {x.dtype}")
     present = {c: i for i, c in enumerate(index)}
     mean = x.mean(dim=1) if strategy == "mean" else None
     planes = []

@@ -267,6 +267,10 @@ def test_fill_channels():
         fill_channels(x, [0, 1, 2], "copy")
     with pytest.raises(ValueError, match=r"expected x of shape \(B, 2, H, W\) for channels \[0, 1\], got \(2, 3, 4, 4\)"):
         fill_channels(x, [0, 1], "zeros")
+    images = torch.randint(0, 256, (2, 2, 4, 4), dtype=torch.uint8)
+    assert torch.equal(fill_channels(images, [0, 1], "replicate")[:, 2], images[:, 1])
+    with pytest.raises(ValueError, match=r"expected a floating-point x for strategy 'mean', got torch.uint8"):
+        fill_channels(images, [0, 1], "mean")
 
 
 def per_sample_flex_reference(layer, x):

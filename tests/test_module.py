@@ -161,6 +161,8 @@ def test_convert_include_filters():
     assert isinstance(model.layer1[0].conv2, DynamicConv2d) and isinstance(model.layer1[0].conv1, nn.Conv2d)
     with pytest.raises(ValueError, match=r"unknown \['nope'\]"):
         convert(model, include=["nope"])
+    with pytest.raises(ValueError, match=r"convert: expected an nn.Module, got OrderedDict"):
+        convert(model.state_dict())
 
 
 @pytest.mark.slow

@@ -260,6 +260,8 @@ def convert(model: nn.Module, num_kernels: int = 4,
         >>> model = convert(torchvision.models.resnet18(), num_kernels=4,
         ...                 include=lambda name, conv: conv.kernel_size == (3, 3))
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"convert: expected an nn.Module, got {type(model).__name__}")
     convs = {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if include is None:
         selected = list(convs)
