@@ -37,6 +37,7 @@ the image) by default where 4% of its products are padding; the tests at
 the very end force that on for both ISAs. The cases below cover
 all."""
 import os
+import random
 
 import pytest
 import torch
@@ -1092,5 +1093,54 @@ def test_schedules_give_identical_results(monkeypatch, path, workers):
                                           results[schedule]):
                 assert torch.equal(first, again), f"{what} differs between the static and {schedule} schedules"
         assert_matches_reference(dynamic_conv2d, case, torch.float32)  # under "steal"
+    finally:
+        torch.set_num_threads(before)
+
+
+def random_medium_cases(count, seed):
+    """Random float32 layers of the sizes the paths above choose between, with a thread count each.
+
+    Up to 64 channels a group and 63x63 planes, kernels up to 7x7, strides
+    up to 3, a fifth dilated: large enough to reach the packed, streamed,
+    plane, Winograd and library paths and their block and chunk edges, as
+    the default rules pick them. At least 4 attention entries a case, so
+    that grad_attn's tolerance (a fraction of its largest entry) is not
+    that of a single, possibly cancelling, sum.
+    """
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        kernel = rng.choice([1, 1, 3, 3, 3, 3, 5, 7])
+        kernel = (kernel, kernel if rng.random() < 0.85 else rng.choice([1, 3, 5]))
+        stride = rng.choice([1, 1, 1, 2, 2, 3])
+        dilation = 2 if rng.random() < 0.2 else 1
+        padding = rng.choice([0, 1, kernel[0] // 2, kernel[0] // 2])
+        groups = rng.choice([1, 1, 1, 2, 4])
+        size = rng.choice([5, 7, 10, 13, 14, 17, 21, 28, 29, 42, 56, 63])
+        height, width = size, size if rng.random() < 0.8 else rng.choice([9, 14, 20])
+        if any(dilation * (k - 1) + 1 > s + 2 * padding for k, s in zip(kernel, (height, width))):
+            continue
+        case = Case(batch=rng.choice([1, 2, 3, 4, 5, 8]), in_channels=groups * rng.choice([1, 3, 8, 16, 17, 32, 64]),
+                    out_channels=groups * rng.choice([2, 7, 16, 24, 33, 64]), height=height, width=width,
+                    kernel=kernel, stride=(stride, stride), padding=(padding, padding), dilation=(dilation, dilation),
+                    groups=groups, num_kernels=rng.choice([1, 2, 4, 4, 5, 9]), bias=rng.random() < 0.6,
+                    layout=rng.choice(["contiguous", "contiguous", "channels_last", "sliced"]))
+        macs = case.batch * case.in_channels // groups * case.out_channels * kernel[0] * kernel[1] * height * width
+        if case.batch * case.num_kernels < 4 or macs > 2e8 / stride ** 2:
+            continue
+        cases.append((case, rng.choice([1, 2, 3])))
+    return cases
+
+
+RANDOM_MEDIUM_CASES = random_medium_cases(16, seed=48)
+
+
+@pytest.mark.parametrize("case, workers", RANDOM_MEDIUM_CASES, ids=lambda v: v.id if isinstance(v, Case) else f"threads{v}")
+def test_random_medium_shapes_match_reference(monkeypatch, isa, case, workers):
+    monkeypatch.delenv("CHANFLEX_CPU_WINOGRAD")  # the default rules, Winograd included
+    before = torch.get_num_threads()
+    torch.set_num_threads(workers)
+    try:
+        assert_matches_reference(dynamic_conv2d, case, torch.float32)
     finally:
         torch.set_num_threads(before)
