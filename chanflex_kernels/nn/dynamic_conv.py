@@ -178,8 +178,7 @@ class DynamicConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DynamicConv2d: expected input of shape (B, {self.in_channels}, H, W) or "
                              f"({self.in_channels}, H, W), got {tuple(x.shape)}")
-        check_layer_input("DynamicConv2d", x, self.weight)
-        y = self._convolve(x, self.weight, self.attention(x))
+        y = self._convolve(x, self.weight, self.attention(x))  # attention() checks x's dtype and device
         return y.squeeze(0) if unbatched else y
 
     def _convolve(self, x: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
