@@ -1101,9 +1101,9 @@ def random_medium_cases(count, seed):
     """Random float32 layers of the sizes the paths above choose between, with a thread count each.
 
     Up to 64 channels a group and 63x63 planes, kernels up to 7x7, strides
-    up to 3, a fifth dilated: large enough to reach the packed, streamed,
-    plane, Winograd and library paths and their block and chunk edges, as
-    the default rules pick them. At least 4 attention entries a case, so
+    up to 3, a fifth dilated, under the default path rules: the cases above
+    pin each path on purpose; these draw the shapes and block and chunk
+    edges nobody picked (which path each takes is not asserted). At least 4 attention entries a case, so
     that grad_attn's tolerance (a fraction of its largest entry) is not
     that of a single, possibly cancelling, sum.
     """
