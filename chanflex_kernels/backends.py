@@ -2,10 +2,12 @@
 
 | backend     | runs                                                         |
 |-------------|--------------------------------------------------------------|
-| ``auto``    | the kernel registered for the tensors' device: C++ on CPU;   |
-|             | on CUDA the CUDA C++ kernel if built, else Triton            |
+| ``auto``    | the kernel registered for the tensors' device: C++ on CPU,   |
+|             | Triton on CUDA                                               |
 | ``cpp``     | the compiled C++ kernel (CPU tensors only)                   |
 | ``triton``  | the Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``)  |
+| ``cuda``    | the CUDA C++ kernels (CUDA tensors; built with the extension |
+|             | when torch has CUDA and nvcc is found)                       |
 | ``reference`` | the pure-PyTorch per-sample loop of ``reference.py``       |
 
 Select with :func:`set_backend`, the :func:`use_backend` context manager, or
@@ -17,7 +19,9 @@ import contextlib
 import os
 from typing import Iterator
 
-BACKENDS = ("auto", "cpp", "triton", "reference")
+import torch
+
+BACKENDS = ("auto", "cpp", "triton", "cuda", "reference")
 ENV_VAR = "CHANFLEX_BACKEND"
 
 
@@ -57,6 +61,21 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _backend = previous
+
+
+def cuda_kernels_built() -> bool:
+    """True when the compiled extension holds the CUDA C++ kernels (csrc/cuda/*.cu)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("chanflex::dynamic_conv2d_cuda", "CUDA")
+
+
+def require_cuda_kernels(device: torch.device) -> None:
+    """Raise a clear error when the cuda backend is selected but cannot run tensors on ``device``."""
+    if device.type != "cuda":
+        raise ValueError(f"dynamic_conv2d: backend 'cuda' runs CUDA tensors, got x on {device}")
+    if not cuda_kernels_built():
+        raise ValueError("dynamic_conv2d: backend 'cuda' needs the CUDA C++ kernels, which this build of "
+                         "chanflex_kernels does not have (it builds them when torch has CUDA and nvcc is found; "
+                         "see setup.py's FORCE_CUDA and CUDA_HOME)")
 
 
 def require_triton() -> None:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .backends import use_backend
+from .backends import cuda_kernels_built, use_backend
 from .bench import MODES, NUM_KERNELS, QUICK_SHAPES, RESNET18_SHAPES, ConvShape, dynamic_provider, make_inputs, \
     static_provider
 from .files import atomic_write
@@ -38,17 +38,15 @@ def _triton_conv(*args, **kwargs):
 
 
 def _compiled_cuda_conv(*args, **kwargs):
-    with use_backend("auto"):
+    with use_backend("cuda"):
         return dynamic_conv2d(*args, **kwargs)
 
 
 def providers() -> Dict[str, Callable]:
     """provider name -> f(inputs, conv_args); 'cuda' only when CUDA C++ kernels are compiled in."""
-    from .triton import op
-
     table = {"static": static_provider, "triton": dynamic_provider(_triton_conv),
              "batch_as_groups": dynamic_provider(dynamic_conv2d_grouped)}
-    if op.COMPILED_CUDA_KERNELS:
+    if cuda_kernels_built():
         table["cuda"] = dynamic_provider(_compiled_cuda_conv)
     return table
 

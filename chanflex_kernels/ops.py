@@ -200,6 +200,9 @@ def dynamic_conv2d(
     if backend == "triton":
         backends.require_triton()
         name, conv_args = "chanflex::dynamic_conv2d_triton", (list(stride), list(padding), list(dilation), groups)
+    elif backend == "cuda":
+        backends.require_cuda_kernels(x.device)
+        name, conv_args = "chanflex::dynamic_conv2d_cuda", (stride, padding, dilation, groups)
     else:
         name, conv_args = "chanflex::dynamic_conv2d", (stride, padding, dilation, groups)
     tensors = (x, weight, attn, bias)
@@ -300,12 +303,14 @@ def per_sample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 # --- fake kernels -----------------------------------------------------------
 
 @torch.library.register_fake("chanflex::dynamic_conv2d")
+@torch.library.register_fake("chanflex::dynamic_conv2d_cuda")
 def dynamic_conv2d_fake(x, weight, attn, bias, stride, padding, dilation, groups):
     shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
     return x.new_empty(shape)
 
 
 @torch.library.register_fake("chanflex::dynamic_conv2d_backward")
+@torch.library.register_fake("chanflex::dynamic_conv2d_backward_cuda")
 def dynamic_conv2d_backward_fake(grad_out, x, weight, attn, bias, stride, padding, dilation, groups, output_mask):
     shape = check_dynamic_conv2d_args(x, weight, attn, bias, stride, padding, dilation, groups)
     torch._check(tuple(grad_out.shape) == shape, lambda: f"expected grad_out of shape {shape}, got {tuple(grad_out.shape)}")
@@ -674,6 +679,7 @@ def register_op_autograd(forward_name: str, backward_name: str) -> None:
 
 
 register_op_autograd("chanflex::dynamic_conv2d", "chanflex::dynamic_conv2d_backward")
+register_op_autograd("chanflex::dynamic_conv2d_cuda", "chanflex::dynamic_conv2d_backward_cuda")
 
 
 # --- FLOP counting (torch.utils.flop_counter.FlopCounterMode) ----------------
@@ -691,13 +697,13 @@ def _mix_macs(x_shape, weight_shape, bias_shape) -> int:
     return x_shape[0] * weight_shape[0] * (size + (bias_shape[1] if bias_shape is not None else 0))
 
 
-@register_flop_formula(torch.ops.chanflex.dynamic_conv2d)
+@register_flop_formula([torch.ops.chanflex.dynamic_conv2d, torch.ops.chanflex.dynamic_conv2d_cuda])
 def _dynamic_conv2d_flops(x_shape, weight_shape, attn_shape, bias_shape, *args, out_shape=None, **kwargs) -> int:
     """2 FLOPs per multiply-accumulate: the conv plus the kernel mixing."""
     return 2 * (_conv_macs(x_shape, weight_shape, out_shape) + _mix_macs(x_shape, weight_shape, bias_shape))
 
 
-@register_flop_formula(torch.ops.chanflex.dynamic_conv2d_backward)
+@register_flop_formula([torch.ops.chanflex.dynamic_conv2d_backward, torch.ops.chanflex.dynamic_conv2d_backward_cuda])
 def _dynamic_conv2d_backward_flops(grad_shape, x_shape, weight_shape, attn_shape, bias_shape, stride, padding,
                                    dilation, groups, output_mask, *args, out_shape=None, **kwargs) -> int:
     """dx: one transposed conv (and a re-mix); dW and dattn: one conv-sized

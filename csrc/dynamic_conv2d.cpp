@@ -139,6 +139,17 @@ TORCH_LIBRARY(chanflex, m) {
       "Tensor attn, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, bool[4] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The same two through the CUDA C++ kernels (csrc/cuda/), whatever kernel
+  // serves dynamic_conv2d on CUDA; on CPU tensors they run those kernels'
+  // host emulation (for tests).
+  m.def(
+      "dynamic_conv2d_cuda(Tensor x, Tensor weight, Tensor attn, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def(
+      "dynamic_conv2d_backward_cuda(Tensor grad_out, Tensor x, Tensor weight, "
+      "Tensor attn, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace chanflex

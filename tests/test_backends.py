@@ -58,7 +58,7 @@ def test_set_backend(count_reference_calls):
 
 
 def test_unknown_backend_names_the_choices():
-    with pytest.raises(ValueError, match=r"expected one of \('auto', 'cpp', 'triton', 'reference'\), got 'cudnn'"):
+    with pytest.raises(ValueError, match=r"expected one of \('auto', 'cpp', 'triton', 'cuda', 'reference'\), got 'cudnn'"):
         chanflex_kernels.set_backend("cudnn")
     assert chanflex_kernels.get_backend() == "auto"
 
@@ -74,4 +74,4 @@ def test_environment_variable():
     assert done.stdout.strip() == "reference"
     done = _python("import chanflex_kernels", CHANFLEX_BACKEND="fast")
     assert done.returncode != 0
-    assert "environment variable CHANFLEX_BACKEND: expected one of ('auto', 'cpp', 'triton', 'reference'), got 'fast'" in done.stderr
+    assert "environment variable CHANFLEX_BACKEND: expected one of ('auto', 'cpp', 'triton', 'cuda', 'reference'), got 'fast'" in done.stderr

@@ -1,8 +1,8 @@
 """The Triton backend: fused implicit-GEMM kernels for dynamic_conv2d.
 
 Importing this package registers ``chanflex::dynamic_conv2d_triton`` (and its
-backward) and, where no CUDA C++ kernel is built, the CUDA implementation of
-``chanflex::dynamic_conv2d``. ``AVAILABLE`` is False when triton does not
+backward) and the CUDA implementation of ``chanflex::dynamic_conv2d`` (see
+``op.py``). ``AVAILABLE`` is False when triton does not
 import; ``UNAVAILABLE_REASON`` says why. To run the kernels on CPU tensors set
 ``TRITON_INTERPRET=1`` before importing chanflex_kernels.
 """

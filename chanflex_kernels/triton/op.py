@@ -4,9 +4,14 @@
   ``torch.library.triton_op``s (so ``torch.compile`` traces into the kernels),
   with the same fake kernels and autograd formula as ``chanflex::dynamic_conv2d``.
   They run CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``.
-- The CUDA implementation of ``chanflex::dynamic_conv2d`` and its backward,
-  registered here unless a compiled CUDA kernel already is (the CUDA C++
-  backend takes precedence when it is built).
+- The CUDA implementation of ``chanflex::dynamic_conv2d`` and its backward
+  (the default backend's on CUDA tensors). The CUDA C++ kernels, when built,
+  serve their own ops ``chanflex::dynamic_conv2d_cuda`` (backend ``cuda``)
+  and do not take the default: they multiply on the CUDA cores, where these
+  feed the tensor cores, and neither has been timed on a GPU yet (none has
+  been lent); ``python -m chanflex_kernels.bench_gpu`` compares them. Should
+  a build register C++ kernels for ``chanflex::dynamic_conv2d`` itself, those
+  are kept.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ dynamic_conv2d_backward_triton.register_fake(ops.dynamic_conv2d_backward_fake)
 ops.register_op_autograd(FORWARD, BACKWARD)
 
 
-# True when the compiled extension brought CUDA C++ kernels; then they serve CUDA tensors.
+# True when the compiled extension registered CUDA kernels for chanflex::dynamic_conv2d itself.
 COMPILED_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("chanflex::dynamic_conv2d", "CUDA")
 if not COMPILED_CUDA_KERNELS:
     torch.library.register_kernel("chanflex::dynamic_conv2d", "cuda", launch.forward)
