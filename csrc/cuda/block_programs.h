@@ -90,6 +90,25 @@ struct Tile {
   static constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;
   static constexpr int kColThreads = BN / TN;  // threads along a tile row
   static_assert((BM / TM) * (BN / TN) == kThreads, "one TM x TN patch per thread");
+
+  // First row and column of thread t's patch of the BM x BN tile.
+  static CF_HOST_DEVICE int patch_row(int t) { return (t / kColThreads) * TM; }
+  static CF_HOST_DEVICE int patch_col(int t) { return (t % kColThreads) * TN; }
+
+  template <typename A>
+  static CF_HOST_DEVICE void zero(A (&patch)[TM][TN]) {
+    for (int i = 0; i < TM; ++i)
+      for (int j = 0; j < TN; ++j) patch[i][j] = A(0);
+  }
+
+  // One reduction step of thread t's patch: acc += a[:, rows]^T b[:, cols], from shared memory.
+  template <typename A>
+  static CF_HOST_DEVICE void multiply_step(A (&acc)[TM][TN], const A (&a)[BK][BM], const A (&b)[BK][BN], int t) {
+    const int row = patch_row(t), col = patch_col(t);
+    for (int kk = 0; kk < BK; ++kk)
+      for (int i = 0; i < TM; ++i)
+        for (int j = 0; j < TN; ++j) acc[i][j] += a[kk][row + i] * b[kk][col + j];
+  }
 };
 
 inline CF_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -152,10 +171,7 @@ struct ForwardProgram : Tile {
     const int64_t b = sample_group / g.groups, group = sample_group % g.groups;
     const int64_t cols = g.weight_cols(), k_stride = g.out_channels * cols;
 
-    CF_THREADS(t) {
-      for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) local(t).acc[i][j] = A(0);
-    }
+    CF_THREADS(t) { zero(local(t).acc); }
     CF_SYNC();
     for (int64_t q0 = 0; q0 < cols; q0 += BK) {
       CF_THREADS(t) {
@@ -172,18 +188,12 @@ struct ForwardProgram : Tile {
         }
       }
       CF_SYNC();
-      CF_THREADS(t) {
-        Local& l = local(t);
-        const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
-        for (int kk = 0; kk < BK; ++kk)
-          for (int i = 0; i < TM; ++i)
-            for (int j = 0; j < TN; ++j) l.acc[i][j] += sm.w[kk][row + i] * sm.x[kk][col + j];
-      }
+      CF_THREADS(t) { multiply_step(local(t).acc, sm.w, sm.x, t); }
       CF_SYNC();
     }
     CF_THREADS(t) {
       const Local& l = local(t);
-      const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
+      const int row = patch_row(t), col = patch_col(t);
       for (int i = 0; i < TM; ++i) {
         const int64_t o = m0 + row + i;
         if (o >= g.group_out) continue;
@@ -237,10 +247,7 @@ struct GradInputProgram : Tile {
     const int64_t reduction = g.group_out * g.taps();
     const int64_t cols = g.weight_cols(), k_stride = g.out_channels * cols;
 
-    CF_THREADS(t) {
-      for (int i = 0; i < TM; ++i)
-        for (int j = 0; j < TN; ++j) local(t).acc[i][j] = A(0);
-    }
+    CF_THREADS(t) { zero(local(t).acc); }
     CF_SYNC();
     for (int64_t t0 = 0; t0 < reduction; t0 += BK) {
       CF_THREADS(t) {
@@ -260,18 +267,12 @@ struct GradInputProgram : Tile {
         }
       }
       CF_SYNC();
-      CF_THREADS(t) {
-        Local& l = local(t);
-        const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
-        for (int kk = 0; kk < BK; ++kk)
-          for (int i = 0; i < TM; ++i)
-            for (int j = 0; j < TN; ++j) l.acc[i][j] += sm.w[kk][row + i] * sm.g[kk][col + j];
-      }
+      CF_THREADS(t) { multiply_step(local(t).acc, sm.w, sm.g, t); }
       CF_SYNC();
     }
     CF_THREADS(t) {
       const Local& l = local(t);
-      const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
+      const int row = patch_row(t), col = patch_col(t);
       for (int i = 0; i < TM; ++i) {
         const int64_t c = m0 + row + i;
         if (c >= g.group_in) continue;
@@ -332,16 +333,11 @@ struct GradWeightProgram : Tile {
     const int64_t b_end = b_begin + per_split < g.batch ? b_begin + per_split : g.batch;
 
     CF_THREADS(t) {
-      for (int kc = 0; kc < KC; ++kc)
-        for (int i = 0; i < TM; ++i)
-          for (int j = 0; j < TN; ++j) local(t).dw[kc][i][j] = A(0);
+      for (int kc = 0; kc < KC; ++kc) zero(local(t).dw[kc]);
     }
     CF_SYNC();
     for (int64_t b = b_begin; b < b_end; ++b) {
-      CF_THREADS(t) {
-        for (int i = 0; i < TM; ++i)
-          for (int j = 0; j < TN; ++j) local(t).acc[i][j] = A(0);
-      }
+      CF_THREADS(t) { zero(local(t).acc); }
       CF_SYNC();
       for (int64_t p0 = 0; p0 < pixels; p0 += BK) {
         CF_THREADS(t) {
@@ -358,19 +354,13 @@ struct GradWeightProgram : Tile {
           }
         }
         CF_SYNC();
-        CF_THREADS(t) {
-          Local& l = local(t);
-          const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
-          for (int kk = 0; kk < BK; ++kk)
-            for (int i = 0; i < TM; ++i)
-              for (int j = 0; j < TN; ++j) l.acc[i][j] += sm.grad[kk][row + i] * sm.x[kk][col + j];
-        }
+        CF_THREADS(t) { multiply_step(local(t).acc, sm.grad, sm.x, t); }
         CF_SYNC();
       }
       // This sample's G tile is complete: fold it into dW and into <G_b, W_k>.
       CF_THREADS(t) {
         Local& l = local(t);
-        const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
+        const int row = patch_row(t), col = patch_col(t);
         for (int kc = 0; kc < KC; ++kc) {
           const int64_t k = k0 + kc;
           A dot = A(0);
@@ -413,7 +403,7 @@ struct GradWeightProgram : Tile {
     if (!p.want_grad_weight) return;
     CF_THREADS(t) {
       const Local& l = local(t);
-      const int row = (t / kColThreads) * TM, col = (t % kColThreads) * TN;
+      const int row = patch_row(t), col = patch_col(t);
       for (int kc = 0; kc < KC; ++kc) {
         const int64_t k = k0 + kc;
         if (k >= g.num_kernels) break;
