@@ -8,7 +8,8 @@ variables, printed when the build starts:
 
     DEBUG=1                compile with -O0 -g
     MAX_JOBS=N             parallel compile jobs (torch's ninja builder)
-    FORCE_CUDA=1           build the CUDA kernels (fail if that is impossible)
+    FORCE_CUDA=1           build the CUDA kernels (fail, saying why, if that is impossible:
+                           torch without CUDA, no toolkit, or one of another major version)
     CHANFLEX_SKIP_CUDA=1   do not build them
     CUDA_HOME=DIR          the toolkit root (found from nvcc on PATH otherwise)
     TORCH_CUDA_ARCH_LIST   GPU archs; default: the visible GPUs', or 8.0;9.0+PTX without one
@@ -17,6 +18,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 
 import torch
 from setuptools import find_packages, setup
@@ -75,6 +77,17 @@ def extra_cuda_includes(cuda_home):
     return [d for d in dirs if os.path.exists(os.path.join(d, "cusparse.h"))]
 
 
+def toolkit_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc, or None if it does not say."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def cuda_build_plan():
     """(build CUDA kernels?, toolkit root, why not): decided before torch's extension module is imported."""
     if os.environ.get("CHANFLEX_SKIP_CUDA", "0") == "1":
@@ -86,9 +99,20 @@ def cuda_build_plan():
             raise RuntimeError(f"FORCE_CUDA=1, but torch {torch.__version__} is a CPU-only build")
         return False, None, f"torch {torch.__version__} has no CUDA"
     if cuda_home is None:
+        named = [f"{var}={os.environ[var]}" for var in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(var)]
+        why = (f"{named[0]} is no CUDA toolkit root (bin/nvcc and libcudart)" if named else
+               "no CUDA toolkit (bin/nvcc and libcudart) found; set CUDA_HOME")
         if force:
-            raise RuntimeError("FORCE_CUDA=1, but no CUDA toolkit (bin/nvcc and libcudart) was found; set CUDA_HOME")
-        return False, None, "no CUDA toolkit found (set CUDA_HOME)"
+            raise RuntimeError(f"FORCE_CUDA=1, but {why}")
+        return False, None, why
+    # torch refuses to build against a toolkit of another major version than its own.
+    version, torch_major = toolkit_version(cuda_home), int(torch.version.cuda.split(".")[0])
+    if version is None or version[0] != torch_major:
+        why = (f"the toolkit at {cuda_home} is CUDA {'?' if version is None else '%d.%d' % version}, "
+               f"torch was built with CUDA {torch.version.cuda}")
+        if force:
+            raise RuntimeError(f"FORCE_CUDA=1, but {why}")
+        return False, None, why
     return True, cuda_home, ""
 
 

@@ -9,7 +9,9 @@ outputs poisoned (NaN), so an element no block writes shows. With a GPU and a
 CUDA build the GPU tests run the compiled kernels through backend 'cuda'.
 """
 import os
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -154,10 +156,14 @@ def test_backend_cuda_refuses_cpu_tensors():
 
 
 def test_built_where_the_toolchain_allows():
-    """setup.py compiles the CUDA kernels when torch has CUDA and nvcc is found (unless told to skip)."""
-    if torch.version.cuda is None or shutil.which("nvcc") is None or os.environ.get("CHANFLEX_SKIP_CUDA") == "1":
-        pytest.skip("torch without CUDA or no nvcc on PATH: a CPU-only build is expected")
-    assert backends.cuda_kernels_built(), "torch has CUDA and nvcc is on PATH, yet the CUDA kernels were not built"
+    """setup.py compiles the CUDA kernels when torch has CUDA and an nvcc of its major version is found."""
+    nvcc = shutil.which("nvcc")
+    if torch.version.cuda is None or nvcc is None or os.environ.get("CHANFLEX_SKIP_CUDA") == "1":
+        pytest.skip("torch without CUDA, no nvcc on PATH or CHANFLEX_SKIP_CUDA=1: a CPU-only build is expected")
+    release = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    if release is None or release.group(1) != torch.version.cuda.split(".")[0]:
+        pytest.skip(f"nvcc is not CUDA {torch.version.cuda.split('.')[0]}.x as torch: a CPU-only build is expected")
+    assert backends.cuda_kernels_built(), "torch has CUDA and a matching nvcc is on PATH, yet the CUDA kernels were not built"
 
 
 @needs_gpu
