@@ -6,19 +6,16 @@ Each mutation is a realistic bug in csrc/cuda/block_programs.h: a missing
 barrier, an off-by-one, a dropped stride or offset. The checkout is copied to
 a temporary directory, the extension built there without the CUDA kernels
 (the tests run the programs' host emulation, which is the same source), and
-tests/test_cuda_kernels.py run with -x after each mutation. A mutation that
-does not compile counts as caught; one the tests do not catch is reported
-and the script exits 1.
+tests/test_cuda_kernels.py run with -x after each mutation
+(tests/mutation_check.py). A mutation that does not compile counts as
+caught; one the tests do not catch is reported and the script exits 1.
 """
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
-import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-PROGRAMS = pathlib.Path("csrc/cuda/block_programs.h")
+from mutation_check import check_mutations
 
 # (what the bug is, text in block_programs.h, the buggy replacement); each text occurs exactly once.
 MUTATIONS = [
@@ -51,42 +48,14 @@ MUTATIONS = [
 ]
 
 
-def main() -> int:
-    original = (ROOT / PROGRAMS).read_text()
-    for what, text, _ in MUTATIONS:
-        if original.count(text) != 1:
-            raise SystemExit(f"mutation {what!r}: expected its text once in {PROGRAMS}, found {original.count(text)}")
+def build_without_cuda(copy: pathlib.Path) -> bool:
+    """Build the copy's extension in place, CPU kernels and host emulation only."""
     env = {**os.environ, "CHANFLEX_SKIP_CUDA": "1",
            "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # ninja
-    test = [sys.executable, "-m", "pytest", "tests/test_cuda_kernels.py", "-x", "-q", "-p", "no:cacheprovider"]
-    missed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = pathlib.Path(tmp) / "checkout"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "*.so"))
-
-        def build() -> bool:
-            done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy, env=env,
-                                  capture_output=True, text=True)
-            return done.returncode == 0
-
-        if not build() or subprocess.run(test, cwd=copy, env=env, capture_output=True).returncode != 0:
-            raise SystemExit("the unmutated checkout does not build or pass tests/test_cuda_kernels.py")
-        for what, text, bug in MUTATIONS:
-            (copy / PROGRAMS).write_text(original.replace(text, bug))
-            if not build():
-                print(f"caught (does not compile): {what}", flush=True)
-                continue
-            run = subprocess.run(test, cwd=copy, env=env, capture_output=True, text=True)
-            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
-            caught = run.returncode != 0
-            print(f"{'caught' if caught else 'MISSED'}: {what}" + (f"  <- {failed[0][7:100]}" if failed else
-                                                                    f"  <- exit {run.returncode}" if caught else ""),
-                  flush=True)
-            if not caught:
-                missed.append(what)
-    print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
-    return 1 if missed else 0
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy, env=env,
+                          capture_output=True).returncode == 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check_mutations("csrc/cuda/block_programs.h", MUTATIONS, "tests/test_cuda_kernels.py",
+                             build=build_without_cuda, env={"CHANFLEX_SKIP_CUDA": "1"}))

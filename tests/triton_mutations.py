@@ -5,17 +5,12 @@
 Each mutation is a realistic indexing bug (a wrong stride, an off-by-one mask,
 a missing group offset...). The checkout is copied to a temporary directory,
 the mutation applied to the copy's kernels.py, and tests/test_triton.py run
-there with -x. A mutation the tests do not catch is reported and the script
-exits 1.
+there with -x (tests/mutation_check.py). A mutation the tests do not catch is
+reported and the script exits 1.
 """
-import pathlib
-import shutil
-import subprocess
 import sys
-import tempfile
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-KERNELS = pathlib.Path("chanflex_kernels/triton/kernels.py")
+from mutation_check import check_mutations
 
 # (what the bug is, text in kernels.py, the buggy replacement); each text occurs exactly once.
 MUTATIONS = [
@@ -50,27 +45,5 @@ MUTATIONS = [
 ]
 
 
-def main() -> int:
-    original = (ROOT / KERNELS).read_text()
-    missed = []
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = pathlib.Path(tmp) / "checkout"
-        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info"))
-        for what, text, bug in MUTATIONS:
-            if original.count(text) != 1:
-                raise SystemExit(f"mutation {what!r}: expected its text once in {KERNELS}, found {original.count(text)}")
-            (copy / KERNELS).write_text(original.replace(text, bug))
-            run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_triton.py", "-x", "-q",
-                                  "-p", "no:cacheprovider"], cwd=copy, capture_output=True, text=True)
-            failed = [line for line in run.stdout.splitlines() if line.startswith("FAILED")]
-            caught = run.returncode != 0
-            print(f"{'caught' if caught else 'MISSED'}: {what}" + (f"  <- {failed[0][7:100]}" if failed else ""),
-                  flush=True)
-            if not caught:
-                missed.append(what)
-    print(f"{len(MUTATIONS) - len(missed)} of {len(MUTATIONS)} mutations caught")
-    return 1 if missed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check_mutations("chanflex_kernels/triton/kernels.py", MUTATIONS, "tests/test_triton.py"))
