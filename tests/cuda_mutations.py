@@ -43,8 +43,11 @@ MUTATIONS = [
     ("weight side: dW of the kernel pass's first kernel only", "l.dw[kc][i][j] += a * l.acc[i][j];",
      "l.dw[0][i][j] += a * l.acc[i][j];"),
     ("weight side: dW without the group offset",
-     "CF_ATOMIC_ADD(p.grad_weight + k * k_stride + (group * g.group_out + o) * cols + q",
-     "CF_ATOMIC_ADD(p.grad_weight + k * k_stride + o * cols + q"),
+     "k_stride + (group * g.group_out + o) * cols + q] =",
+     "k_stride + o * cols + q] ="),
+    ("weight side: every split's dW stored in the first slab",
+     "p.grad_weight[(split * g.num_kernels + k) * k_stride",
+     "p.grad_weight[k * k_stride"),
 ]
 
 

@@ -197,3 +197,16 @@ def test_gpu_per_sample_conv2d():
         y = per_sample_conv2d(x, w, padding=1)
     expected = torch.cat([torch.nn.functional.conv2d(x[i:i + 1], w[i], padding=1) for i in range(5)])
     assert_close_scaled(y.cpu(), expected.cpu().double(), torch.float32, "output")
+
+
+@needs_gpu
+def test_gpu_weight_gradient_is_deterministic():
+    """A ResNet18 layer1 conv at batch 32 has 9 weight tiles, so its samples split over several blocks
+    (launch.h); the slabs are summed in a fixed order, so two backward passes give the same bits."""
+    case = Case(32, 64, 64, 56, 56, padding=(1, 1))
+    x, weight, attn, bias = (t.detach().float().cuda().requires_grad_() for t in make_inputs(case))
+    grads = []
+    for _ in range(2):
+        y = cuda_kernels(x, weight, attn, bias, padding=1)
+        grads.append(torch.autograd.grad(y, (weight, attn), torch.ones_like(y)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

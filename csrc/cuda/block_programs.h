@@ -37,7 +37,6 @@
 #define CF_LOCAL(type, name) \
   type name##_one_;          \
   auto name = [&](int) -> type& { return name##_one_; }
-#define CF_ATOMIC_ADD(ptr, value) atomicAdd(ptr, value)
 #else
 #include <vector>
 namespace chanflex {
@@ -64,7 +63,6 @@ void end_emulated_phase();
 #define CF_LOCAL(type, name)                     \
   std::vector<type> name##_all_(kThreads);       \
   auto name = [&](int t) -> type& { return name##_all_[t]; }
-#define CF_ATOMIC_ADD(ptr, value) (*(ptr) += (value))
 #endif
 
 namespace chanflex {
@@ -144,7 +142,7 @@ struct Tensors {
   const T* grad_out; // (B, C_out, H_out, W_out)
   T* y;              // forward output
   T* grad_x;         // (B, C_in, H, W)
-  A* grad_weight;    // (K, C_out, C_in/groups * kh * kw), zeroed, accumulated
+  A* grad_weight;    // (batch splits, K, C_out, C_in/groups * kh * kw): each split's dW, or nullptr
   A* grad_attn_part; // (tiles, B, K): each weight tile's share of grad_attn
   bool want_grad_weight;
   int64_t batch_splits;  // weight program: blocks that share one tile's samples
@@ -294,8 +292,9 @@ struct GradInputProgram : Tile {
 //   grad_attn[b, k] = sum_{o, q} G_b[o, q] W_k[o, q]  (reduced over the block,
 //                      written to this tile's row of grad_attn_part),
 // so neither G_b nor per-sample kernels reach memory. Blocks: (q tile,
-// o tile, group x kernel chunk x batch split); a split's dW is added
-// atomically at the end. K > KC recomputes G_b once per chunk of KC kernels.
+// o tile, group x kernel chunk x batch split); each split stores its dW in
+// its own slab, which the host sums in a fixed order (no atomics, so dW is
+// deterministic). K > KC recomputes G_b once per chunk of KC kernels.
 template <typename T, typename A>
 struct GradWeightProgram : Tile {
   static constexpr int KC = 4;
@@ -413,7 +412,8 @@ struct GradWeightProgram : Tile {
           for (int j = 0; j < TN; ++j) {
             const int64_t q = n0 + col + j;
             if (q < cols) {
-              CF_ATOMIC_ADD(p.grad_weight + k * k_stride + (group * g.group_out + o) * cols + q, l.dw[kc][i][j]);
+              p.grad_weight[(split * g.num_kernels + k) * k_stride + (group * g.group_out + o) * cols + q] =
+                  l.dw[kc][i][j];
             }
           }
         }

@@ -77,7 +77,9 @@ at::Tensor forward(Runner& runner, const at::Tensor& x_in, const at::Tensor& wei
 }
 
 // Blocks of the weight program that share one tile's samples: enough blocks
-// to fill the device, at least 4 samples each (each split adds its dW once).
+// to fill the device, at least 4 samples each. Each split stores its own dW
+// slab, so the extra memory is bounded by about resident_blocks weight tiles
+// per kernel (splits > 1 only where tiles < resident_blocks).
 inline int64_t weight_batch_splits(int64_t tiles, int64_t batch, int64_t resident_blocks) {
   if (batch <= 1 || tiles <= 0) return 1;
   const int64_t wanted = ceil_div(resident_blocks, tiles);
@@ -112,12 +114,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 
   at::Tensor grad_x = need_x ? at::empty(x.sizes(), x.options()) : unrequested();
   if (need_x && runner.poison_outputs()) grad_x.fill_(NAN);
-  at::Tensor grad_w_acc, grad_attn_part;
+  at::Tensor grad_w_slabs, grad_attn_part;
   int64_t splits = 1;
   if (need_w || need_attn) {
     const int64_t tiles = GradWeightProgram<float, float>::tiles(g);  // the tiling is the same for every dtype
     splits = weight_batch_splits(tiles, g.batch, runner.resident_blocks());
-    grad_w_acc = at::zeros({g.num_kernels, g.out_channels, g.weight_cols()}, acc);
+    if (need_w) {
+      // Every (split, kernel, o, q) entry is stored by one block, which runs only for batch > 0.
+      grad_w_slabs = at::empty({splits, g.num_kernels, g.out_channels, g.weight_cols()}, acc);
+      if (g.batch == 0) {
+        grad_w_slabs.zero_();
+      } else if (runner.poison_outputs()) {
+        grad_w_slabs.fill_(NAN);
+      }
+    }
     // Every (tile, sample, kernel) entry is written by one block.
     grad_attn_part = at::empty({tiles, g.batch, g.num_kernels}, acc).fill_(runner.poison_outputs() ? NAN : 0.0);
   }
@@ -134,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         runner.template run<GradInputProgram<scalar_t, A>>(GradInputProgram<scalar_t, A>::blocks(g), g, p);
       }
       if (need_w || need_attn) {
-        p.grad_weight = grad_w_acc.mutable_data_ptr<A>();
+        p.grad_weight = need_w ? grad_w_slabs.mutable_data_ptr<A>() : nullptr;
         p.grad_attn_part = grad_attn_part.mutable_data_ptr<A>();
         p.want_grad_weight = need_w;
         p.batch_splits = splits;
@@ -143,7 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     });
   }
 
-  at::Tensor grad_w = need_w ? grad_w_acc.view(weight.sizes()).to(x.scalar_type()) : unrequested();
+  at::Tensor grad_w = unrequested();
+  if (need_w) {
+    // at::sum reduces in a fixed order on every device: dW is the same bits run after run.
+    const at::Tensor summed = splits == 1 ? grad_w_slabs : grad_w_slabs.sum(0);
+    grad_w = summed.view(weight.sizes()).to(x.scalar_type());
+  }
   at::Tensor grad_attn_acc = need_attn ? grad_attn_part.sum(0) : at::Tensor();
   at::Tensor grad_bias = unrequested();
   if (bias.defined() && (need_bias || need_attn)) {
