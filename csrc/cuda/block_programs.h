@@ -293,7 +293,7 @@ struct GradInputProgram : Tile {
 //                      written to this tile's row of grad_attn_part),
 // so neither G_b nor per-sample kernels reach memory. Blocks: (q tile,
 // o tile, group x kernel chunk x batch split); each split stores its dW in
-// its own slab, which the host sums in a fixed order (no atomics, so dW is
+// its own slab, which launch.h sums in a fixed order (no atomics, so dW is
 // deterministic). K > KC recomputes G_b once per chunk of KC kernels.
 template <typename T, typename A>
 struct GradWeightProgram : Tile {

@@ -4,8 +4,8 @@
 // extension (CUDA or not), so CPU-only CI checks the GPU code's arithmetic and
 // indexing against the float64 reference (tests/test_cuda_kernels.py). What it
 // cannot check is the hardware's part: launch limits, register and shared
-// memory use, atomics under contention, and a race inside a phase, except
-// one that the thread order shows (tests run both orders).
+// memory use, and a race inside a phase, except one that the thread order
+// shows (tests run both orders).
 //
 // chanflex::set_cuda_emulation(reverse_threads, resident_blocks, poison_outputs):
 // visit each phase's threads last to first; how many blocks the emulated
