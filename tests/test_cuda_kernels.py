@@ -76,6 +76,7 @@ TILE_EDGE_CASES = [
     (Case(9, 4, 6, 5, 5, padding=(1, 1)), {"resident_blocks": 1}),           # one split
     (Case(9, 4, 6, 5, 5, padding=(1, 1)), {"resident_blocks": 3}),           # splits of 3, 3, 3
     (Case(10, 4, 6, 5, 5, padding=(1, 1)), {"resident_blocks": 100}),        # most splits: 4, 4, 2 samples
+    (Case(25, 4, 6, 5, 5, padding=(1, 1)), {"resident_blocks": 6}),          # 6 splits asked: slices of 5 samples
     (Case(2, 2 * TILE + 2, 2 * TILE + 2, 3, 3, groups=2, padding=(1, 1), num_kernels=2), {}),
 ]
 

@@ -77,15 +77,18 @@ at::Tensor forward(Runner& runner, const at::Tensor& x_in, const at::Tensor& wei
 }
 
 // Blocks of the weight program that share one tile's samples: enough blocks
-// to fill the device, at least 4 samples each. Each split stores its own dW
-// slab, so the extra memory is bounded by about resident_blocks weight tiles
-// per kernel (splits > 1 only where tiles < resident_blocks).
+// to fill the device, at most ceil(batch / 4) of them. Each split stores its
+// own dW slab, so the extra memory is below resident_blocks weight tiles per
+// kernel ((splits - 1) * tiles < resident_blocks).
 inline int64_t weight_batch_splits(int64_t tiles, int64_t batch, int64_t resident_blocks) {
   if (batch <= 1 || tiles <= 0) return 1;
   const int64_t wanted = ceil_div(resident_blocks, tiles);
   const int64_t most = ceil_div(batch, 4);
   const int64_t splits = wanted < most ? wanted : most;
-  return splits < 1 ? 1 : splits;
+  if (splits <= 1) return 1;
+  // Slices of ceil(batch / splits) samples; as many as it takes to cover the batch, so that no split
+  // is left empty (25 samples in 6 splits are 5 slices of 5).
+  return ceil_div(batch, ceil_div(batch, splits));
 }
 
 template <class Runner>
