@@ -1050,6 +1050,83 @@ def test_schedule_switch_rejects_other_values(monkeypatch):
         torch.ops.chanflex.cpu_parallel_tasks_trace(16)
 
 
+# --- Depthwise convs (depthwise.h): one input channel per group ---------------
+# Stride 1 runs each tap over the padded plane at once, other strides row by
+# row; the weight side takes blocks of 4 output channels.
+DEPTHWISE_CASES = [
+    Case(3, 6, 6, 7, 9, padding=(1, 1), groups=6),                                     # stride 1: the padded plane
+    Case(2, 4, 12, 8, 9, padding=(2, 1), dilation=(2, 2), groups=4, kernel=(3, 5)),    # channel multiplier 3, dilated
+    Case(2, 4, 12, 8, 7, stride=(2, 3), padding=(2, 1), dilation=(2, 1), groups=4, kernel=(3, 5)),  # by rows
+    Case(2, 5, 5, 9, 8, stride=(2, 1), padding=(1, 1), groups=5),                      # by rows, unit column stride
+    Case(2, 5, 5, 9, 8, stride=(1, 2), padding=(1, 1), groups=5),                      # by rows, column stride 2
+    Case(4, 5, 10, 6, 6, kernel=(1, 1), groups=5),                                     # 1x1
+    Case(2, 3, 3, 5, 5, kernel=(5, 5), groups=3, num_kernels=1, bias=False),           # one output pixel, K = 1
+    Case(1, 8, 8, 4, 4, stride=(2, 2), padding=(3, 3), groups=8),                      # rows and columns all padding
+    Case(1, 8, 8, 4, 4, padding=(3, 2), groups=8),                                     # output wider than the input
+    Case(2, 4, 8, 9, 9, padding=(1, 1), groups=4, layout="channels_last"),
+    Case(2, 4, 8, 9, 9, padding=(1, 1), groups=4, layout="sliced"),
+    Case(5, 9, 9, 14, 14, padding=(1, 1), groups=9, num_kernels=9),                    # blocks of 4, 4 and 1 channels
+    Case(0, 4, 4, 5, 5, padding=(1, 1), groups=4),                                     # no samples
+]
+
+
+@pytest.fixture
+def depthwise(monkeypatch):
+    monkeypatch.setenv("CHANFLEX_CPU_DEPTHWISE", "1")
+
+
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: c.id)
+def test_depthwise_matches_reference(case, threads, depthwise):
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [DEPTHWISE_CASES[1], DEPTHWISE_CASES[2]], ids=lambda c: c.id)
+def test_depthwise_dtypes(case, dtype, depthwise):
+    assert_matches_reference(dynamic_conv2d, case, dtype)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False), (False, False, True),
+                                  (False, True, True)], ids=str)
+@pytest.mark.parametrize("case", [DEPTHWISE_CASES[1], DEPTHWISE_CASES[2]], ids=lambda c: c.id)
+def test_depthwise_backward_output_masks(case, mask, depthwise):
+    assert_masked_backward_matches(case, mask)
+
+
+@pytest.mark.parametrize("case", [DEPTHWISE_CASES[0], DEPTHWISE_CASES[2]], ids=lambda c: c.id)
+def test_depthwise_switched_off_matches_reference(monkeypatch, case):
+    # CHANFLEX_CPU_DEPTHWISE=0: the other paths take depthwise convs (GEMMs of one row of taps).
+    monkeypatch.setenv("CHANFLEX_CPU_DEPTHWISE", "0")
+    assert_matches_reference(dynamic_conv2d, case, torch.float32)
+
+
+def test_depthwise_taken_by_default(monkeypatch):
+    # Told apart by the rounding: the default's output and gradients are the
+    # depthwise path's bit for bit, and not the other paths' (each sums in its own order).
+    from comparison import make_inputs
+    case = Case(4, 32, 32, 14, 14, padding=(1, 1), groups=32)
+    inputs = [t.float().requires_grad_() for t in make_inputs(case)]
+    grad_out = torch.randn(4, 32, 14, 14, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for value in (None, "1", "0"):
+        if value is None:
+            monkeypatch.delenv("CHANFLEX_CPU_DEPTHWISE", raising=False)
+        else:
+            monkeypatch.setenv("CHANFLEX_CPU_DEPTHWISE", value)
+        y = dynamic_conv2d(*inputs, **case.conv_args)
+        results[value] = [y.detach()] + list(torch.autograd.grad(y, inputs, grad_out))
+    assert all(torch.equal(a, b) for a, b in zip(results[None], results["1"]))
+    assert not all(torch.equal(a, b) for a, b in zip(results[None], results["0"]))
+
+
+def test_depthwise_switch_rejects_other_values(monkeypatch):
+    from comparison import make_inputs
+    x, weight, attn, _ = (t.float() for t in make_inputs(DEPTHWISE_CASES[0]))
+    monkeypatch.setenv("CHANFLEX_CPU_DEPTHWISE", "yes")
+    with pytest.raises(RuntimeError, match="CHANFLEX_CPU_DEPTHWISE: expected '0' or '1', got 'yes'"):
+        dynamic_conv2d(x, weight, attn, padding=1, groups=6)
+
+
 # One case per path whose phases run on parallel_tasks, with the switches
 # that send it there.
 SCHEDULE_CASES = {
@@ -1062,6 +1139,8 @@ SCHEDULE_CASES = {
     "streamed": (TILED_CASES[8], {}),
     "blas": (TILED_CASES[0], {"CHANFLEX_CPU_ISA": "generic"}),
     "blas-split-samples": (TILED_CASES[4], {"CHANFLEX_CPU_ISA": "generic"}),
+    "depthwise": (DEPTHWISE_CASES[-2], {}),
+    "depthwise-by-rows": (DEPTHWISE_CASES[2], {}),
 }
 
 

@@ -25,7 +25,8 @@
 // their forward and grad_x as Winograd F(2x2, 3x3) (winograd.h), and on
 // AVX-512, opt-in, their weight side (winograd_weight_grad.h). Large
 // output planes run the library's direct conv on chunks of samples instead
-// (see "Large output planes" below).
+// (see "Large output planes" below). Depthwise convs (one input channel per
+// group) run on planes by rows, no GEMM (depthwise.h).
 // Half and bfloat16 run in float32 and are rounded once at the end, except
 // on large planes where the CPU runs the library's conv in that type natively
 // (see library_dtype).
@@ -42,6 +43,7 @@
 #include "winograd.h"          // Winograd F(2x2, 3x3)
 #include "weight_grad.h"       // the packed weight gradient
 #include "winograd_weight_grad.h"  // Winograd F(2x2, 3x3) weight gradient
+#include "depthwise.h"         // depthwise convs, by rows
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/Utils.h>
@@ -307,6 +309,18 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   at::Tensor bias_mixed;  // (B, C_out)
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
+  }
+  if (use_depthwise(g)) {
+    const at::Tensor x_c = x.to(dtype).contiguous();
+    const at::Tensor w_c = to_compute(weight, dtype, /*pooled=*/true);
+    at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_depthwise", [&] {
+      depthwise_forward<scalar_t>(g, x_c.const_data_ptr<scalar_t>(), w_c.const_data_ptr<scalar_t>(),
+                                  attn_c.const_data_ptr<scalar_t>(),
+                                  bias_mixed.defined() ? bias_mixed.const_data_ptr<scalar_t>() : nullptr,
+                                  y.data_ptr<scalar_t>());
+    });
+    return y.to(x.scalar_type());
   }
   const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
   if (conv_dtype != dtype && use_half_library(g, kLibraryForwardMinPixels)) {
@@ -598,6 +612,27 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
     if (need_w) grad_w.zero_();
     if (need_attn) grad_attn.zero_();
   }
+  const bool depthwise = g.batch > 0 && use_depthwise(g);
+  if (depthwise && (need_x || need_w || need_attn)) {
+    const at::Tensor go = grad_out.to(dtype).contiguous();
+    const at::Tensor w_c = (need_x || need_attn) ? to_compute(weight, dtype, /*pooled=*/false) : at::Tensor();
+    const at::Tensor x_c = (need_w || need_attn) ? x.to(dtype).contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dynamic_conv2d_backward_depthwise", [&] {
+      const scalar_t* w_p = w_c.defined() ? w_c.const_data_ptr<scalar_t>() : nullptr;
+      if (need_x) {
+        depthwise_grad_x<scalar_t>(g, go.const_data_ptr<scalar_t>(), w_p, attn_c.const_data_ptr<scalar_t>(),
+                                   grad_x.data_ptr<scalar_t>());
+      }
+      if (need_w || need_attn) {
+        depthwise_weight_side<scalar_t>(g, go.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(),
+                                        need_attn ? w_p : nullptr, attn_c.const_data_ptr<scalar_t>(),
+                                        need_w ? grad_w.data_ptr<scalar_t>() : nullptr,
+                                        need_attn ? grad_attn.data_ptr<scalar_t>() : nullptr);
+      }
+    });
+  }
+  // What the depthwise path left to the other paths: nothing where it ran.
+  const bool rest_x = need_x && !depthwise, rest_w = need_w && !depthwise, rest_attn = need_attn && !depthwise;
   // Large planes: grad_x and the weight side each through the library's
   // convolution backward where it wins (see use_library), the rest below.
   const Plan p = make_plan(g);
@@ -607,29 +642,29 @@ dynamic_conv2d_backward_cpu(const at::Tensor& grad_out,
   // A half type the CPU runs natively (library_dtype): large planes' library
   // path runs in it, and takes grad_x before Winograd does.
   const at::ScalarType conv_dtype = library_dtype(x.scalar_type());
-  const bool half_library_x = conv_dtype != dtype && g.batch > 0 && need_x && stride_one &&
+  const bool half_library_x = conv_dtype != dtype && g.batch > 0 && rest_x && stride_one &&
                               use_half_library(g, kLibraryGradXMinPixels);
-  const bool winograd_x = need_x && !half_library_x && plan_winograd(p, dtype, isa, winograd_c);
-  const bool library_x = half_library_x || (g.batch > 0 && need_x && !winograd_x && stride_one &&
+  const bool winograd_x = rest_x && !half_library_x && plan_winograd(p, dtype, isa, winograd_c);
+  const bool library_x = half_library_x || (g.batch > 0 && rest_x && !winograd_x && stride_one &&
                                             use_library(g, library_min_pixels(kLibraryGradXMinPixels, dtype)));
   // (float32 on AVX2: where the packed weight side does not run.)
-  const bool library_g = g.batch > 0 && (need_w || need_attn) &&
+  const bool library_g = g.batch > 0 && (rest_w || rest_attn) &&
                          (conv_dtype != dtype ? use_half_library(g, kLibraryWeightGradMinPixels)
                                               : use_library(g, kLibraryWeightGradMinPixels) &&
                                                     !use_packed_weight_grad(p, dtype, isa));
   if (library_x || library_g) {
-    if (need_w && library_g) grad_w.zero_();
+    if (rest_w && library_g) grad_w.zero_();
     backward_library(g, grad_out, x, weight, attn_c, stride, padding, dilation, groups, conv_dtype, library_x,
-                     library_g && need_w, library_g && need_attn, grad_x, grad_w, grad_attn);
+                     library_g && rest_w, library_g && rest_attn, grad_x, grad_w, grad_attn);
   }
   if (winograd_x) {
     winograd_conv(isa, winograd_c, grad_out.to(dtype).contiguous().const_data_ptr<float>(),
                   to_compute(weight, dtype, /*pooled=*/false).const_data_ptr<float>(), p.kernel_size,
                   attn_c.const_data_ptr<float>(), g.num_kernels, grad_x.data_ptr<float>());
   }
-  const bool kernel_x = g.batch > 0 && need_x && !library_x && !winograd_x;
-  const bool kernel_w = g.batch > 0 && need_w && !library_g;
-  const bool kernel_attn = g.batch > 0 && need_attn && !library_g;
+  const bool kernel_x = g.batch > 0 && rest_x && !library_x && !winograd_x;
+  const bool kernel_w = g.batch > 0 && rest_w && !library_g;
+  const bool kernel_attn = g.batch > 0 && rest_attn && !library_g;
   if (kernel_x || kernel_w || kernel_attn) {
     const at::Tensor go = grad_out.to(dtype).contiguous();
     const at::Tensor w_c = (kernel_x || kernel_attn) ? to_compute(weight, dtype, /*pooled=*/false) : at::Tensor();
