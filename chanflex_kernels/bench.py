@@ -9,6 +9,7 @@ Shared by ``python -m chanflex_kernels.bench`` and the pytest-benchmark suite in
     python -m chanflex_kernels.bench --json run.json --plot run.png   # keep the rows, draw the ratios
     python -m chanflex_kernels.bench --quick --dtype bfloat16   # every provider in bfloat16 (what autocast runs)
     python -m chanflex_kernels.bench --from-json run.json --plot run.png  # table, targets, plot of a saved run
+    python -m chanflex_kernels.bench --depthwise  # MobileNetV2's depthwise convs (no targets there)
 
 After the table it checks the rows against the CPU targets (SPEC section 8,
 set at batch 32: ``CPU_TARGETS``) and lists what each one met and missed.
@@ -60,11 +61,12 @@ class ConvShape:
     kernel: int = 3
     stride: int = 1
     padding: int = 1
+    groups: int = 1
 
     @property
     def id(self) -> str:
         return (f"{self.name}-B{self.batch}-C{self.in_channels}-O{self.out_channels}-{self.size}x{self.size}"
-                f"-k{self.kernel}-s{self.stride}")
+                f"-k{self.kernel}-s{self.stride}" + (f"-g{self.groups}" if self.groups > 1 else ""))
 
     @property
     def out_size(self) -> int:
@@ -72,11 +74,11 @@ class ConvShape:
 
     @property
     def conv_args(self) -> dict:
-        return dict(stride=self.stride, padding=self.padding)
+        return dict(stride=self.stride, padding=self.padding, groups=self.groups)
 
     def at_batch(self, batch: int) -> "ConvShape":
         return ConvShape(self.name, batch, self.in_channels, self.out_channels, self.size, self.kernel,
-                         self.stride, self.padding)
+                         self.stride, self.padding, self.groups)
 
 
 def _resnet18(name, c_in, c_out, size, kernel=3, stride=1):
@@ -117,15 +119,38 @@ QUICK_SHAPES = [s for s in RESNET18_SHAPES if s.name in ("resnet18.layer1", "res
                                                          "resnet18.layer3", "resnet18.layer4")]
 
 
+def _mobilenet_v2_dw(channels, size, stride=1):
+    return ConvShape(f"mobilenet_v2.dw{channels}_{size}" + ("s2" if stride == 2 else ""), 32, channels, channels,
+                     size, 3, stride, 1, groups=channels)
+
+
+# Every distinct depthwise conv of MobileNetV2 at 224 input (DY-CNN's dynamic
+# MobileNetV2 makes them dynamic), batch 32. Outside the CPU targets, which are
+# set on SHAPES: --depthwise measures them.
+DEPTHWISE_SHAPES = [
+    _mobilenet_v2_dw(32, 112),
+    _mobilenet_v2_dw(96, 112, stride=2),
+    _mobilenet_v2_dw(144, 56),
+    _mobilenet_v2_dw(144, 56, stride=2),
+    _mobilenet_v2_dw(192, 28),
+    _mobilenet_v2_dw(192, 28, stride=2),
+    _mobilenet_v2_dw(384, 14),
+    _mobilenet_v2_dw(576, 14),
+    _mobilenet_v2_dw(576, 14, stride=2),
+    _mobilenet_v2_dw(960, 7),
+]
+ALL_SHAPES = SHAPES + DEPTHWISE_SHAPES
+
+
 def select_shapes(names: str) -> List[ConvShape]:
-    """The shapes of SHAPES named in a comma-separated list ("resnet18.layer3,vgg19.conv5_x"), in SHAPES' order."""
+    """The shapes of ALL_SHAPES named in a comma-separated list ("resnet18.layer3,vgg19.conv5_x"), in its order."""
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    known = [s.name for s in SHAPES]
+    known = [s.name for s in ALL_SHAPES]
     unknown = [n for n in wanted if n not in known]
     if not wanted or unknown:
         raise ValueError(f"expected comma-separated layer names from {', '.join(known)}; "
                          f"got {', '.join(unknown) if unknown else repr(names)}")
-    return [s for s in SHAPES if s.name in wanted]
+    return [s for s in ALL_SHAPES if s.name in wanted]
 
 
 _SHAPE_ID = re.compile(r"^(?P<name>[^-]+)-B(?P<batch>\d+)-")
@@ -140,9 +165,9 @@ def shape_name_and_batch(shape_id: str) -> Tuple[str, int]:
 
 
 def shape_by_id(shape_id: str) -> ConvShape:
-    """The shape of SHAPES, at any batch, whose id this is."""
+    """The shape of ALL_SHAPES, at any batch, whose id this is."""
     name, batch = shape_name_and_batch(shape_id)
-    base = {s.name: s for s in SHAPES}.get(name)
+    base = {s.name: s for s in ALL_SHAPES}.get(name)
     shape = base.at_batch(batch) if base is not None else None
     if shape is None or shape.id != shape_id:
         raise ValueError(f"expected the id of a benchmark shape (e.g. {SHAPES[0].id!r}), got {shape_id!r}")
@@ -159,16 +184,16 @@ def fwd_bwd_floor_mb(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype: st
     """
     floats = (shape.batch * shape.out_channels * shape.out_size ** 2
               + shape.batch * shape.in_channels * shape.size ** 2
-              + num_kernels * shape.out_channels * shape.in_channels * shape.kernel ** 2)
+              + num_kernels * shape.out_channels * shape.in_channels // shape.groups * shape.kernel ** 2)
     return floats * DTYPES[dtype].itemsize / 2**20
 
 
 @dataclass
 class Inputs:
     x: torch.Tensor
-    weight: torch.Tensor         # (K, C_out, C_in, k, k)
+    weight: torch.Tensor         # (K, C_out, C_in / groups, k, k)
     attn: torch.Tensor           # (B, K)
-    static_weight: torch.Tensor  # (C_out, C_in, k, k) for the static conv
+    static_weight: torch.Tensor  # (C_out, C_in / groups, k, k) for the static conv
     grad_out: torch.Tensor
 
     def leaves(self):
@@ -180,7 +205,7 @@ def make_inputs(shape: ConvShape, num_kernels: int = NUM_KERNELS, dtype=torch.fl
     """Random inputs for one shape on ``device``; leaves require grad when ``requires_grad``."""
     gen = torch.Generator().manual_seed(seed)
     k = shape.kernel
-    w_shape = (shape.out_channels, shape.in_channels, k, k)
+    w_shape = (shape.out_channels, shape.in_channels // shape.groups, k, k)
     x = torch.randn(shape.batch, shape.in_channels, shape.size, shape.size, generator=gen, dtype=dtype)
     weight = torch.randn(num_kernels, *w_shape, generator=gen, dtype=dtype) * 0.05
     attn = torch.softmax(torch.randn(shape.batch, num_kernels, generator=gen, dtype=dtype), dim=1)
@@ -413,7 +438,7 @@ class Target:
     def applies_to(self, row: "Row") -> bool:
         name, batch = shape_name_and_batch(row.shape)
         return (batch == TARGET_BATCH and row.dtype == TARGET_DTYPE and row.mode in self.modes
-                and (self.layers is None or name in self.layers))
+                and name in TARGET_LAYERS and (self.layers is None or name in self.layers))
 
     def met(self, value: float) -> bool:
         return value <= self.bound if self.at_most else value >= self.bound
@@ -430,6 +455,7 @@ def memory_floor_ratio(row: "Row") -> Optional[float]:
     return fwd_bwd_floor_mb(shape, dtype=row.dtype) / max(row.static_peak_mb, 1e-9)
 
 
+TARGET_LAYERS = frozenset(s.name for s in SHAPES)  # the layers the targets are set on (not DEPTHWISE_SHAPES)
 CPU_TARGETS = (
     Target("fwd+bwd chanflex/static <= 1.5", "ours_over_static", 1.5, True, modes=("fwd+bwd",)),
     Target("fwd chanflex/static <= 1.3", "ours_over_static", 1.3, True, modes=("fwd",)),
@@ -629,6 +655,8 @@ def main(argv=None) -> None:
                         help=f"ResNet18's four 3x3 stage convs, the batch_as_groups peer, {QUICK_REPEATS} repeats")
     parser.add_argument("--shapes", metavar="NAMES",
                         help="only these layers, comma-separated (e.g. resnet18.layer3,resnet18.layer4)")
+    parser.add_argument("--depthwise", action="store_true",
+                        help="MobileNetV2's depthwise convs instead (groups = channels; no targets apply)")
     parser.add_argument("--batch", type=_positive_int, default=TARGET_BATCH,
                         help=f"batch size of every shape (default {TARGET_BATCH}, where the targets are set)")
     parser.add_argument("--batch1", action="store_true", help="also batch-1 inference (fwd) of every shape")
@@ -649,7 +677,7 @@ def main(argv=None) -> None:
         print(_measure_peak_here(provider, shape_by_id(shape_id), mode, dtype))
         return
     if args.from_json:
-        options = ("quick", "shapes", "batch1", "no_memory", "repeats", "json")
+        options = ("quick", "shapes", "depthwise", "batch1", "no_memory", "repeats", "json")
         measuring = [f"--{n.replace('_', '-')}" for n in options if getattr(args, n) not in (False, None)]
         measuring += ["--batch"] if args.batch != TARGET_BATCH else []
         measuring += ["--dtype"] if args.dtype != TARGET_DTYPE else []
@@ -661,10 +689,11 @@ def main(argv=None) -> None:
             parser.error(str(e))
         report(rows, f"rows of {args.from_json} ({dtypes_of(rows)})", args.plot)
         return
-    if args.quick and args.shapes is not None:
-        parser.error("--quick measures its own four layers; --shapes picks a full run's: pass one of them")
+    if sum((args.quick, args.shapes is not None, args.depthwise)) > 1:
+        parser.error("--quick, --shapes and --depthwise each pick the layers: pass one of them")
     try:
-        chosen = select_shapes(args.shapes) if args.shapes is not None else QUICK_SHAPES if args.quick else SHAPES
+        chosen = (select_shapes(args.shapes) if args.shapes is not None else QUICK_SHAPES if args.quick
+                  else DEPTHWISE_SHAPES if args.depthwise else SHAPES)
     except ValueError as e:
         parser.error(f"--shapes: {e}")
     shapes = [s.at_batch(args.batch) for s in chosen]

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import chanflex_kernels  # noqa: F401  (registers the ops)
-from chanflex_kernels.bench import (CPU_TARGETS, DTYPES, QUICK_SHAPES, SHAPES, ConvShape, Row, Step, check_targets,
-                                    cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure, plot,
-                                    select_shapes, shape_by_id, shape_name_and_batch, targets_markdown)
+from chanflex_kernels.bench import (CPU_TARGETS, DEPTHWISE_SHAPES, DTYPES, QUICK_SHAPES, SHAPES, ConvShape, Row, Step,
+                                    check_targets, cpu_round_trip_ns, fwd_bwd_floor_mb, load_rows, markdown, measure,
+                                    plot, select_shapes, shape_by_id, shape_name_and_batch, targets_markdown)
 from chanflex_kernels.bench import main as bench_main
 
 
@@ -137,7 +137,7 @@ def test_fwd_bwd_floor_is_output_grad_x_and_all_kernels_gradients():
 
 @pytest.mark.parametrize("batch", [1, 7, 32])
 def test_shape_ids_round_trip(batch):
-    for shape in SHAPES:
+    for shape in SHAPES + DEPTHWISE_SHAPES:
         assert shape_by_id(shape.at_batch(batch).id) == shape.at_batch(batch)
 
 
@@ -210,7 +210,9 @@ def test_load_rows_rejects_other_files(tmp_path, content, message):
     (["--from-json", "run.json", "--shapes", "resnet18.layer3"], "it takes only --plot, got --shapes"),
     (["--from-json", "run.json", "--dtype", "bfloat16"], "it takes only --plot, got --dtype"),
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
-    (["--quick", "--shapes", "resnet18.layer3"], "--quick measures its own four layers"),
+    (["--quick", "--shapes", "resnet18.layer3"], "--quick, --shapes and --depthwise each pick the layers"),
+    (["--depthwise", "--shapes", "resnet18.layer3"], "--quick, --shapes and --depthwise each pick the layers"),
+    (["--from-json", "run.json", "--depthwise"], "it takes only --plot, got --depthwise"),
     (["--shapes", "resnet18.layer5"], "--shapes: expected comma-separated layer names"),
     (["--shapes", ""], "--shapes: expected comma-separated layer names"),
     (["--repeats", "-1"], "expected a positive integer, got -1")])
@@ -219,6 +221,19 @@ def test_bench_rejects_bad_arguments(tmp_path, monkeypatch, capsys, argv, messag
     with pytest.raises(SystemExit) as exit_info:
         bench_main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_measures_the_depthwise_shapes_outside_the_targets(tmp_path, capsys):
+    saved = tmp_path / "dw.json"
+    bench_main(["--depthwise", "--batch", "2", "--no-memory", "--repeats", "1", "--json", str(saved)])
+    rows = load_rows(str(saved))
+    assert [shape_name_and_batch(r.shape) for r in rows if r.mode == "fwd"] == [(s.name, 2) for s in DEPTHWISE_SHAPES]
+    assert all(r.shape.endswith(f"-g{shape_by_id(r.shape).in_channels}") for r in rows)
+    assert all(r.static_ms > 0 and r.chanflex_ms > 0 and r.best_peer_ms > 0 for r in rows)
+    # At batch 32 too, the targets (set on ResNet18 and VGG19) apply to none of them.
+    at_32 = [Row(**{**asdict(r), "shape": shape_by_id(r.shape).at_batch(32).id}) for r in rows]
+    assert all(not check.values for check in check_targets(at_32))
+    assert capsys.readouterr().out.count("no measured rows (batch 32 float32, its layers)") == len(CPU_TARGETS)
 
 
 def test_bench_runs_the_shapes_at_another_batch(tmp_path, capsys):
