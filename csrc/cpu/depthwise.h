@@ -105,6 +105,52 @@ struct PaddedPlane {
 
 inline bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
 
+// All taps of one padded plane in one call (a call a tap cost more than the
+// products on 7x7 planes), compiled for AVX2+FMA and the baseline as loops.h's rows:
+//   gather:  out[q] += sum_t taps[t] src[q + offsets[t]]
+//   scatter: out[q + offsets[t]] += taps[t] src[q], for every t
+//   dots:    dots[t] = sum_q a[q] b[q + offsets[t]]
+template <typename T>
+CHANFLEX_INLINE void taps_gather_body(T* __restrict__ out, const T* __restrict__ src, const int64_t* offsets,
+                                      const T* taps, int64_t n_taps, int64_t n) {
+  for (int64_t t = 0; t < n_taps; ++t) axpy_row_body(out, src + offsets[t], taps[t], n);
+}
+template <typename T>
+CHANFLEX_INLINE void taps_scatter_body(T* out, const T* __restrict__ src, const int64_t* offsets, const T* taps,
+                                       int64_t n_taps, int64_t n) {
+  for (int64_t t = 0; t < n_taps; ++t) axpy_row_body(out + offsets[t], src, taps[t], n);
+}
+template <typename T>
+CHANFLEX_INLINE void taps_dots_body(const T* __restrict__ a, const T* __restrict__ b, const int64_t* offsets,
+                                    int64_t n_taps, int64_t n, double* dots) {
+  for (int64_t t = 0; t < n_taps; ++t) dots[t] = dot_row_body(a, b + offsets[t], n);
+}
+
+#define CHANFLEX_TAP_KERNELS(T)                                                                                  \
+  CHANFLEX_CLONES void taps_gather(T* __restrict__ out, const T* __restrict__ src, const int64_t* offsets,       \
+                                   const T* taps, int64_t n_taps, int64_t n) {                                   \
+    taps_gather_body(out, src, offsets, taps, n_taps, n);                                                        \
+  }                                                                                                              \
+  CHANFLEX_CLONES void taps_scatter(T* out, const T* __restrict__ src, const int64_t* offsets, const T* taps,   \
+                                    int64_t n_taps, int64_t n) {                                                 \
+    taps_scatter_body(out, src, offsets, taps, n_taps, n);                                                       \
+  }                                                                                                              \
+  CHANFLEX_CLONES void taps_dots(const T* __restrict__ a, const T* __restrict__ b, const int64_t* offsets,      \
+                                 int64_t n_taps, int64_t n, double* dots) {                                      \
+    taps_dots_body(a, b, offsets, n_taps, n, dots);                                                              \
+  }
+
+CHANFLEX_TAP_KERNELS(float)
+CHANFLEX_TAP_KERNELS(double)
+
+// The taps' offsets into a padded plane, in the weight's (i, j) order.
+inline std::vector<int64_t> tap_offsets(const ConvGeometry& g, const PaddedPlane& pp) {
+  std::vector<int64_t> offsets;
+  for (int64_t i = 0; i < g.kernel_h; ++i)
+    for (int64_t j = 0; j < g.kernel_w; ++j) offsets.push_back(pp.tap_offset(g, i, j));
+  return offsets;
+}
+
 // padded <- plane (height x width) inside its padding, zeros elsewhere.
 template <typename T>
 void pad_plane(const ConvGeometry& g, const PaddedPlane& pp, const T* plane, T* padded) {
@@ -127,6 +173,8 @@ void depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* a
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   const std::vector<ColumnRange> cols = tap_columns(g);
   const PaddedPlane pp(g);
+  const std::vector<int64_t> offsets = tap_offsets(g, pp);
+  const int64_t n_taps = g.kernel_h * g.kernel_w;
   parallel_tasks(g.batch * g.out_channels, [&](int64_t begin, int64_t end) {
     std::vector<T> taps(g.kernel_h * g.kernel_w);
     std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
@@ -142,9 +190,7 @@ void depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* a
         if (plane != padded_plane) pad_plane(g, pp, xp, padded.data());
         padded_plane = plane;
         std::fill(rows.begin(), rows.end(), bias);
-        for (int64_t i = 0; i < g.kernel_h; ++i)
-          for (int64_t j = 0; j < g.kernel_w; ++j)
-            axpy_row(rows.data(), padded.data() + pp.tap_offset(g, i, j), taps[i * g.kernel_w + j], pp.span(g));
+        taps_gather(rows.data(), padded.data(), offsets.data(), taps.data(), n_taps, pp.span(g));
         for (int64_t oh = 0; oh < g.out_h; ++oh)
           std::copy(rows.data() + oh * pp.wp, rows.data() + oh * pp.wp + g.out_w, yp + oh * g.out_w);
         continue;
@@ -177,6 +223,8 @@ void depthwise_grad_x(const ConvGeometry& g, const T* grad_out, const T* w, cons
   const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
   const std::vector<ColumnRange> cols = tap_columns(g);
   const PaddedPlane pp(g);
+  const std::vector<int64_t> offsets = tap_offsets(g, pp);
+  const int64_t n_taps = g.kernel_h * g.kernel_w;
   parallel_tasks(g.batch * g.in_channels, [&](int64_t begin, int64_t end) {
     std::vector<T> taps(g.kernel_h * g.kernel_w);
     std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
@@ -189,9 +237,7 @@ void depthwise_grad_x(const ConvGeometry& g, const T* grad_out, const T* w, cons
         for (int64_t o = c_in * m; o < (c_in + 1) * m; ++o) {
           mix_depthwise_taps(g, w, attn, b, o, taps.data());
           spread_rows(g, pp, grad_out + (b * g.out_channels + o) * out_plane, rows.data());
-          for (int64_t i = 0; i < g.kernel_h; ++i)
-            for (int64_t j = 0; j < g.kernel_w; ++j)
-              axpy_row(padded.data() + pp.tap_offset(g, i, j), rows.data(), taps[i * g.kernel_w + j], pp.span(g));
+          taps_scatter(padded.data(), rows.data(), offsets.data(), taps.data(), n_taps, pp.span(g));
         }
         for (int64_t h = 0; h < g.height; ++h) {
           const T* src = padded.data() + (h + g.padding[0]) * pp.wp + g.padding[1];
@@ -237,6 +283,7 @@ void depthwise_weight_side(const ConvGeometry& g, const T* grad_out, const T* x,
   // Each block's share of dattn, added in block order below.
   std::vector<double> attn_shares(grad_attn != nullptr ? blocks * g.batch * K : 0, 0.0);
   const PaddedPlane pp(g);
+  const std::vector<int64_t> offsets = tap_offsets(g, pp);
   parallel_tasks(blocks, [&](int64_t begin, int64_t end) {
     std::vector<double> tap_grad(n_taps), dw(kDepthwiseChannels * K * n_taps);
     std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
@@ -257,9 +304,7 @@ void depthwise_weight_side(const ConvGeometry& g, const T* grad_out, const T* x,
             if (plane != padded_plane) pad_plane(g, pp, xp, padded.data());
             padded_plane = plane;
             spread_rows(g, pp, gy, rows.data());
-            for (int64_t i = 0; i < g.kernel_h; ++i)
-              for (int64_t j = 0; j < g.kernel_w; ++j)
-                tap_grad[i * g.kernel_w + j] = dot_row(rows.data(), padded.data() + pp.tap_offset(g, i, j), pp.span(g));
+            taps_dots(rows.data(), padded.data(), offsets.data(), n_taps, pp.span(g), tap_grad.data());
           } else {
             for (int64_t oh = 0; oh < g.out_h; ++oh) {
               const T* dy = gy + oh * g.out_w;
