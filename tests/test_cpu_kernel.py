@@ -34,7 +34,9 @@ which the padding-skip tests switch off (CHANFLEX_CPU_DIRECT_PLANES=0) and
 their own tests keep on. The packed weight
 side runs direct (one call per tap over the pixels whose tap reads inside
 the image) by default where 4% of its products are padding; the tests at
-the very end force that on for both ISAs. The cases below cover
+the very end force that on for both ISAs. Depthwise convs (one input
+channel per group) run on whole planes instead (depthwise.h), except
+where CHANFLEX_CPU_DEPTHWISE=0, which two tests set. The cases below cover
 all."""
 import os
 import random

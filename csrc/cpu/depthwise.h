@@ -10,8 +10,9 @@
 // pass over memory. Measured before this path (2-vCPU AMD Zen 3, batch 32,
 // K = 4, 3x3 pad 1, fp32, ratio to nn.Conv2d with groups = C): 384@14 forward
 // 15.6, fwd+bwd 8.9; 960@7 4.1 and 3.9. Here each task owns whole planes, with
-// no unfold and no GEMM; at stride 1 a tap's products over a plane are one
-// vector loop over the padded plane (PaddedPlane), else one a row:
+// no unfold and no GEMM, and a tap's products over a plane are one vector loop
+// over the input plane laid out inside its padding and split by the stride
+// into phases (PhasePlanes), all taps of a plane in one call:
 //   forward, a task per (sample, output channel): the sample's kh x kw taps
 //     mixed from the K kernels (K * taps reads, kept in registers and L1),
 //     then for each tap an axpy of the input into the output;
@@ -60,53 +61,90 @@ void mix_depthwise_taps(const ConvGeometry& g, const T* w, const T* attn, int64_
   }
 }
 
-// The output columns [lo, hi) whose input column ow * stride + offset lies in [0, width).
-struct ColumnRange {
-  int64_t lo, hi;
-};
+// The input plane inside its padding, split into stride_h x stride_w phase
+// planes (phase (r, c) holds the padded rows r, r + stride_h, ... and columns
+// c, c + stride_w, ...), each with rows of wq elements and zeros past its end
+// that the last taps reach. Output pixel (oh, ow) under tap (i, j) reads
+// padded (oh s_h + i d_h, ow s_w + j d_w), which is phase ((i d_h) % s_h,
+// (j d_w) % s_w) at (oh + (i d_h) / s_h, ow + (j d_w) / s_w): one offset per
+// tap into the flattened phases, the same for every output pixel. So with
+// the output in rows of wq elements (columns past out_w are scratch), a
+// tap's products over the plane are one loop of out_h x wq elements, where
+// rows (7 elements on a 7x7 plane, strided at stride 2) made calls too short
+// and loops that do not vectorise. Stride 1 has one phase: the padded plane.
+struct PhasePlanes {
+  int64_t wq;          // row width of a phase plane and of the output rows
+  int64_t phase_size;  // elements of one phase plane, with the zeros past its end
+  int64_t size;        // all phases
+  int64_t span;        // elements of the output rows: out_h x wq
 
-inline ColumnRange valid_columns(int64_t offset, int64_t stride, int64_t width, int64_t out_w) {
-  const int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
-  const int64_t hi = offset >= width ? 0 : std::min(out_w, (width - 1 - offset) / stride + 1);
-  return {lo, std::max(lo, hi)};
-}
-
-// The taps' column ranges, which every row of a call shares.
-inline std::vector<ColumnRange> tap_columns(const ConvGeometry& g) {
-  std::vector<ColumnRange> ranges(g.kernel_w);
-  for (int64_t j = 0; j < g.kernel_w; ++j) {
-    ranges[j] = valid_columns(j * g.dilation[1] - g.padding[1], g.stride[1], g.width, g.out_w);
+  explicit PhasePlanes(const ConvGeometry& g) {
+    const int64_t sh = g.stride[0], sw = g.stride[1];
+    const int64_t hq = (g.height + 2 * g.padding[0] + sh - 1) / sh;
+    wq = (g.width + 2 * g.padding[1] + sw - 1) / sw;
+    phase_size = hq * wq + (g.kernel_w - 1) * g.dilation[1] / sw;
+    size = sh * sw * phase_size;
+    span = g.out_h * wq;
   }
-  return ranges;
-}
-
-// Input row of output row oh under kernel row i, or -1 where it lies in the padding.
-inline int64_t input_row(const ConvGeometry& g, int64_t oh, int64_t i) {
-  const int64_t ih = oh * g.stride[0] - g.padding[0] + i * g.dilation[0];
-  return ih >= 0 && ih < g.height ? ih : -1;
-}
-
-// Stride 1: a plane laid out with the padding around it (and zeros past its
-// end), so that each tap is one offset into the flattened plane and its
-// products over the whole plane are one axpy or dot of out_h x padded-width
-// elements, where rows of a small plane (7x7: 7 elements) make calls too
-// short to pay. The columns past out_w in each row of width wp are scratch.
-struct PaddedPlane {
-  int64_t wp, size;  // padded row width; elements, with the zeros past the end that the last taps reach
-
-  explicit PaddedPlane(const ConvGeometry& g)
-      : wp(g.width + 2 * g.padding[1]),
-        size((g.height + 2 * g.padding[0]) * (g.width + 2 * g.padding[1]) + (g.kernel_w - 1) * g.dilation[1]) {}
   int64_t tap_offset(const ConvGeometry& g, int64_t i, int64_t j) const {
-    return i * g.dilation[0] * wp + j * g.dilation[1];
+    const int64_t di = i * g.dilation[0], dj = j * g.dilation[1];
+    const int64_t phase = (di % g.stride[0]) * g.stride[1] + dj % g.stride[1];
+    return phase * phase_size + (di / g.stride[0]) * wq + dj / g.stride[1];
   }
-  int64_t span(const ConvGeometry& g) const { return g.out_h * wp; }  // elements an output plane covers
+  // Calls f(w0, dst) for each phase column c of input row h: the row's pixels
+  // w0, w0 + stride_w, ... lie at dst[0], dst[1], ... of that phase's row.
+  template <typename T, typename F>
+  void for_each_phase_column(const ConvGeometry& g, int64_t h, T* phases, const F& f) const {
+    const int64_t sh = g.stride[0], sw = g.stride[1];
+    const int64_t ph = h + g.padding[0];
+    T* row = phases + (ph % sh) * sw * phase_size + (ph / sh) * wq;
+    for (int64_t c = 0; c < sw; ++c) {
+      const int64_t w0 = ((c - g.padding[1]) % sw + sw) % sw;  // first column with (w0 + pad_w) % sw == c
+      if (w0 < g.width) f(w0, row + c * phase_size + (w0 + g.padding[1]) / sw);
+    }
+  }
 };
 
-inline bool unit_stride(const ConvGeometry& g) { return g.stride[0] == 1 && g.stride[1] == 1; }
+// phases <- plane (height x width), zeros elsewhere.
+template <typename T>
+void to_phases(const ConvGeometry& g, const PhasePlanes& pp, const T* plane, T* phases) {
+  std::fill(phases, phases + pp.size, T(0));
+  const int64_t sw = g.stride[1];
+  for (int64_t h = 0; h < g.height; ++h) {
+    const T* row = plane + h * g.width;
+    pp.for_each_phase_column(g, h, phases, [&](int64_t w0, T* dst) {
+      for (int64_t w = w0, q = 0; w < g.width; w += sw, ++q) dst[q] = row[w];
+    });
+  }
+}
 
-// All taps of one padded plane in one call (a call a tap cost more than the
-// products on 7x7 planes), compiled for AVX2+FMA and the baseline as loops.h's rows:
+// plane (height x width) <- the phases' pixels of the input plane.
+template <typename T>
+void from_phases(const ConvGeometry& g, const PhasePlanes& pp, T* phases, T* plane) {
+  const int64_t sw = g.stride[1];
+  for (int64_t h = 0; h < g.height; ++h) {
+    T* row = plane + h * g.width;
+    pp.for_each_phase_column(g, h, phases, [&](int64_t w0, T* src) {
+      for (int64_t w = w0, q = 0; w < g.width; w += sw, ++q) row[w] = src[q];
+    });
+  }
+}
+
+// rows <- plane (out_h x out_w) in rows of wq elements, zeros in the columns past out_w.
+template <typename T>
+void to_rows(const ConvGeometry& g, const PhasePlanes& pp, const T* plane, T* rows) {
+  std::fill(rows, rows + pp.span, T(0));
+  for (int64_t h = 0; h < g.out_h; ++h) std::copy(plane + h * g.out_w, plane + (h + 1) * g.out_w, rows + h * pp.wq);
+}
+
+// plane (out_h x out_w) <- the first out_w columns of each row.
+template <typename T>
+void from_rows(const ConvGeometry& g, const PhasePlanes& pp, const T* rows, T* plane) {
+  for (int64_t h = 0; h < g.out_h; ++h) std::copy(rows + h * pp.wq, rows + h * pp.wq + g.out_w, plane + h * g.out_w);
+}
+
+// All taps of one plane in one call (a call a tap cost more than the products
+// on 7x7 planes), compiled for AVX2+FMA and the baseline as loops.h's rows:
 //   gather:  out[q] += sum_t taps[t] src[q + offsets[t]]
 //   scatter: out[q + offsets[t]] += taps[t] src[q], for every t
 //   dots:    dots[t] = sum_q a[q] b[q + offsets[t]]
@@ -143,130 +181,55 @@ CHANFLEX_INLINE void taps_dots_body(const T* __restrict__ a, const T* __restrict
 CHANFLEX_TAP_KERNELS(float)
 CHANFLEX_TAP_KERNELS(double)
 
-// The taps' offsets into a padded plane, in the weight's (i, j) order.
-inline std::vector<int64_t> tap_offsets(const ConvGeometry& g, const PaddedPlane& pp) {
+// What the three passes share: the channel multiplier, the plane sizes, the
+// phase layout and each tap's offset into it, in the weight's (i, j) order.
+struct DepthwisePlan {
+  int64_t m, in_plane, out_plane, n_taps;
+  PhasePlanes pp;
   std::vector<int64_t> offsets;
-  for (int64_t i = 0; i < g.kernel_h; ++i)
-    for (int64_t j = 0; j < g.kernel_w; ++j) offsets.push_back(pp.tap_offset(g, i, j));
-  return offsets;
-}
 
-// padded <- plane (height x width) inside its padding, zeros elsewhere.
-template <typename T>
-void pad_plane(const ConvGeometry& g, const PaddedPlane& pp, const T* plane, T* padded) {
-  std::fill(padded, padded + pp.size, T(0));
-  for (int64_t h = 0; h < g.height; ++h) {
-    std::copy(plane + h * g.width, plane + (h + 1) * g.width, padded + (h + g.padding[0]) * pp.wp + g.padding[1]);
+  explicit DepthwisePlan(const ConvGeometry& g)
+      : m(g.out_channels / g.groups), in_plane(g.height * g.width), out_plane(g.out_h * g.out_w),
+        n_taps(g.kernel_h * g.kernel_w), pp(g) {
+    for (int64_t i = 0; i < g.kernel_h; ++i)
+      for (int64_t j = 0; j < g.kernel_w; ++j) offsets.push_back(pp.tap_offset(g, i, j));
   }
-}
-
-// rows <- plane (out_h x out_w) in rows of width wp, zeros in the columns past out_w.
-template <typename T>
-void spread_rows(const ConvGeometry& g, const PaddedPlane& pp, const T* plane, T* rows) {
-  std::fill(rows, rows + pp.span(g), T(0));
-  for (int64_t h = 0; h < g.out_h; ++h) std::copy(plane + h * g.out_w, plane + (h + 1) * g.out_w, rows + h * pp.wp);
-}
+};
 
 template <typename T>
 void depthwise_forward(const ConvGeometry& g, const T* x, const T* w, const T* attn, const T* bias_mixed, T* y) {
-  const int64_t m = g.out_channels / g.groups, sw = g.stride[1];
-  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-  const std::vector<ColumnRange> cols = tap_columns(g);
-  const PaddedPlane pp(g);
-  const std::vector<int64_t> offsets = tap_offsets(g, pp);
-  const int64_t n_taps = g.kernel_h * g.kernel_w;
+  const DepthwisePlan d(g);
   parallel_tasks(g.batch * g.out_channels, [&](int64_t begin, int64_t end) {
-    std::vector<T> taps(g.kernel_h * g.kernel_w);
-    std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
-    int64_t padded_plane = -1;  // the input plane in `padded`: it serves its m output channels
+    std::vector<T> taps(d.n_taps), phases(d.pp.size), rows(d.pp.span);
+    int64_t phased = -1;  // the input plane in `phases`: it serves its m output channels
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.out_channels, o = task % g.out_channels;
       mix_depthwise_taps(g, w, attn, b, o, taps.data());
-      const int64_t plane = b * g.in_channels + o / m;
-      const T* xp = x + plane * in_plane;
-      T* yp = y + task * out_plane;
-      const T bias = bias_mixed != nullptr ? bias_mixed[task] : T(0);
-      if (unit_stride(g)) {
-        if (plane != padded_plane) pad_plane(g, pp, xp, padded.data());
-        padded_plane = plane;
-        std::fill(rows.begin(), rows.end(), bias);
-        taps_gather(rows.data(), padded.data(), offsets.data(), taps.data(), n_taps, pp.span(g));
-        for (int64_t oh = 0; oh < g.out_h; ++oh)
-          std::copy(rows.data() + oh * pp.wp, rows.data() + oh * pp.wp + g.out_w, yp + oh * g.out_w);
-        continue;
-      }
-      std::fill(yp, yp + out_plane, bias);
-      for (int64_t oh = 0; oh < g.out_h; ++oh) {
-        T* out = yp + oh * g.out_w;
-        for (int64_t i = 0; i < g.kernel_h; ++i) {
-          const int64_t ih = input_row(g, oh, i);
-          if (ih < 0) continue;
-          for (int64_t j = 0; j < g.kernel_w; ++j) {
-            const ColumnRange c = cols[j];
-            const T a = taps[i * g.kernel_w + j];
-            const T* in = xp + ih * g.width + c.lo * sw + (j * g.dilation[1] - g.padding[1]);
-            if (sw == 1) {
-              axpy_row(out + c.lo, in, a, c.hi - c.lo);
-            } else {
-              for (int64_t ow = c.lo; ow < c.hi; ++ow) out[ow] += a * in[(ow - c.lo) * sw];
-            }
-          }
-        }
-      }
+      const int64_t plane = b * g.in_channels + o / d.m;
+      if (plane != phased) to_phases(g, d.pp, x + plane * d.in_plane, phases.data());
+      phased = plane;
+      std::fill(rows.begin(), rows.end(), bias_mixed != nullptr ? bias_mixed[task] : T(0));
+      taps_gather(rows.data(), phases.data(), d.offsets.data(), taps.data(), d.n_taps, d.pp.span);
+      from_rows(g, d.pp, rows.data(), y + task * d.out_plane);
     }
   });
 }
 
 template <typename T>
 void depthwise_grad_x(const ConvGeometry& g, const T* grad_out, const T* w, const T* attn, T* grad_x) {
-  const int64_t m = g.out_channels / g.groups, sw = g.stride[1];
-  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-  const std::vector<ColumnRange> cols = tap_columns(g);
-  const PaddedPlane pp(g);
-  const std::vector<int64_t> offsets = tap_offsets(g, pp);
-  const int64_t n_taps = g.kernel_h * g.kernel_w;
+  const DepthwisePlan d(g);
   parallel_tasks(g.batch * g.in_channels, [&](int64_t begin, int64_t end) {
-    std::vector<T> taps(g.kernel_h * g.kernel_w);
-    std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
+    std::vector<T> taps(d.n_taps), phases(d.pp.size), rows(d.pp.span);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.in_channels, c_in = task % g.in_channels;
-      T* gx = grad_x + task * in_plane;
-      if (unit_stride(g)) {
-        // The padded plane gathers every tap's products; its interior is grad_x.
-        std::fill(padded.begin(), padded.end(), T(0));
-        for (int64_t o = c_in * m; o < (c_in + 1) * m; ++o) {
-          mix_depthwise_taps(g, w, attn, b, o, taps.data());
-          spread_rows(g, pp, grad_out + (b * g.out_channels + o) * out_plane, rows.data());
-          taps_scatter(padded.data(), rows.data(), offsets.data(), taps.data(), n_taps, pp.span(g));
-        }
-        for (int64_t h = 0; h < g.height; ++h) {
-          const T* src = padded.data() + (h + g.padding[0]) * pp.wp + g.padding[1];
-          std::copy(src, src + g.width, gx + h * g.width);
-        }
-        continue;
-      }
-      std::fill(gx, gx + in_plane, T(0));
-      for (int64_t o = c_in * m; o < (c_in + 1) * m; ++o) {
+      // The phases gather every tap's products; the input plane's pixels in them are grad_x.
+      std::fill(phases.begin(), phases.end(), T(0));
+      for (int64_t o = c_in * d.m; o < (c_in + 1) * d.m; ++o) {
         mix_depthwise_taps(g, w, attn, b, o, taps.data());
-        const T* gy = grad_out + (b * g.out_channels + o) * out_plane;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const T* dy = gy + oh * g.out_w;
-          for (int64_t i = 0; i < g.kernel_h; ++i) {
-            const int64_t ih = input_row(g, oh, i);
-            if (ih < 0) continue;
-            for (int64_t j = 0; j < g.kernel_w; ++j) {
-              const ColumnRange c = cols[j];
-              const T a = taps[i * g.kernel_w + j];
-              T* dx = gx + ih * g.width + c.lo * sw + (j * g.dilation[1] - g.padding[1]);
-              if (sw == 1) {
-                axpy_row(dx, dy + c.lo, a, c.hi - c.lo);
-              } else {
-                for (int64_t ow = c.lo; ow < c.hi; ++ow) dx[(ow - c.lo) * sw] += a * dy[ow];
-              }
-            }
-          }
-        }
+        to_rows(g, d.pp, grad_out + (b * g.out_channels + o) * d.out_plane, rows.data());
+        taps_scatter(phases.data(), rows.data(), d.offsets.data(), taps.data(), d.n_taps, d.pp.span);
       }
+      from_phases(g, d.pp, phases.data(), grad_x + task * d.in_plane);
     }
   });
 }
@@ -275,62 +238,33 @@ void depthwise_grad_x(const ConvGeometry& g, const T* grad_out, const T* w, cons
 template <typename T>
 void depthwise_weight_side(const ConvGeometry& g, const T* grad_out, const T* x, const T* w, const T* attn,
                            T* grad_w, T* grad_attn) {
-  const int64_t m = g.out_channels / g.groups, sw = g.stride[1], K = g.num_kernels;
-  const int64_t n_taps = g.kernel_h * g.kernel_w, k_stride = g.out_channels * n_taps;
-  const int64_t in_plane = g.height * g.width, out_plane = g.out_h * g.out_w;
-  const std::vector<ColumnRange> cols = tap_columns(g);
+  const DepthwisePlan d(g);
+  const int64_t K = g.num_kernels, k_stride = g.out_channels * d.n_taps;
   const int64_t blocks = (g.out_channels + kDepthwiseChannels - 1) / kDepthwiseChannels;
   // Each block's share of dattn, added in block order below.
   std::vector<double> attn_shares(grad_attn != nullptr ? blocks * g.batch * K : 0, 0.0);
-  const PaddedPlane pp(g);
-  const std::vector<int64_t> offsets = tap_offsets(g, pp);
   parallel_tasks(blocks, [&](int64_t begin, int64_t end) {
-    std::vector<double> tap_grad(n_taps), dw(kDepthwiseChannels * K * n_taps);
-    std::vector<T> padded(unit_stride(g) ? pp.size : 0), rows(unit_stride(g) ? pp.span(g) : 0);
-    int64_t padded_plane = -1;
+    std::vector<double> tap_grad(d.n_taps), dw(kDepthwiseChannels * K * d.n_taps);
+    std::vector<T> phases(d.pp.size), rows(d.pp.span);
+    int64_t phased = -1;
     for (int64_t block = begin; block < end; ++block) {
       const int64_t o0 = block * kDepthwiseChannels;
       const int64_t o1 = std::min(g.out_channels, o0 + kDepthwiseChannels);
       std::fill(dw.begin(), dw.end(), 0.0);
       for (int64_t b = 0; b < g.batch; ++b) {
         for (int64_t o = o0; o < o1; ++o) {
-          // G_b[o, :], one tap at a time over the rows.
-          std::fill(tap_grad.begin(), tap_grad.end(), 0.0);
-          const int64_t plane = b * g.in_channels + o / m;
-          const T* xp = x + plane * in_plane;
-          const T* gy = grad_out + (b * g.out_channels + o) * out_plane;
-          if (unit_stride(g)) {
-            // Zeros in the rows' scratch columns keep them out of the dots.
-            if (plane != padded_plane) pad_plane(g, pp, xp, padded.data());
-            padded_plane = plane;
-            spread_rows(g, pp, gy, rows.data());
-            taps_dots(rows.data(), padded.data(), offsets.data(), n_taps, pp.span(g), tap_grad.data());
-          } else {
-            for (int64_t oh = 0; oh < g.out_h; ++oh) {
-              const T* dy = gy + oh * g.out_w;
-              for (int64_t i = 0; i < g.kernel_h; ++i) {
-                const int64_t ih = input_row(g, oh, i);
-                if (ih < 0) continue;
-                for (int64_t j = 0; j < g.kernel_w; ++j) {
-                  const ColumnRange c = cols[j];
-                  const T* in = xp + ih * g.width + c.lo * sw + (j * g.dilation[1] - g.padding[1]);
-                  double s = 0;
-                  if (sw == 1) {
-                    s = dot_row(dy + c.lo, in, c.hi - c.lo);
-                  } else {
-                    for (int64_t ow = c.lo; ow < c.hi; ++ow) s += static_cast<double>(dy[ow]) * in[(ow - c.lo) * sw];
-                  }
-                  tap_grad[i * g.kernel_w + j] += s;
-                }
-              }
-            }
-          }
+          // G_b[o, :]; the zeros in the rows' scratch columns keep them out of the dots.
+          const int64_t plane = b * g.in_channels + o / d.m;
+          if (plane != phased) to_phases(g, d.pp, x + plane * d.in_plane, phases.data());
+          phased = plane;
+          to_rows(g, d.pp, grad_out + (b * g.out_channels + o) * d.out_plane, rows.data());
+          taps_dots(rows.data(), phases.data(), d.offsets.data(), d.n_taps, d.pp.span, tap_grad.data());
           for (int64_t k = 0; k < K; ++k) {
             const double a = attn[b * K + k];
-            const T* wk = w != nullptr ? w + k * k_stride + o * n_taps : nullptr;
-            double* dwk = dw.data() + ((o - o0) * K + k) * n_taps;
+            const T* wk = w != nullptr ? w + k * k_stride + o * d.n_taps : nullptr;
+            double* dwk = dw.data() + ((o - o0) * K + k) * d.n_taps;
             double dot = 0;
-            for (int64_t t = 0; t < n_taps; ++t) {
+            for (int64_t t = 0; t < d.n_taps; ++t) {
               dwk[t] += a * tap_grad[t];
               if (wk != nullptr) dot += tap_grad[t] * wk[t];
             }
@@ -341,8 +275,8 @@ void depthwise_weight_side(const ConvGeometry& g, const T* grad_out, const T* x,
       if (grad_w != nullptr) {
         for (int64_t o = o0; o < o1; ++o)
           for (int64_t k = 0; k < K; ++k)
-            for (int64_t t = 0; t < n_taps; ++t)
-              grad_w[k * k_stride + o * n_taps + t] = static_cast<T>(dw[((o - o0) * K + k) * n_taps + t]);
+            for (int64_t t = 0; t < d.n_taps; ++t)
+              grad_w[k * k_stride + o * d.n_taps + t] = static_cast<T>(dw[((o - o0) * K + k) * d.n_taps + t]);
       }
     }
   });
