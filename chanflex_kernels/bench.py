@@ -576,6 +576,7 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
     if main_batch != 1 and 1 in batches:
         series.append(("fwd, batch 1 (no target)", 1, "fwd", "tab:gray"))
     x = list(range(len(names)))
+    targeted = main_batch == TARGET_BATCH and any(n in TARGET_LAYERS for n in names)  # not --depthwise's layers
     memory = any(r.memory_ratio is not None for r in rows)  # no panel for runs with --no-memory
     fig, axes = plt.subplots(3 if memory else 2, 1, figsize=(max(8.0, 0.55 * len(names) + 2), 11 if memory else 7.5),
                              sharex=True)
@@ -590,7 +591,7 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
 
     bars(axes[0], "ours_over_static", series)
     axes[0].axhline(1.0, color="black", linewidth=0.8)
-    if main_batch == TARGET_BATCH:
+    if targeted:
         axes[0].axhline(1.3, color="tab:blue", linestyle="--", linewidth=1, label="target fwd <= 1.3")
         axes[0].axhline(1.5, color="tab:orange", linestyle="--", linewidth=1, label="target fwd+bwd <= 1.5")
     axes[0].set_ylabel("chanflex / static conv\n(lower is better)")
@@ -602,7 +603,7 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
     axes[1].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[1].set_ylim(low, high)
     axes[1].axhline(1.0, color="black", linewidth=0.8)
-    if main_batch == TARGET_BATCH:
+    if targeted:
         axes[1].axhline(2.0, color="tab:red", linestyle="--", linewidth=1,
                         label="target >= 2 at r18.layer3 (256@14), r18.layer4 (512@7)")
     axes[1].set_ylabel("best peer / chanflex\n(higher is better, log)")
@@ -615,7 +616,7 @@ def plot(rows: Sequence["Row"], path: str) -> List[str]:
             axes[2].scatter([xi for xi, _ in floors], [f for _, f in floors], marker="_", s=300, color="black",
                             zorder=3, label="floor: output + grad_x + the K kernels' gradient")
         axes[2].axhline(1.0, color="black", linewidth=0.8)
-        if main_batch == TARGET_BATCH:
+        if targeted:
             axes[2].axhline(1.5, color="tab:red", linestyle="--", linewidth=1, label="target <= 1.5")
         axes[2].set_ylabel("peak memory fwd+bwd\nchanflex / static")
     axes[-1].set_xticks(x, [_short(n) for n in names], rotation=60, ha="right")

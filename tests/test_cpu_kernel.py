@@ -1053,14 +1053,17 @@ def test_schedule_switch_rejects_other_values(monkeypatch):
 
 
 # --- Depthwise convs (depthwise.h): one input channel per group ---------------
-# Stride 1 runs each tap over the padded plane at once, other strides row by
-# row; the weight side takes blocks of 4 output channels.
+# Planes inside their padding, split by the stride into phases; the weight
+# side takes blocks of 4 output channels.
 DEPTHWISE_CASES = [
-    Case(3, 6, 6, 7, 9, padding=(1, 1), groups=6),                                     # stride 1: the padded plane
+    Case(3, 6, 6, 7, 9, padding=(1, 1), groups=6),                                     # stride 1: one phase
     Case(2, 4, 12, 8, 9, padding=(2, 1), dilation=(2, 2), groups=4, kernel=(3, 5)),    # channel multiplier 3, dilated
-    Case(2, 4, 12, 8, 7, stride=(2, 3), padding=(2, 1), dilation=(2, 1), groups=4, kernel=(3, 5)),  # by rows
-    Case(2, 5, 5, 9, 8, stride=(2, 1), padding=(1, 1), groups=5),                      # by rows, unit column stride
-    Case(2, 5, 5, 9, 8, stride=(1, 2), padding=(1, 1), groups=5),                      # by rows, column stride 2
+    Case(2, 4, 12, 8, 7, stride=(2, 3), padding=(2, 1), dilation=(2, 1), groups=4, kernel=(3, 5)),  # 2 x 3 phases, dilated
+    Case(2, 5, 5, 9, 8, stride=(2, 1), padding=(1, 1), groups=5),                      # phases of rows only
+    Case(2, 5, 5, 9, 8, stride=(1, 2), padding=(1, 1), groups=5),                      # phases of columns only
+    Case(3, 4, 4, 9, 9, stride=(2, 2), padding=(1, 1), groups=4, num_kernels=2),       # MobileNet's stride 2
+    Case(2, 3, 6, 11, 10, kernel=(5, 5), stride=(2, 2), padding=(2, 2), groups=3),     # 5x5 stride 2, multiplier 2
+    Case(2, 4, 4, 13, 12, stride=(3, 2), dilation=(2, 3), padding=(0, 1), groups=4),   # taps across 3 x 2 phases
     Case(4, 5, 10, 6, 6, kernel=(1, 1), groups=5),                                     # 1x1
     Case(2, 3, 3, 5, 5, kernel=(5, 5), groups=3, num_kernels=1, bias=False),           # one output pixel, K = 1
     Case(1, 8, 8, 4, 4, stride=(2, 2), padding=(3, 3), groups=8),                      # rows and columns all padding
@@ -1142,7 +1145,7 @@ SCHEDULE_CASES = {
     "blas": (TILED_CASES[0], {"CHANFLEX_CPU_ISA": "generic"}),
     "blas-split-samples": (TILED_CASES[4], {"CHANFLEX_CPU_ISA": "generic"}),
     "depthwise": (DEPTHWISE_CASES[-2], {}),
-    "depthwise-by-rows": (DEPTHWISE_CASES[2], {}),
+    "depthwise-strided": (DEPTHWISE_CASES[2], {}),
 }
 
 

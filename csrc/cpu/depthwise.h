@@ -24,8 +24,8 @@
 //     into the block's share of dattn[b, k] (sum of G_b[o, tap] W_k[o, tap]);
 //     the blocks' shares are then added in block order (deterministic).
 // Extra memory: the dattn shares, (C_out / kDepthwiseChannels, B, K) (B |W| /
-// (kDepthwiseChannels taps) at most), and taps per thread; no per-sample kernel
-// or kernel gradient. CHANFLEX_CPU_DEPTHWISE=0 sends depthwise convs to the
+// (kDepthwiseChannels taps) at most), and one plane's phases and output rows
+// per thread; no per-sample kernel or kernel gradient. CHANFLEX_CPU_DEPTHWISE=0 sends depthwise convs to the
 // other paths (tests, A/Bs).
 #pragma once
 
