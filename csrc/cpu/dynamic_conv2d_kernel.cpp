@@ -26,7 +26,7 @@
 // AVX-512, opt-in, their weight side (winograd_weight_grad.h). Large
 // output planes run the library's direct conv on chunks of samples instead
 // (see "Large output planes" below). Depthwise convs (one input channel per
-// group) run on planes by rows, no GEMM (depthwise.h).
+// group) run on whole planes, with no unfold and no GEMM (depthwise.h).
 // Half and bfloat16 run in float32 and are rounded once at the end, except
 // on large planes where the CPU runs the library's conv in that type natively
 // (see library_dtype).
@@ -43,7 +43,7 @@
 #include "winograd.h"          // Winograd F(2x2, 3x3)
 #include "weight_grad.h"       // the packed weight gradient
 #include "winograd_weight_grad.h"  // Winograd F(2x2, 3x3) weight gradient
-#include "depthwise.h"         // depthwise convs, by rows
+#include "depthwise.h"         // depthwise convs, on whole planes
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/Utils.h>
@@ -310,7 +310,7 @@ at::Tensor dynamic_conv2d_forward_cpu(const at::Tensor& x,
   if (bias.has_value()) {
     bias_mixed = at::mm(attn_c, bias->to(dtype));
   }
-  if (use_depthwise(g)) {
+  if (use_depthwise(g)) {  // before every other path: as GEMMs they are too small for any
     const at::Tensor x_c = x.to(dtype).contiguous();
     const at::Tensor w_c = to_compute(weight, dtype, /*pooled=*/true);
     at::Tensor y = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options().dtype(dtype));
